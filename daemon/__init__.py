@@ -1,0 +1,1 @@
+"""The message pipeline of the SDR agent and everything it talks to."""

@@ -1,0 +1,114 @@
+"""HTTP routes (bare Starlette: the intake is on the hot path).
+
+The webhook authenticates, bounds the body, parses the Evolution event, stores the
+message durably and answers at once; it never waits for the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from daemon.evolution import BadPayload, Ignored, parse_event
+from daemon.runtime import OUTAGE, Runtime
+
+log = logging.getLogger("sdr.intake")
+
+
+class TooLarge(Exception):
+    pass
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes `limit` (never read whole first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(rt: Runtime) -> Starlette:
+    cfg = rt.config
+    token = f"Bearer {cfg.webhook_token}".encode() if cfg.webhook_token else None
+    limit = cfg.webhook.max_body_bytes
+    webhook_timeout = cfg.profile.timeouts.webhook
+    count = rt.metrics.webhooks
+
+    async def webhook(request: Request) -> Response:
+        if token is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, token):
+                count.labels("unauthorized").inc()
+                log.warning("webhook refused: missing or wrong bearer token from %s",
+                            request.client.host if request.client else "?")
+                return error(401, "missing or invalid bearer token (Authorization: Bearer <token>)")
+        if not rt.accepting:
+            count.labels("unavailable").inc()
+            return error(503, "the daemon is shutting down; retry")
+        try:
+            body = await read_limited(request, limit)
+        except TooLarge:
+            count.labels("too_large").inc()
+            return error(413, f"body larger than the limit of {limit} bytes")
+        try:
+            event = parse_event(body, request.path_params.get("event"))
+        except BadPayload as exc:
+            count.labels("invalid").inc()
+            return error(exc.status, str(exc))
+        if isinstance(event, Ignored):
+            count.labels("ignored").inc()
+            rt.metrics.ignored.labels(event.reason).inc()
+            return JSONResponse({"status": "ignored", "reason": event.reason})
+        try:
+            async with asyncio.timeout(webhook_timeout):
+                outcome = await rt.ingest(event)
+        except OUTAGE as exc:
+            # Not stored durably: 503 so that Evolution retries; never 200.
+            count.labels("unavailable").inc()
+            log.warning("webhook not stored: %s: %s", exc.__class__.__name__, exc)
+            return error(503, "storage unavailable; the message was not stored, retry")
+        count.labels(outcome).inc()
+        return JSONResponse({"status": outcome})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        checks = await rt.readiness()
+        ready = rt.accepting and all(v == "ok" for v in checks.values())
+        checks["intake"] = "ok" if rt.accepting else "stopped"
+        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error(exc.status_code, exc.detail)
+
+    return Starlette(
+        exception_handlers={HTTPException: http_error},
+        routes=[
+            Route("/webhook/evolution", webhook, methods=["POST"]),
+            Route("/webhook/evolution/{event}", webhook, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+    )

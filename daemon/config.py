@@ -1,0 +1,393 @@
+"""Configuration: `sdr.toml` (where things are) + a profile (the tuning knobs) + `SDR_` env.
+
+Every setting is a field of a frozen dataclass carrying its help text, unit and allowed
+range, so validation, `tune show` and the docs read from one place. Unknown keys are
+refused by name (a typo must never silently do nothing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import ConfigError
+
+ENV_PREFIX = "SDR_"
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    unit: str = "",
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A setting: its default plus what `tune show` and error messages say about it."""
+    meta = {"help": help, "unit": unit, "min": min, "max": max, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+# --- sdr.toml: where things are -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    host: str = knob("127.0.0.1", "address `serve` binds to")
+    port: int = knob(8080, "TCP port `serve` listens on", min=1, max=65535)
+    data_dir: str = knob("./var", "folder of the embedded PostgreSQL and Redis")
+    profile: str = knob("recommended", "tuning profile: a name in profiles/ or a .toml path")
+    log_level: str = knob(
+        "info", "log verbosity", choices=("debug", "info", "warning", "error")
+    )
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = knob("", "PostgreSQL URL; empty = embedded PostgreSQL under data_dir")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = knob("", "Redis URL; empty = embedded Redis under data_dir")
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    base_url: str = knob("", "Evolution API base URL; empty = replies go to the outbox table")
+    instance: str = knob("sdr", "Evolution API instance name")
+    api_key_env: str = knob("EVOLUTION_API_KEY", "environment variable holding the API key")
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    token_env: str = knob(
+        "SDRCTL_WEBHOOK_TOKEN",
+        "environment variable holding the webhook's bearer token; unset = loopback only",
+    )
+    max_body_bytes: int = knob(
+        8 * 1024 * 1024, "largest webhook body accepted", unit="bytes", min=1024, max=64 * 1024 * 1024
+    )
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    backend: str = knob("playbook", "agent backend", choices=("playbook",))
+    persona: str = knob("Sol", "the agent's first name, as leads see it")
+    company: str = knob("Sol Nascente Energia Solar", "the company the agent speaks for")
+
+
+@dataclass(frozen=True)
+class SloSettings:
+    response_p95: float = knob(5.0, "P95 response time target", unit="s", min=0.1, max=120)
+    timeout_rate: float = knob(0.01, "highest share of turns with a timeout", min=0, max=1)
+    cache_hit_rate: float = knob(0.8, "lowest cache hit rate", min=0, max=1)
+    concurrent_leads: int = knob(100, "concurrent leads the SLO must hold for", min=1, max=10**6)
+
+
+# --- profiles/NAME.toml: the tuning knobs ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    webhook: float = knob(20.0, "whole webhook request, intake to 200", unit="s", min=0.1, max=300)
+    message_buffer: float = knob(
+        5.0, "upper bound of a lead's buffer window (first message -> turn)", unit="s", min=0.05, max=60
+    )
+    agent: float = knob(30.0, "agent call for one turn", unit="s", min=0.05, max=300)
+    multimodal: float = knob(20.0, "whole media analysis of a turn", unit="s", min=0.05, max=300)
+    audio_processing: float = knob(15.0, "voice note conversion", unit="s", min=0.05, max=300)
+    image_processing: float = knob(
+        10.0, "image preparation; 0 = no limit (legacy)", unit="s", min=0, max=300
+    )
+    evolution_read: float = knob(15.0, "reads from the Evolution API", unit="s", min=0.05, max=300)
+    evolution_send: float = knob(10.0, "one sendText call", unit="s", min=0.05, max=300)
+    knowledge_base: float = knob(2.0, "knowledge-base search", unit="s", min=0.01, max=60)
+    personalization: float = knob(15.0, "loading the lead and history", unit="s", min=0.01, max=300)
+    redis_lock_ttl: float = knob(10.0, "lead lock TTL", unit="s", min=0.1, max=600)
+    database: float = knob(5.0, "one database operation on the hot path", unit="s", min=0.01, max=120)
+    redis: float = knob(2.0, "connect/read timeout of one Redis command", unit="s", min=0.01, max=60)
+    shutdown_grace: float = knob(10.0, "time in-flight turns get to finish on shutdown", unit="s", min=0, max=600)
+    embedded_start: float = knob(15.0, "start of the embedded Redis (and readiness waits)", unit="s", min=0.5, max=300)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    quiet_window: float = knob(
+        1.5, "silence after a lead's last message that closes the burst", unit="s", min=0.01, max=60
+    )
+    poll_interval: float = knob(0.05, "how often due bursts are looked for", unit="s", min=0.005, max=5)
+    claim_batch: int = knob(64, "due leads claimed per poll", min=1, max=10000)
+
+
+@dataclass(frozen=True)
+class Pools:
+    db_min_size: int = knob(2, "PostgreSQL pool: connections kept open", min=1, max=500)
+    db_max_size: int = knob(10, "PostgreSQL pool: most connections", min=1, max=500)
+    redis_max_connections: int = knob(50, "Redis pool: most connections", min=1, max=10000)
+    http_max_connections: int = knob(50, "Evolution API client: most connections", min=1, max=10000)
+    agent_concurrency: int = knob(32, "agent calls running at once", min=1, max=10000)
+
+
+@dataclass(frozen=True)
+class Limits:
+    history_limit: int = knob(50, "messages of history given to the agent", min=1, max=1000)
+    kb_results: int = knob(3, "knowledge-base entries per search", min=1, max=50)
+    lock_attempts: int = knob(8, "tries to take a lead's lock before re-queueing the burst", min=1, max=100)
+    lock_backoff: float = knob(0.05, "first wait between lock tries (doubles)", unit="s", min=0.001, max=10)
+    send_attempts: int = knob(3, "tries of a sendText that certainly did not arrive", min=1, max=20)
+    send_backoff: float = knob(0.2, "first wait between send tries (doubles)", unit="s", min=0.001, max=30)
+
+
+PROFILE_SECTIONS: dict[str, type] = {
+    "timeouts": Timeouts,
+    "buffer": Buffer,
+    "pools": Pools,
+    "limits": Limits,
+}
+SETTINGS_SECTIONS: dict[str, type] = {
+    "daemon": DaemonSettings,
+    "database": DatabaseSettings,
+    "redis": RedisSettings,
+    "evolution": EvolutionSettings,
+    "webhook": WebhookSettings,
+    "agent": AgentSettings,
+    "slo": SloSettings,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    source: str
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    buffer: Buffer = field(default_factory=Buffer)
+    pools: Pools = field(default_factory=Pools)
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    profile: Profile
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    evolution: EvolutionSettings = field(default_factory=EvolutionSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    slo: SloSettings = field(default_factory=SloSettings)
+    # Secrets are read from the variables the file names; never printed.
+    webhook_token: str | None = field(default=None, repr=False)
+    evolution_api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.daemon.data_dir).expanduser().resolve()
+
+
+# --- locating shipped files -----------------------------------------------------------
+
+
+def shipped_path(name: str) -> Path:
+    """profiles/, sql/ or sdr.toml: from the checkout, else from the installed package."""
+    checkout = Path(__file__).resolve().parent.parent / name
+    if checkout.exists():
+        return checkout
+    return Path(__file__).resolve().parent / "_data" / name
+
+
+def available_profiles() -> list[str]:
+    names = {p.stem for p in shipped_path("profiles").glob("*.toml")}
+    names |= {p.stem for p in Path("profiles").glob("*.toml")}
+    return sorted(names)
+
+
+def profile_path(name: str) -> Path:
+    if name.endswith(".toml") or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"profile file {path} does not exist")
+        return path
+    for folder in (Path("profiles"), shipped_path("profiles")):
+        path = folder / f"{name}.toml"
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"profile {name!r} not found; available: {', '.join(available_profiles())} "
+        "(or give a path to a .toml file)"
+    )
+
+
+# --- parsing and validation -----------------------------------------------------------
+
+
+def _describe(f: dataclasses.Field[Any]) -> str:
+    meta = f.metadata
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[
+        _type_of(f)
+    ]
+    if meta["min"] is not None and meta["max"] is not None:
+        kind += f" from {meta['min']:g} to {meta['max']:g}"
+    return kind + (f" ({meta['unit']})" if meta["unit"] else "")
+
+
+def _type_of(f: dataclasses.Field[Any]) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
+    """Returns the value as the field's type, or raises ValueError saying what is allowed."""
+    kind = _type_of(f)
+    if from_env and kind is not str:
+        text = str(value).strip()
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            value = text.lower() in ("true", "1", "yes")
+        else:
+            value = kind(text)  # raises ValueError
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError
+    if kind is float and not math.isfinite(value):
+        raise ValueError
+    meta = f.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError
+    if meta["min"] is not None and value < meta["min"]:
+        raise ValueError
+    if meta["max"] is not None and value > meta["max"]:
+        raise ValueError
+    return value
+
+
+def _build_section(
+    cls: type, section: str, values: Mapping[str, Any], where: str, env_keys: Mapping[str, str]
+) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key [{section}] {unknown[0]}; allowed: {', '.join(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        env_name = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
+        if env_name in env_keys:
+            raw, origin, from_env = env_keys[env_name], f"environment {env_name}", True
+        elif name in values:
+            raw, origin, from_env = values[name], f"{where}: [{section}] {name}", False
+        else:
+            continue
+        try:
+            kwargs[name] = _coerce(f, raw, from_env)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{origin} = {raw!r}: must be {_describe(f)}") from None
+    return cls(**kwargs)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+
+
+def _sections(
+    doc: Mapping[str, Any], allowed: Mapping[str, type], where: str
+) -> dict[str, Mapping[str, Any]]:
+    out: dict[str, Mapping[str, Any]] = {}
+    for key, value in doc.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown section [{key}]; allowed: {', '.join(allowed)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a [{key}] table")
+        out[key] = value
+    return out
+
+
+def load_profile(name: str, env: Mapping[str, str] | None = None) -> Profile:
+    env = os.environ if env is None else env
+    path = profile_path(name)
+    where = str(path)
+    doc = _sections(_read_toml(path), PROFILE_SECTIONS, where)
+    built = {
+        sec: _build_section(cls, sec, doc.get(sec, {}), where, env)
+        for sec, cls in PROFILE_SECTIONS.items()
+    }
+    profile = Profile(name=path.stem, source=where, **built)
+    _check_relations(profile, where)
+    return profile
+
+
+def _check_relations(p: Profile, where: str) -> None:
+    if p.buffer.quiet_window > p.timeouts.message_buffer:
+        raise ConfigError(
+            f"{where}: [buffer] quiet_window = {p.buffer.quiet_window:g} must not exceed "
+            f"[timeouts] message_buffer = {p.timeouts.message_buffer:g} (the window's upper bound)"
+        )
+    if p.pools.db_min_size > p.pools.db_max_size:
+        raise ConfigError(
+            f"{where}: [pools] db_min_size = {p.pools.db_min_size} must not exceed "
+            f"db_max_size = {p.pools.db_max_size}"
+        )
+
+
+def load_config(
+    path: str | Path | None = None,
+    profile: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Reads sdr.toml (default: ./sdr.toml when present, else built-in defaults), the
+    profile it names (or `profile`), and `SDR_<SECTION>_<KEY>` overrides from `env`."""
+    env = dict(os.environ if env is None else env)
+    if path is None:
+        path = Path("sdr.toml") if Path("sdr.toml").is_file() else None
+    where = str(path) if path is not None else "built-in defaults"
+    doc = _sections(_read_toml(Path(path)), SETTINGS_SECTIONS, where) if path else {}
+    settings = {
+        sec: _build_section(cls, sec, doc.get(sec, {}), where, env)
+        for sec, cls in SETTINGS_SECTIONS.items()
+    }
+    _refuse_unknown_env(env, settings)
+    chosen = profile or settings["daemon"].profile
+    token_env = settings["webhook"].token_env
+    key_env = settings["evolution"].api_key_env
+    return Config(
+        source=where,
+        profile=load_profile(chosen, env),
+        webhook_token=env.get(token_env) or None,
+        evolution_api_key=env.get(key_env) or None,
+        **settings,
+    )
+
+
+def _refuse_unknown_env(env: Mapping[str, str], settings: Mapping[str, Any]) -> None:
+    secrets = {settings["webhook"].token_env, settings["evolution"].api_key_env}
+    known = {
+        f"{ENV_PREFIX}{sec.upper()}_{f.name.upper()}"
+        for sections in (SETTINGS_SECTIONS, PROFILE_SECTIONS)
+        for sec, cls in sections.items()
+        for f in dataclasses.fields(cls)
+    }
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known and name not in secrets:
+            raise ConfigError(
+                f"environment {name}: unknown setting; use {ENV_PREFIX}<SECTION>_<KEY> "
+                "with a key listed in sdr.toml or the profile"
+            )

@@ -1,0 +1,235 @@
+"""The Evolution API (v2): its webhook events in, `sendText` out.
+
+Parsing turns a body into a lead message or a reason to ignore it; the client sends with
+one pooled httpx client and retries only what certainly did not arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import msgspec
+
+from daemon.config import Config
+from daemon.store import Inbound
+
+log = logging.getLogger("sdr.evolution")
+
+UPSERT = "messages.upsert"
+MEDIA_KINDS = {
+    "imageMessage": "image",
+    "audioMessage": "audio",
+    "videoMessage": "video",
+    "documentMessage": "document",
+    "stickerMessage": "sticker",
+}
+
+
+class Key(msgspec.Struct, kw_only=True):
+    remoteJid: str
+    id: str
+    fromMe: bool = False
+    participant: str | None = None
+
+
+class MessageData(msgspec.Struct, kw_only=True):
+    key: Key
+    pushName: str | None = None
+    message: dict[str, Any] | None = None
+    messageType: str | None = None
+    messageTimestamp: int | float | str | None = None
+
+
+class Envelope(msgspec.Struct, kw_only=True):
+    event: str | None = None
+    instance: str | None = None
+    data: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_envelope = msgspec.json.Decoder(Envelope)
+_message = msgspec.json.Decoder(MessageData)
+
+
+class BadPayload(Exception):
+    """The body is not a valid event: `status` 400 (not JSON) or 422 (wrong shape)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Ignored:
+    reason: str  # from_me | group | broadcast | event | no_content | not_a_phone
+
+
+def normalise_event(name: str) -> str:
+    """`MESSAGES_UPSERT`, `messages-upsert` and `messages.upsert` are one event."""
+    return name.strip().lower().replace("_", ".").replace("-", ".")
+
+
+def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Ignored:
+    try:
+        env = _envelope.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadPayload(422, f"invalid event: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadPayload(400, f"body is not valid JSON: {exc}") from None
+    name = env.event or path_event
+    if not name:
+        raise BadPayload(422, "invalid event: Object missing required field `event`")
+    if normalise_event(name) != UPSERT:
+        return Ignored("event")
+    if bytes(env.data) in (b"", b"null"):
+        raise BadPayload(422, "invalid event: Object missing required field `data`")
+    try:
+        data = _message.decode(env.data)
+    except msgspec.ValidationError as exc:
+        raise BadPayload(422, f"invalid event: {exc} (in `data`)") from None
+    return _to_inbound(data)
+
+
+def _to_inbound(data: MessageData) -> Inbound | Ignored:
+    jid = data.key.remoteJid
+    if data.key.fromMe:
+        return Ignored("from_me")
+    if jid.endswith("@g.us"):
+        return Ignored("group")
+    if jid.endswith("@broadcast") or jid.endswith("@newsletter"):
+        return Ignored("broadcast")
+    phone = jid.split("@", 1)[0].split(":", 1)[0]
+    if not phone.isdigit() or not 8 <= len(phone) <= 15:
+        return Ignored("not_a_phone")
+    kind, body, media = _content(data.message or {})
+    if kind is None:
+        return Ignored("no_content")
+    return Inbound(
+        phone=phone,
+        push_name=data.pushName,
+        provider_id=data.key.id,
+        kind=kind,
+        body=body,
+        media=media,
+        provider_ts=_timestamp(data.messageTimestamp),
+    )
+
+
+def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] | None]:
+    text = message.get("conversation")
+    if not text and isinstance(message.get("extendedTextMessage"), dict):
+        text = message["extendedTextMessage"].get("text")
+    if isinstance(text, str) and text.strip():
+        return "text", text, None
+    for field, kind in MEDIA_KINDS.items():
+        part = message.get(field)
+        if isinstance(part, dict):
+            caption = part.get("caption") if isinstance(part.get("caption"), str) else ""
+            media = {k: part[k] for k in ("mimetype", "fileLength", "seconds") if k in part}
+            return kind, caption or "", media
+    return None, "", None
+
+
+def _timestamp(value: int | float | str | None) -> datetime:
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        seconds = None
+    if seconds is None or seconds <= 0:
+        return datetime.now(UTC)
+    if seconds > 1e11:  # some senders use milliseconds
+        seconds /= 1000
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+# --- sending ----------------------------------------------------------------------------
+
+
+class SendFailed(Exception):
+    """A send did not go through; `retryable` only when it certainly did not arrive."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class EvolutionClient:
+    def __init__(self, config: Config) -> None:
+        p = config.profile
+        self.instance = config.evolution.instance
+        self.attempts = p.limits.send_attempts
+        self.backoff = p.limits.send_backoff
+        headers = {"apikey": config.evolution_api_key} if config.evolution_api_key else {}
+        self.http = httpx.AsyncClient(
+            base_url=config.evolution.base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(p.timeouts.evolution_send, connect=p.timeouts.evolution_read),
+            limits=httpx.Limits(max_connections=p.pools.http_max_connections),
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def send_text(self, number: str, text: str) -> str | None:
+        """Sends and returns the provider's message id; retries what did not arrive."""
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await self._send_once(number, text)
+            except SendFailed as exc:
+                if not exc.retryable or attempt == self.attempts:
+                    raise
+                log.warning("sendText attempt %d failed (%s); retrying in %.2fs", attempt, exc, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _send_once(self, number: str, text: str) -> str | None:
+        try:
+            resp = await self.http.post(
+                f"/message/sendText/{self.instance}", json={"number": number, "text": text}
+            )
+        except httpx.ConnectError as exc:  # refused or unreachable: nothing was sent
+            raise SendFailed(f"cannot connect: {exc}", retryable=True) from None
+        except httpx.HTTPError as exc:  # a timeout after sending may have delivered it
+            raise SendFailed(f"{exc.__class__.__name__}: {exc}", retryable=False) from None
+        if resp.status_code in (502, 503, 504):
+            raise SendFailed(f"HTTP {resp.status_code}", retryable=True)
+        if resp.status_code >= 400:
+            raise SendFailed(f"HTTP {resp.status_code}: {resp.text[:200]}", retryable=False)
+        try:
+            key = resp.json().get("key") or {}
+            return str(key["id"]) if "id" in key else None
+        except (ValueError, AttributeError):
+            return None
+
+
+
+def text_event(
+    phone: str, text: str, *, message_id: str, instance: str, push_name: str | None = None,
+    timestamp: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A `messages.upsert` event as Evolution API v2 posts it (used by chat and tests)."""
+    ts = int(timestamp if timestamp is not None else datetime.now(UTC).timestamp())
+    return {
+        "event": UPSERT,
+        "instance": instance,
+        "data": {
+            "key": {"remoteJid": f"{phone}@s.whatsapp.net", "fromMe": False, "id": message_id},
+            "pushName": push_name,
+            "status": "DELIVERY_ACK",
+            "message": {"conversation": text},
+            "messageType": "conversation",
+            "messageTimestamp": ts,
+            "instanceId": "00000000-0000-0000-0000-000000000000",
+            "source": "android",
+        },
+        "destination": "",
+        "date_time": datetime.now(UTC).isoformat(),
+        "sender": f"{phone}@s.whatsapp.net",
+        "server_url": "",
+        "apikey": "",
+    }

@@ -1,0 +1,35 @@
+"""Prometheus series. One registry per runtime, so tests can run several daemons in one
+process and each /metrics shows only its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.response_time = Histogram(
+            "sdr_response_time_seconds", "Lead's last message of a burst -> reply sent",
+            buckets=BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stage_time = Histogram(
+            "sdr_stage_seconds", "Time spent in each turn stage", ["stage"],
+            buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.timeouts = Counter("sdr_timeouts_total", "Stages that timed out", ["stage"], registry=r)
+        self.failures = Counter("sdr_stage_failures_total", "Stages that failed", ["stage"], registry=r)
+        self.webhooks = Counter("sdr_webhooks_total", "Webhook requests by outcome", ["outcome"], registry=r)
+        self.ignored = Counter("sdr_ignored_total", "Events not from a lead, by reason", ["reason"], registry=r)
+        self.turns = Counter("sdr_turns_total", "Turns by outcome", ["outcome"], registry=r)
+        self.sends = Counter("sdr_sends_total", "Replies delivered, by status", ["status"], registry=r)
+        self.turns_in_flight = Gauge("sdr_turns_in_flight", "Turns running now", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,197 @@
+"""The daemon's lifecycle in one place: start (pools, migrations, recovery, the buffer's
+flush loop), the intake's entry point, and stop (stop intake, let in-flight turns finish
+within the grace period, cancel the rest, close pools). Every task it starts is in its
+owned set; none is fire-and-forget."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from daemon import migrations
+from daemon.agents import make_agent
+from daemon.buffer import MessageBuffer
+from daemon.config import Config
+from daemon.embedded import Endpoints
+from daemon.errors import MigrationError, UnavailableError
+from daemon.evolution import EvolutionClient
+from daemon.locks import LeadLocks
+from daemon.metrics import Metrics
+from daemon.store import Inbound, Store, connect
+from daemon.turn import TurnRunner
+
+log = logging.getLogger("sdr.runtime")
+
+# What an outage of Postgres or Redis looks like from here: the intake answers 503.
+OUTAGE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError)
+
+
+def redis_client(url: str, config: Config) -> aioredis.Redis:
+    t = config.profile.timeouts
+    # Explicit timeouts and no hidden retries: a failed connect must fail fast.
+    return aioredis.Redis.from_url(
+        url,
+        max_connections=config.profile.pools.redis_max_connections,
+        socket_timeout=t.redis,
+        socket_connect_timeout=t.redis,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_error=[],
+    )
+
+
+class Runtime:
+    def __init__(self, config: Config, endpoints: Endpoints, *, auto_migrate: bool) -> None:
+        self.config = config
+        self.endpoints = endpoints
+        self.auto_migrate = auto_migrate
+        self.metrics = Metrics()
+        self.accepting = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._sender: EvolutionClient | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg, p = self.config, self.config.profile
+        try:
+            self.pool = await connect(self.endpoints.database_url, p)
+        except OUTAGE as exc:
+            raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
+        self.redis = redis_client(self.endpoints.redis_url, cfg)
+        try:
+            await self.redis.ping()
+        except OUTAGE as exc:
+            await self._close_pools()
+            raise UnavailableError(f"Redis is unreachable: {exc}") from None
+        try:
+            await self._check_schema()
+        except (MigrationError, *OUTAGE) as exc:
+            await self._close_pools()
+            if isinstance(exc, MigrationError):
+                raise
+            raise UnavailableError(f"PostgreSQL failed while checking the schema: {exc}") from None
+        self.store = Store(self.pool, p)
+        self.buffer = MessageBuffer(
+            self.redis, p.buffer.quiet_window, p.timeouts.message_buffer, p.buffer.claim_batch
+        )
+        locks = LeadLocks(
+            self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff
+        )
+        if cfg.evolution.base_url:
+            self._sender = EvolutionClient(cfg)
+        self.runner = TurnRunner(
+            store=self.store, locks=locks, agent=make_agent(cfg.agent), sender=self._sender,
+            metrics=self.metrics, profile=p,
+        )  # fmt: skip
+        # Bursts a previous run accepted but never answered are answered now.
+        recovered = await self.store.leads_with_unanswered()
+        for phone in recovered:
+            await self.buffer.add(phone, window=0)
+        if recovered:
+            log.info("re-queued %d lead(s) with unanswered messages", len(recovered))
+        self._flusher = asyncio.create_task(self._flush_loop(), name="buffer-flush")
+        self.accepting = True
+
+    async def _check_schema(self) -> None:
+        async with self.pool.acquire() as conn:
+            if self.auto_migrate:
+                applied = await migrations.migrate(conn)
+                for m in applied:
+                    log.info("applied migration %04d_%s", m.version, m.name)
+                return
+            waiting = await migrations.pending(conn)
+        if waiting:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in waiting)
+            raise MigrationError(
+                f"{len(waiting)} migration(s) pending ({names}); run `sdrctl migrate` first"
+            )
+
+    async def stop(self) -> None:
+        """Stop intake, drain turns within the grace period, cancel the rest, close pools."""
+        self.accepting = False
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        grace = self.config.profile.timeouts.shutdown_grace
+        if self._tasks:
+            log.info("waiting up to %.1fs for %d turn(s) in flight", grace, len(self._tasks))
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace or None)
+            for task in late:
+                task.cancel("shutdown grace period over")
+            if late:
+                log.warning("cancelled %d turn(s); their messages are answered on next start", len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+        if self._sender is not None:
+            await self._sender.close()
+        await self._close_pools()
+
+    async def _close_pools(self) -> None:
+        await self.redis.aclose()
+        await self.pool.close()
+
+    # --- work -----------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _flush_loop(self) -> None:
+        interval = self.config.profile.buffer.poll_interval
+        while True:
+            try:
+                due = await self.buffer.claim_due()
+            except OUTAGE as exc:
+                log.warning("cannot claim due bursts: %s", exc)
+                due = []
+            for phone in due:
+                self._spawn(self._answer(phone), name=f"turn:{phone[-4:]}")
+            if len(due) < self.buffer.claim_batch:
+                await asyncio.sleep(interval)
+
+    async def _answer(self, phone: str) -> None:
+        start = time.perf_counter()
+        try:
+            done = await self.runner.run(phone)
+        except OUTAGE as exc:
+            # Nothing is lost: the messages stay unanswered in Postgres; try again later.
+            log.warning("turn failed (%s: %s); re-queued", exc.__class__.__name__, exc)
+            done = False
+        if not done:
+            await self.buffer.add(phone)
+            return
+        log.info("%6.3fs turn done for ...%s", time.perf_counter() - start, phone[-4:])
+
+    async def ingest(self, msg: Inbound) -> str:
+        """Stores a lead message and arms its buffer; returns 'stored' or 'duplicate'."""
+        _, inserted, unanswered = await self.store.ingest(msg)
+        if unanswered:  # also for a retried delivery: the first may have missed the buffer
+            await self.buffer.add(msg.phone)
+        return "stored" if inserted else "duplicate"
+
+    async def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        timeout = self.config.profile.timeouts.redis
+        for name, probe in (("database", self.store.ping), ("redis", self.redis.ping)):
+            try:
+                async with asyncio.timeout(timeout):
+                    await probe()
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"down: {exc.__class__.__name__}"
+        return checks

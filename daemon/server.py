@@ -1,0 +1,110 @@
+"""`serve`: the embedded services (when no URL is set), the runtime, and uvicorn.
+
+We own the signals: the first SIGTERM/SIGINT stops intake and drains, a second one forces
+exit. uvicorn's own handlers would re-raise the signal after serving, killing the process
+before the runtime drained and the embedded servers stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from collections.abc import Generator
+
+import uvicorn
+
+from daemon.app import create_app
+from daemon.config import Config
+from daemon.embedded import Endpoints, services
+from daemon.runtime import Runtime
+
+log = logging.getLogger("sdr.server")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # signals are handled by serve_forever()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_host(config: Config) -> str:
+    host = config.daemon.host
+    if config.webhook_token is None and not is_loopback(host):
+        log.warning(
+            "no webhook token set (%s is empty): binding 127.0.0.1 instead of %s; "
+            "set the token to accept webhooks from other hosts",
+            config.webhook.token_env, host,
+        )  # fmt: skip
+        return "127.0.0.1"
+    return host
+
+
+def uvicorn_server(config: Config, rt: Runtime, host: str, port: int) -> _Server:
+    uv = uvicorn.Config(
+        create_app(rt),
+        host=host,
+        port=port,
+        loop="none",  # we run inside the caller's loop
+        http="httptools",
+        ws="none",
+        lifespan="off",  # the runtime is started and stopped around the server
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=config.profile.timeouts.webhook,
+    )
+    return _Server(uv)
+
+
+async def serve_forever(config: Config, endpoints: Endpoints, *, auto_migrate: bool) -> None:
+    rt = Runtime(config, endpoints, auto_migrate=auto_migrate)
+    await rt.start()
+    host, port = bind_host(config), config.daemon.port
+    server = uvicorn_server(config, rt, host, port)
+
+    def on_signal() -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        replies = (
+            f"Evolution API at {config.evolution.base_url}"
+            if config.evolution.base_url
+            else "the outbox table (`sdrctl chat` shows them)"
+        )
+        log.info(
+            "serving on http://%s:%d (profile %s); replies go to %s",
+            host, port, config.profile.name, replies,
+        )  # fmt: skip
+        await server.serve()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await rt.stop()
+        log.info("stopped")
+
+
+def serve(config: Config) -> None:
+    with services(config) as endpoints:
+        embedded = not config.database.url
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:  # uvloop is not available on every platform
+            runner = asyncio.run
+        runner(serve_forever(config, endpoints, auto_migrate=embedded))

@@ -1,0 +1,243 @@
+"""PostgreSQL through asyncpg: every query the pipeline runs, each one round trip.
+
+asyncpg prepares and caches each statement per connection, so the hot queries are parsed
+once. Timeouts come from the profile."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from daemon.config import Profile
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(url: str, profile: Profile) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=profile.pools.db_min_size,
+        max_size=profile.pools.db_max_size,
+        timeout=profile.timeouts.database,
+        command_timeout=profile.timeouts.database,
+        init=_init_connection,
+    )
+    assert pool is not None
+    return pool
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One lead message as the intake stores it."""
+
+    phone: str
+    push_name: str | None
+    provider_id: str
+    kind: str
+    body: str
+    media: dict[str, Any] | None
+    provider_ts: datetime
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    id: int
+    lead_id: int
+    conversation_id: int
+    kind: str
+    body: str
+    provider_ts: datetime
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class KbEntry:
+    id: int
+    category: str
+    title: str
+    content: str
+    rank: float
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    lead_id: int
+    conversation_id: int
+    message_ids: list[int]
+    first_message_at: datetime
+    last_message_at: datetime
+    started_at: datetime
+    finished_at: datetime
+    buffer_wait_ms: float
+    stages: dict[str, float]
+    timeouts: list[str]
+    failures: list[str]
+    agent_backend: str
+    outcome: str
+    reply: str
+    phone: str
+    outbox_status: str  # 'pending' (to be sent) or 'local' (kept for `sdrctl chat`)
+    response_ms: float | None  # known now for local replies; set on delivery otherwise
+    lead_updates: dict[str, Any]
+
+
+LEAD_COLUMNS = frozenset({"name", "stage", "bill_value", "consumption_kwh", "solution", "meeting_at"})
+_WORD = re.compile(r"[0-9a-zà-öø-ÿ]+")
+
+
+def tsquery_any(text: str) -> str:
+    """An OR of the text's words for to_tsquery; only letters and digits reach Postgres."""
+    words = dict.fromkeys(w for w in _WORD.findall(text.lower()) if len(w) > 1)
+    return " | ".join(words)
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, profile: Profile) -> None:
+        self.pool = pool
+        self.timeout = profile.timeouts.database
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1", timeout=self.timeout)
+
+    async def ingest(self, msg: Inbound) -> tuple[int, bool, bool]:
+        """Stores a lead message once; returns (message id, newly inserted, unanswered)."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM ingest_message($1, $2, $3, $4, $5, $6, $7)",
+            msg.phone, msg.push_name, msg.provider_id, msg.kind, msg.body, msg.media,
+            msg.provider_ts, timeout=self.timeout,
+        )  # fmt: skip
+        assert row is not None
+        return row["message_id"], row["inserted"], row["unanswered"]
+
+    async def pending_messages(self, phone: str) -> list[PendingMessage]:
+        """The lead's unanswered messages, in the order the lead wrote them."""
+        rows = await self.pool.fetch(
+            """SELECT m.id, m.lead_id, m.conversation_id, m.kind, m.body, m.provider_ts, m.received_at
+                 FROM messages m JOIN leads l ON l.id = m.lead_id
+                WHERE l.phone_number = $1 AND m.direction = 'in' AND m.turn_id IS NULL
+                ORDER BY m.provider_ts, m.id""",
+            phone, timeout=self.timeout,
+        )  # fmt: skip
+        return [PendingMessage(**dict(r)) for r in rows]
+
+    async def lead_with_history(
+        self, lead_id: int, conversation_id: int, limit: int
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The lead and the conversation's last `limit` answered messages, in one query."""
+        row = await self.pool.fetchrow(
+            """SELECT to_jsonb(l) AS lead,
+                      (SELECT coalesce(jsonb_agg(h ORDER BY h.id), '[]'::jsonb) FROM (
+                           SELECT id, direction, kind, body, received_at FROM messages
+                            WHERE conversation_id = $2 AND (direction = 'out' OR turn_id IS NOT NULL)
+                            ORDER BY id DESC LIMIT $3) h) AS history
+                 FROM leads l WHERE l.id = $1""",
+            lead_id, conversation_id, limit, timeout=self.timeout,
+        )  # fmt: skip
+        assert row is not None
+        return row["lead"], row["history"]
+
+    async def search_knowledge(self, text: str, limit: int) -> list[KbEntry]:
+        query = tsquery_any(text)
+        if not query:
+            return []
+        rows = await self.pool.fetch(
+            """SELECT id, category, title, content, ts_rank(tsv, q) AS rank
+                 FROM knowledge_base, to_tsquery('portuguese', $1) q
+                WHERE tsv @@ q ORDER BY rank DESC, id LIMIT $2""",
+            query, limit, timeout=self.timeout,
+        )  # fmt: skip
+        return [KbEntry(**dict(r)) for r in rows]
+
+    async def finish_turn(self, t: TurnRecord) -> tuple[int, int]:
+        """Writes the turn, the reply, the lead's updates and the outbox row in one
+        transaction; returns (turn id, outbox id)."""
+        updates = {k: v for k, v in t.lead_updates.items() if k in LEAD_COLUMNS}
+        async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+            turn_id = await conn.fetchval(
+                """INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
+                       last_message_at, started_at, finished_at, buffer_wait_ms, stages, timeouts,
+                       failures, agent_backend, outcome, response_ms)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                   RETURNING id""",
+                t.lead_id, t.conversation_id, len(t.message_ids), t.first_message_at,
+                t.last_message_at, t.started_at, t.finished_at, t.buffer_wait_ms, t.stages,
+                t.timeouts, t.failures, t.agent_backend, t.outcome, t.response_ms,
+                timeout=self.timeout,
+            )  # fmt: skip
+            await conn.execute(
+                "UPDATE messages SET turn_id = $1 WHERE id = ANY($2::bigint[])",
+                turn_id, t.message_ids, timeout=self.timeout,
+            )  # fmt: skip
+            await conn.execute(
+                """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
+                   VALUES ($1, $2, 'out', $3, clock_timestamp())""",
+                t.conversation_id, t.lead_id, t.reply, timeout=self.timeout,
+            )  # fmt: skip
+            if updates:
+                sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(updates, start=2))
+                await conn.execute(
+                    f"UPDATE leads SET {sets}, updated_at = now() WHERE id = $1",
+                    t.lead_id, *updates.values(), timeout=self.timeout,
+                )  # fmt: skip
+            outbox_id = await conn.fetchval(
+                """INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, sent_at)
+                   VALUES ($1, $2, $3, $4, $5::text,
+                           CASE WHEN $5::text = 'local' THEN clock_timestamp() END)
+                   RETURNING id""",
+                t.lead_id, turn_id, t.phone, t.reply, t.outbox_status, timeout=self.timeout,
+            )  # fmt: skip
+        return turn_id, outbox_id
+
+    async def record_send_attempt(self, outbox_id: int) -> None:
+        """Written before each attempt, so a crash mid-send leaves a trace, not a guess."""
+        await self.pool.execute(
+            "UPDATE outbox SET status = 'sending', attempts = attempts + 1 WHERE id = $1",
+            outbox_id, timeout=self.timeout,
+        )  # fmt: skip
+
+    async def record_delivery(
+        self, outbox_id: int, turn_id: int, *, status: str, provider_id: str | None = None,
+        error: str | None = None, response_ms: float | None = None,
+    ) -> None:  # fmt: skip
+        async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+            await conn.execute(
+                """UPDATE outbox SET status = $2, provider_id = $3, last_error = $4,
+                          sent_at = CASE WHEN $2 IN ('sent', 'local') THEN clock_timestamp() END
+                    WHERE id = $1""",
+                outbox_id, status, provider_id, error, timeout=self.timeout,
+            )  # fmt: skip
+            await conn.execute(
+                "UPDATE turns SET response_ms = $2 WHERE id = $1",
+                turn_id, response_ms, timeout=self.timeout,
+            )  # fmt: skip
+
+    async def leads_with_unanswered(self) -> list[str]:
+        """Phones of leads with messages no turn answered: re-buffered at start."""
+        rows = await self.pool.fetch(
+            """SELECT DISTINCT l.phone_number FROM messages m JOIN leads l ON l.id = m.lead_id
+                WHERE m.direction = 'in' AND m.turn_id IS NULL""",
+            timeout=self.timeout,
+        )
+        return [r["phone_number"] for r in rows]
+
+    async def outbox_after(self, phone: str, after_id: int) -> list[tuple[int, str]]:
+        rows = await self.pool.fetch(
+            "SELECT id, body FROM outbox WHERE phone_number = $1 AND id > $2 ORDER BY id",
+            phone, after_id, timeout=self.timeout,
+        )  # fmt: skip
+        return [(r["id"], r["body"]) for r in rows]
+
+    async def last_outbox_id(self, phone: str) -> int:
+        value = await self.pool.fetchval(
+            "SELECT coalesce(max(id), 0) FROM outbox WHERE phone_number = $1",
+            phone, timeout=self.timeout,
+        )  # fmt: skip
+        return int(value)

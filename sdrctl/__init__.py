@@ -1,0 +1,1 @@
+"""The sdrctl command line: thin commands that parse, load the config, call `daemon`."""

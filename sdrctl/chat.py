@@ -1,0 +1,70 @@
+"""`sdrctl chat`: talk to the running bot from a terminal, as a lead would."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Annotated
+
+import typer
+
+from daemon.chat import ChatSession
+from daemon.config import Config
+from daemon.embedded import services
+from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
+
+
+async def _chat(cfg: Config, database_url: str, phone: str, name: str | None, url: str) -> None:
+    p = cfg.profile
+    # After the last line, wait for its reply at most one buffer window plus one agent call.
+    patience = p.timeouts.message_buffer + p.timeouts.agent
+    async with ChatSession(cfg, database_url, phone, name, url) as chat:
+        err.print(f"chatting with {url} as {phone}; type a message, Ctrl-D to quit")
+        awaiting = False
+
+        async def show_replies() -> None:
+            nonlocal awaiting
+            while True:
+                for body in await chat.replies():
+                    awaiting = False
+                    out.print(f"[bold green]bot>[/] {body}\n")
+                await asyncio.sleep(p.buffer.poll_interval * 4)
+
+        poller = asyncio.create_task(show_replies())
+        try:
+            while True:
+                line = await asyncio.to_thread(sys.stdin.readline)
+                if not line:  # Ctrl-D
+                    break
+                if line.strip():
+                    await chat.send(line.rstrip("\n"))
+                    awaiting = True
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + patience
+            while awaiting and loop.time() < deadline:
+                await asyncio.sleep(p.buffer.poll_interval)
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+        for body in await chat.replies():
+            out.print(f"[bold green]bot>[/] {body}\n")
+
+
+@friendly_errors
+def chat(
+    ctx: typer.Context,
+    phone: Annotated[str, typer.Option(help="the lead's phone number, digits only (e.g. 5511999990000)")],
+    name: Annotated[str | None, typer.Option(help="the lead's WhatsApp profile name")] = None,
+    url: Annotated[str | None, typer.Option(help="daemon URL (default: from [daemon] host/port)")] = None,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Talk to the running daemon: each line is posted as a WhatsApp message; replies print
+    as they arrive. Ctrl-D quits."""
+    if not phone.isdigit() or not 8 <= len(phone) <= 15:
+        err.print(f"[red]error:[/red] --phone {phone!r}: must be 8 to 15 digits, e.g. 5511999990000")
+        raise typer.Exit(2)
+    cfg = load(ctx, config, profile)
+    base = url or f"http://{cfg.daemon.host}:{cfg.daemon.port}"
+    with services(cfg, redis=False) as endpoints:
+        asyncio.run(_chat(cfg, endpoints.database_url, phone, name, base))

@@ -1,0 +1,27 @@
+"""Entry point: `sdrctl [--config PATH] [--profile NAME] COMMAND ...`."""
+
+from __future__ import annotations
+
+import typer
+
+from sdrctl import chat, migrate, serve
+from sdrctl.common import ConfigOpt, ProfileOpt
+
+app = typer.Typer(
+    name="sdrctl",
+    help="The daemon and operations toolkit of the WhatsApp SDR agent.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.callback()
+def main(config: ConfigOpt = None, profile: ProfileOpt = None) -> None:
+    """Options given here apply to every command."""
+
+
+app.command("serve")(serve.serve)
+app.add_typer(migrate.app, name="migrate")
+app.command("chat")(chat.chat)

@@ -1,0 +1,69 @@
+"""One real PostgreSQL and one real Redis (the embedded ones) for the whole suite, migrated
+once; every test starts from empty tables and an empty Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from daemon import migrations
+from daemon.config import Config
+from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, Endpoints
+from tests.helpers import make_config
+
+TABLES = "leads, conversations, messages, turns, outbox, follow_ups"
+
+
+@pytest.fixture(scope="session")
+def services_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="sdrctl-test-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def endpoints(services_root: Path) -> Iterator[Endpoints]:
+    pg = EmbeddedPostgres(services_root / "pg")
+    rd = EmbeddedRedis(services_root / "redis", start_timeout=15)
+    try:
+        db_url = pg.start()
+        redis_url = rd.start()
+
+        async def migrate() -> None:
+            conn = await asyncpg.connect(db_url)
+            try:
+                await migrations.migrate(conn)
+            finally:
+                await conn.close()
+
+        asyncio.run(migrate())
+        yield Endpoints(db_url, redis_url)
+    finally:
+        rd.stop()
+        pg.stop()
+
+
+@pytest.fixture
+async def clean(endpoints: Endpoints) -> AsyncIterator[Endpoints]:
+    """Empty tables (the knowledge base stays) and an empty Redis."""
+    conn = await asyncpg.connect(endpoints.database_url)
+    try:
+        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+    r = aioredis.Redis.from_url(endpoints.redis_url)
+    await r.flushdb()
+    await r.aclose()
+    yield endpoints
+
+
+@pytest.fixture
+def config(clean: Endpoints) -> Config:
+    return make_config(clean)
