@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -173,10 +174,15 @@ class EvolutionClient:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def send_text(self, number: str, text: str) -> str | None:
-        """Sends and returns the provider's message id; retries what did not arrive."""
+    async def send_text(
+        self, number: str, text: str, before_attempt: Callable[[], Awaitable[None]] | None = None
+    ) -> str | None:
+        """Sends and returns the provider's message id; retries what did not arrive.
+        `before_attempt` runs before each try, so every attempt is on record first."""
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
+            if before_attempt is not None:
+                await before_attempt()
             try:
                 return await self._send_once(number, text)
             except SendFailed as exc:

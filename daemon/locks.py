@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
+from daemon.tasks import cancel_and_wait
+
 log = logging.getLogger("sdr.locks")
 
 _RELEASE = """
@@ -64,9 +66,7 @@ class LeadLocks:
         try:
             yield True
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await cancel_and_wait(renewer)
             try:
                 await self.release(phone, token)
             except Exception as exc:  # it expires by its TTL anyway

@@ -27,6 +27,7 @@ from daemon.evolution import EvolutionClient
 from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
 from daemon.store import Inbound, Store, connect
+from daemon.tasks import cancel_and_wait
 from daemon.turn import TurnRunner
 
 log = logging.getLogger("sdr.runtime")
@@ -55,6 +56,7 @@ class Runtime:
         self.auto_migrate = auto_migrate
         self.metrics = Metrics()
         self.accepting = False
+        self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._sender: EvolutionClient | None = None
@@ -118,19 +120,27 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop intake, drain turns within the grace period, cancel the rest, close pools."""
+        p = self.config.profile
+        # 1. Stop taking work: the webhook answers 503, the flush loop ends after its
+        #    current claim. (A flag, not only a cancel: a library that swallows one
+        #    CancelledError must not keep the loop alive.)
         self.accepting = False
+        self._stopping = True
         if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-        grace = self.config.profile.timeouts.shutdown_grace
+            done, _ = await asyncio.wait({self._flusher}, timeout=p.buffer.poll_interval + p.timeouts.redis)
+            if not done:
+                await cancel_and_wait(self._flusher, p.timeouts.redis, "shutdown")
+        # 2. Let in-flight turns finish within the grace period; cancel the rest (their
+        #    messages stay unanswered in Postgres and are answered on the next start).
         if self._tasks:
+            grace = p.timeouts.shutdown_grace
             log.info("waiting up to %.1fs for %d turn(s) in flight", grace, len(self._tasks))
-            _, late = await asyncio.wait(set(self._tasks), timeout=grace or None)
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in late:
-                task.cancel("shutdown grace period over")
+                await cancel_and_wait(task, p.timeouts.database, "shutdown grace period over")
             if late:
                 log.warning("cancelled %d turn(s); their messages are answered on next start", len(late))
-                await asyncio.gather(*late, return_exceptions=True)
+        # 3. Close clients and pools.
         if self._sender is not None:
             await self._sender.close()
         await self._close_pools()
@@ -153,7 +163,7 @@ class Runtime:
 
     async def _flush_loop(self) -> None:
         interval = self.config.profile.buffer.poll_interval
-        while True:
+        while not self._stopping:
             try:
                 due = await self.buffer.claim_due()
             except OUTAGE as exc:

@@ -16,7 +16,7 @@ import asyncpg
 from daemon.config import Profile
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     for kind in ("json", "jsonb"):
         await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -28,7 +28,7 @@ async def connect(url: str, profile: Profile) -> asyncpg.Pool:
         max_size=profile.pools.db_max_size,
         timeout=profile.timeouts.database,
         command_timeout=profile.timeouts.database,
-        init=_init_connection,
+        init=init_connection,
     )
     assert pool is not None
     return pool

@@ -9,7 +9,6 @@ still gets an answer."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable
@@ -22,6 +21,7 @@ from daemon.evolution import EvolutionClient
 from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
 from daemon.store import KbEntry, Store, TurnRecord
+from daemon.tasks import cancel_and_wait
 
 log = logging.getLogger("sdr.turn")
 T = TypeVar("T")
@@ -145,9 +145,7 @@ class TurnRunner:
         except StageFailed:
             text, outcome = FALLBACK, "fallback"
         finally:
-            kb_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StageFailed):
-                await kb_task
+            await cancel_and_wait(kb_task)  # unused if the agent did not need it
 
         local = self.sender is None
         finished = datetime.now(UTC)
@@ -186,10 +184,14 @@ class TurnRunner:
         clock: StageClock,
     ) -> None:  # fmt: skip
         assert self.sender is not None
-        await self.store.record_send_attempt(outbox_id)
+
+        async def record_attempt() -> None:
+            await self.store.record_send_attempt(outbox_id)
+
         try:
             provider_id = await clock.run(
-                "send", self.sender.send_text(phone, text), None  # the client has its own timeouts
+                # the client has its own timeouts, per attempt
+                "send", self.sender.send_text(phone, text, record_attempt), None
             )
         except StageFailed as exc:
             cause = exc.__cause__ or exc

@@ -7,11 +7,12 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from daemon.chat import ChatSession
 from daemon.config import Config
 from daemon.embedded import services
-from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
+from sdrctl.common import ConfigOpt, ProfileOpt, err, fail, friendly_errors, load, out
 
 
 async def _chat(cfg: Config, database_url: str, phone: str, name: str | None, url: str) -> None:
@@ -27,7 +28,7 @@ async def _chat(cfg: Config, database_url: str, phone: str, name: str | None, ur
             while True:
                 for body in await chat.replies():
                     awaiting = False
-                    out.print(f"[bold green]bot>[/] {body}\n")
+                    out.print(f"[bold green]bot>[/] {escape(body)}\n")
                 await asyncio.sleep(p.buffer.poll_interval * 4)
 
         poller = asyncio.create_task(show_replies())
@@ -47,7 +48,7 @@ async def _chat(cfg: Config, database_url: str, phone: str, name: str | None, ur
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
         for body in await chat.replies():
-            out.print(f"[bold green]bot>[/] {body}\n")
+            out.print(f"[bold green]bot>[/] {escape(body)}\n")
 
 
 @friendly_errors
@@ -62,7 +63,7 @@ def chat(
     """Talk to the running daemon: each line is posted as a WhatsApp message; replies print
     as they arrive. Ctrl-D quits."""
     if not phone.isdigit() or not 8 <= len(phone) <= 15:
-        err.print(f"[red]error:[/red] --phone {phone!r}: must be 8 to 15 digits, e.g. 5511999990000")
+        fail(f"--phone {phone!r}: must be 8 to 15 digits, e.g. 5511999990000")
         raise typer.Exit(2)
     cfg = load(ctx, config, profile)
     base = url or f"http://{cfg.daemon.host}:{cfg.daemon.port}"

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from daemon.config import Config, load_config
 from daemon.errors import ConfigError, SdrError
@@ -44,6 +45,11 @@ def setup_logging(level: str) -> None:
     )
 
 
+def fail(message: str) -> None:
+    """One line on stderr, never wrapped, our text never read as rich markup."""
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+
+
 def friendly_errors(fn: F) -> F:
     """Our errors become one line and an exit code: 2 for bad input, 1 for the rest."""
 
@@ -52,10 +58,10 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            err.print(f"[red]error:[/red] {exc}")
+            fail(str(exc))
             raise typer.Exit(2) from None
         except SdrError as exc:
-            err.print(f"[red]error:[/red] {exc}")
+            fail(str(exc))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None

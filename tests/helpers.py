@@ -24,6 +24,7 @@ from daemon.embedded import Endpoints
 from daemon.evolution import text_event
 from daemon.runtime import Runtime
 from daemon.server import uvicorn_server
+from daemon.store import init_connection
 
 FAST_PROFILE = str(Path(__file__).with_name("fast.toml"))
 T = TypeVar("T")
@@ -133,6 +134,7 @@ async def wait_for(check: Callable[[], Awaitable[T]], timeout: float = 10.0) -> 
 async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(url)
     try:
+        await init_connection(conn)
         return await conn.fetch(query, *args)
     finally:
         await conn.close()

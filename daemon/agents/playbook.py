@@ -25,10 +25,13 @@ GREETINGS = {
 }  # fmt: skip
 NAME_PATTERNS = re.compile(
     r"(?:meu nome (?:e|eh)|me chamo|pode me chamar de|aqui (?:e|eh)(?: o| a)?|eu sou (?:o |a )?|sou (?:o |a ))"
-    r"\s*([a-z][a-z]+(?:\s+[a-z][a-z]+)?)"
+    r"[ ]*([a-z][a-z]+(?:[ ]+[a-z][a-z]+)?)"
 )
-NOT_NAMES = {"interessado", "interessada", "cliente", "dono", "dona", "eu", "que", "de", "da", "do"}
-MONEY = re.compile(r"(?:r\$\s*)?(\d{1,3}(?:\.\d{3})+(?:,\d{1,2})?|\d+(?:[.,]\d{1,2})?)\s*(mil|k)?")
+NOT_NAMES = {
+    "interessado", "interessada", "cliente", "dono", "dona", "eu", "que", "de", "da", "do",
+    "e", "minha", "meu", "aqui", "tudo", "bem", "quero", "gostaria", "queria", "tenho", "moro",
+}  # fmt: skip
+MONEY = re.compile(r"(?:r\$\s*)?(\d{1,3}(?:\.\d{3})+(?:,\d{1,2})?|\d+(?:[.,]\d{1,2})?)\s*(mil\b|k\b)?")
 YES = re.compile(r"\b(sim|pode|claro|bora|quero|vamos|ok|okay|combinado|fechado|perfeito|beleza|show|agenda|agendar|marca|marcar)\b")
 NO = re.compile(r"\b(nao|agora nao|depois|sem interesse|nao quero|talvez depois)\b")
 WHEN = re.compile(
@@ -66,9 +69,10 @@ def extract_name(text: str, *, loose: bool) -> str | None:
             candidate = " ".join(words)
     if not candidate:
         return None
-    words = [w for w in candidate.split() if w not in NOT_NAMES]
-    if not words:
+    words = candidate.split()
+    if words[0] in NOT_NAMES:
         return None
+    words = words[:1] + [w for w in words[1:2] if w not in NOT_NAMES]
     # Take the lead's own spelling (accents) from the original text when we can.
     originals = {fold(w): w for w in re.findall(r"[^\W\d_]+", original)}
     return " ".join(originals.get(w, w).capitalize() for w in words[:2])

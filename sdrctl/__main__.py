@@ -1,0 +1,3 @@
+from sdrctl.main import app
+
+app(prog_name="sdrctl")

@@ -1,0 +1,103 @@
+"""The commands a user types: `sdrctl serve` on the embedded default, and `sdrctl chat`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import httpx
+
+from daemon.embedded import Endpoints
+from tests.helpers import event, fetch, make_config, run_daemon, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_serve_on_the_embedded_default_answers_a_lead_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir, port = tmp_path / "var", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
+    env.update(SDR_DAEMON_DATA_DIR=str(data_dir), SDR_DAEMON_PORT=str(port))
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:  # a file, not a pipe nobody reads while it runs
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sdrctl", "serve", "--profile", str(REPO / "tests" / "fast.toml"),
+            cwd=REPO, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def ready() -> bool:
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(ready, timeout=60)
+            resp = await http.post("/webhook/evolution", json=event("5511955554444", "Olá, boa tarde!"))
+            assert resp.json() == {"status": "stored"}
+            db = f"postgresql://postgres@/sdr?host={data_dir / 'pg'}"
+            [row] = await wait_for(lambda: fetch(db, "SELECT body FROM outbox"))
+            assert "Sol Nascente" in row["body"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=60)
+    log = log_path.read_text()
+    assert proc.returncode == 0, log
+    assert "serving on http://127.0.0.1" in log and "stopped" in log
+    assert "Traceback" not in log
+    # The embedded servers this serve started are stopped with it.
+    assert not (data_dir / "pg" / "postmaster.pid").exists()
+    assert not (data_dir / "redis" / "redis.sock").exists()
+
+
+async def test_chat_posts_lines_as_a_lead_and_prints_the_replies(clean: Endpoints) -> None:
+    cfg = make_config(clean)
+    async with run_daemon(cfg) as d:
+        env = {**os.environ, "SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sdrctl", "chat", "--phone", "5511933332222", "--url", d.url,
+            "--profile", str(REPO / "tests" / "fast.toml"),
+            cwd=REPO, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate("Oi\nmeu nome é Bia\n".encode()), timeout=60)
+    text = " ".join(out.decode().split())
+    assert proc.returncode == 0, err.decode()
+    assert text.count("bot>") == 1  # two lines, one burst, one reply
+    assert "Olá, Bia!" in text and "conta de luz" in text
+    rows = await fetch(clean.database_url, "SELECT body FROM messages WHERE direction = 'in' ORDER BY id")
+    assert [r["body"] for r in rows] == ["Oi", "meu nome é Bia"]
+
+
+async def test_chat_without_a_daemon_says_how_to_start_one(clean: Endpoints) -> None:
+    env = {**os.environ, "SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sdrctl", "chat", "--phone", "5511933332222", "--url", "http://127.0.0.1:9",
+        cwd=REPO, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(b""), timeout=60)
+    assert proc.returncode == 1
+    assert "no daemon answers at http://127.0.0.1:9" in err.decode() and "make serve" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def test_chat_refuses_a_bad_phone_with_exit_code_2() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sdrctl", "chat", "--phone", "+55 11 9999", cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "--phone '+55 11 9999': must be 8 to 15 digits" in err.decode()
