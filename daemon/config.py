@@ -196,10 +196,10 @@ class Config:
 
 
 def shipped_path(name: str) -> Path:
-    """profiles/, sql/ or sdr.toml: from the checkout, else from the installed package."""
-    checkout = Path(__file__).resolve().parent.parent / name
-    if checkout.exists():
-        return checkout
+    """profiles/ or sql/: from the checkout, else from the installed package."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / name).exists():
+        return root / name
     return Path(__file__).resolve().parent / "_data" / name
 
 

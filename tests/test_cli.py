@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 import socket
 import sys
+import zipfile
 from pathlib import Path
 
 import httpx
 
 from daemon.embedded import Endpoints
+from daemon.server import bind_host
 from tests.helpers import event, fetch, make_config, run_daemon, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +53,15 @@ async def test_serve_on_the_embedded_default_answers_a_lead_and_stops_cleanly(tm
             db = f"postgresql://postgres@/sdr?host={data_dir / 'pg'}"
             [row] = await wait_for(lambda: fetch(db, "SELECT body FROM outbox"))
             assert "Sol Nascente" in row["body"]
+            # Other commands use the same embedded PostgreSQL, and leave it running.
+            status = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sdrctl", "migrate", "status", "--json", cwd=REPO, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(status.communicate(), timeout=60)
+            assert status.returncode == 0, err.decode()
+            assert all(m["applied_at"] for m in json.loads(out))
+            assert (await http.get("/readyz")).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), timeout=60)
@@ -101,3 +114,21 @@ async def test_chat_refuses_a_bad_phone_with_exit_code_2() -> None:
     _, err = await proc.communicate()
     assert proc.returncode == 2
     assert "--phone '+55 11 9999': must be 8 to 15 digits" in err.decode()
+
+
+def test_without_a_webhook_token_serve_binds_loopback_only(clean: Endpoints) -> None:
+    open_to_all = make_config(clean, SDR_DAEMON_HOST="0.0.0.0")
+    assert bind_host(open_to_all) == "127.0.0.1"
+    with_token = make_config(clean, SDR_DAEMON_HOST="0.0.0.0", SDRCTL_WEBHOOK_TOKEN="t")
+    assert bind_host(with_token) == "0.0.0.0"
+
+
+def test_the_wheel_ships_profiles_and_migrations(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    [wheel] = tmp_path.glob("sdrctl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"daemon/_data/profiles/recommended.toml", "daemon/_data/profiles/legacy.toml",
+            "daemon/_data/sql/0001_schema.sql", "sdrctl/main.py"} <= names  # fmt: skip
