@@ -10,12 +10,13 @@ import dataclasses
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from daemon.errors import ConfigError
+from daemon.latency import SPEC_HELP, parse_latency
 
 ENV_PREFIX = "SDR_"
 
@@ -28,9 +29,15 @@ def knob(
     min: float | None = None,
     max: float | None = None,
     choices: tuple[str, ...] | None = None,
+    check: Callable[[Any], object] | None = None,
+    describe: str | None = None,
 ) -> Any:
-    """A setting: its default plus what `tune show` and error messages say about it."""
-    meta = {"help": help, "unit": unit, "min": min, "max": max, "choices": choices}
+    """A setting: its default plus what `tune show` and error messages say about it.
+    `check` raises ValueError for a value outside what `describe` says is allowed."""
+    meta = {
+        "help": help, "unit": unit, "min": min, "max": max, "choices": choices,
+        "check": check, "describe": describe,
+    }  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -78,9 +85,22 @@ class WebhookSettings:
 
 @dataclass(frozen=True)
 class AgentSettings:
-    backend: str = knob("playbook", "agent backend", choices=("playbook",))
+    backend: str = knob(
+        "playbook", "agent backend: playbook (offline pt-BR flow), openai (any "
+        "OpenAI-compatible chat-completions API) or simulated (benches)",
+        choices=("playbook", "openai", "simulated"),
+    )  # fmt: skip
     persona: str = knob("Sol", "the agent's first name, as leads see it")
     company: str = knob("Sol Nascente Energia Solar", "the company the agent speaks for")
+    base_url: str = knob("https://api.openai.com/v1", "openai backend: the API's base URL")
+    model: str = knob("gpt-4o-mini", "openai backend: the model")
+    api_key_env: str = knob("OPENAI_API_KEY", "openai backend: environment variable holding the key")
+    temperature: float = knob(0.3, "openai backend: sampling temperature", min=0, max=2)
+    max_tokens: int = knob(400, "openai backend: longest reply", unit="tokens", min=16, max=8192)
+    simulated_latency: str = knob(
+        "lognormal:median=1.5,p95=4", "simulated backend: latency distribution",
+        check=parse_latency, describe=SPEC_HELP,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,8 +139,19 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Buffer:
+    coalesce: bool = knob(True, "join a lead's burst into one turn (false: a turn per message)")
+    adaptive: bool = knob(True, "adapt the window to context (false: always quiet_window)")
     quiet_window: float = knob(
         1.5, "silence after a lead's last message that closes the burst", unit="s", min=0.01, max=60
+    )
+    min_window: float = knob(
+        0.5, "shortest window: after a question or a long complete message", unit="s", min=0, max=60
+    )
+    extended_window: float = knob(
+        3.0, "window while the lead is typing or recording, or after media", unit="s", min=0.01, max=60
+    )
+    long_message_chars: int = knob(
+        120, "a complete message at least this long closes the window sooner", unit="chars", min=1, max=10000
     )
     poll_interval: float = knob(0.05, "how often due bursts are looked for", unit="s", min=0.005, max=5)
     claim_batch: int = knob(64, "due leads claimed per poll", min=1, max=10000)
@@ -132,7 +163,7 @@ class Pools:
     db_max_size: int = knob(10, "PostgreSQL pool: most connections", min=1, max=500)
     redis_max_connections: int = knob(50, "Redis pool: most connections", min=1, max=10000)
     http_max_connections: int = knob(50, "Evolution API client: most connections", min=1, max=10000)
-    agent_concurrency: int = knob(32, "agent calls running at once", min=1, max=10000)
+    agent_pool_size: int = knob(32, "agent calls running at once", min=1, max=10000)
 
 
 @dataclass(frozen=True)
@@ -143,6 +174,29 @@ class Limits:
     lock_backoff: float = knob(0.05, "first wait between lock tries (doubles)", unit="s", min=0.001, max=10)
     send_attempts: int = knob(3, "tries of a sendText that certainly did not arrive", min=1, max=20)
     send_backoff: float = knob(0.2, "first wait between send tries (doubles)", unit="s", min=0.001, max=30)
+    max_message_length: int = knob(
+        1000, "longer replies are split on sentence boundaries", unit="chars", min=50, max=65536
+    )
+
+
+@dataclass(frozen=True)
+class Features:
+    parallel_context: bool = knob(
+        True, "start lead, history and knowledge search together (false: search first, then the rest)"
+    )
+    typing_presence: bool = knob(True, "show 'typing...' to the lead before each reply")
+
+
+@dataclass(frozen=True)
+class Cache:
+    enabled: bool = knob(True, "use the caches (false: every read goes to PostgreSQL)")
+    local_ttl: float = knob(
+        30.0, "longest life of an entry in the in-process tier", unit="s", min=0, max=86400
+    )
+    lead_ttl: float = knob(300.0, "lead-by-phone entries", unit="s", min=1, max=86400)
+    lead_size: int = knob(10000, "lead-by-phone: most entries in process", min=1, max=10**7)
+    kb_ttl: float = knob(600.0, "knowledge-base search results", unit="s", min=1, max=86400)
+    kb_size: int = knob(2000, "knowledge-base search results: most entries in process", min=1, max=10**7)
 
 
 PROFILE_SECTIONS: dict[str, type] = {
@@ -150,6 +204,8 @@ PROFILE_SECTIONS: dict[str, type] = {
     "buffer": Buffer,
     "pools": Pools,
     "limits": Limits,
+    "features": Features,
+    "cache": Cache,
 }
 SETTINGS_SECTIONS: dict[str, type] = {
     "daemon": DaemonSettings,
@@ -170,6 +226,8 @@ class Profile:
     buffer: Buffer = field(default_factory=Buffer)
     pools: Pools = field(default_factory=Pools)
     limits: Limits = field(default_factory=Limits)
+    features: Features = field(default_factory=Features)
+    cache: Cache = field(default_factory=Cache)
 
 
 @dataclass(frozen=True)
@@ -186,6 +244,7 @@ class Config:
     # Secrets are read from the variables the file names; never printed.
     webhook_token: str | None = field(default=None, repr=False)
     evolution_api_key: str | None = field(default=None, repr=False)
+    agent_api_key: str | None = field(default=None, repr=False)
 
     @property
     def data_dir(self) -> Path:
@@ -230,6 +289,8 @@ def profile_path(name: str) -> Path:
 
 def _describe(f: dataclasses.Field[Any]) -> str:
     meta = f.metadata
+    if meta["describe"]:
+        return str(meta["describe"])
     if meta["choices"]:
         return "one of " + ", ".join(meta["choices"])
     kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[
@@ -268,6 +329,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
         raise ValueError
     if meta["max"] is not None and value > meta["max"]:
         raise ValueError
+    if meta["check"] is not None:
+        meta["check"](value)
     return value
 
 
@@ -341,6 +404,11 @@ def _check_relations(p: Profile, where: str) -> None:
             f"{where}: [buffer] quiet_window = {p.buffer.quiet_window:g} must not exceed "
             f"[timeouts] message_buffer = {p.timeouts.message_buffer:g} (the window's upper bound)"
         )
+    if not p.buffer.min_window <= p.buffer.quiet_window <= p.buffer.extended_window:
+        raise ConfigError(
+            f"{where}: [buffer] windows must satisfy min_window ({p.buffer.min_window:g}) <= "
+            f"quiet_window ({p.buffer.quiet_window:g}) <= extended_window ({p.buffer.extended_window:g})"
+        )
     if p.pools.db_min_size > p.pools.db_max_size:
         raise ConfigError(
             f"{where}: [pools] db_min_size = {p.pools.db_min_size} must not exceed "
@@ -368,17 +436,21 @@ def load_config(
     chosen = profile or settings["daemon"].profile
     token_env = settings["webhook"].token_env
     key_env = settings["evolution"].api_key_env
+    agent_key_env = settings["agent"].api_key_env
     return Config(
         source=where,
         profile=load_profile(chosen, env),
         webhook_token=env.get(token_env) or None,
         evolution_api_key=env.get(key_env) or None,
+        agent_api_key=env.get(agent_key_env) or None,
         **settings,
     )
 
 
 def _refuse_unknown_env(env: Mapping[str, str], settings: Mapping[str, Any]) -> None:
-    secrets = {settings["webhook"].token_env, settings["evolution"].api_key_env}
+    secrets = {
+        settings["webhook"].token_env, settings["evolution"].api_key_env, settings["agent"].api_key_env
+    }
     known = {
         f"{ENV_PREFIX}{sec.upper()}_{f.name.upper()}"
         for sections in (SETTINGS_SECTIONS, PROFILE_SECTIONS)

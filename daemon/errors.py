@@ -22,3 +22,7 @@ class MigrationError(SdrError):
 
 class EmbeddedError(SdrError):
     """The embedded PostgreSQL or Redis could not be started."""
+
+
+class AgentError(SdrError):
+    """The agent backend failed to produce a reply (HTTP error, bad answer)."""

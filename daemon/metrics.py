@@ -30,6 +30,9 @@ class Metrics:
         self.turns = Counter("sdr_turns_total", "Turns by outcome", ["outcome"], registry=r)
         self.sends = Counter("sdr_sends_total", "Replies delivered, by status", ["status"], registry=r)
         self.turns_in_flight = Gauge("sdr_turns_in_flight", "Turns running now", registry=r)
+        self.active_leads = Gauge("sdr_active_leads", "Leads with a burst waiting in the buffer", registry=r)
+        self.cache_hits = Counter("sdr_cache_hits", "Cache hits", ["cache", "tier"], registry=r)
+        self.cache_misses = Counter("sdr_cache_misses", "Cache misses", ["cache"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

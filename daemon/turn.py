@@ -83,7 +83,7 @@ class TurnRunner:
         self.sender = sender
         self.metrics = metrics
         self.profile = profile
-        self.agent_slots = asyncio.Semaphore(profile.pools.agent_concurrency)
+        self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
     async def run(self, phone: str) -> bool:
         """Answers the lead's unanswered messages; False when its lock stayed busy (the
