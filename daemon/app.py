@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon.evolution import BadPayload, Ignored, parse_event
+from daemon.evolution import BadPayload, Ignored, Typing, parse_event
 from daemon.runtime import OUTAGE, Runtime
 
 log = logging.getLogger("sdr.intake")
@@ -77,6 +77,10 @@ def create_app(rt: Runtime) -> Starlette:
             return JSONResponse({"status": "ignored", "reason": event.reason})
         try:
             async with asyncio.timeout(webhook_timeout):
+                if isinstance(event, Typing):
+                    outcome = await rt.typing(event.phone)
+                    count.labels(f"presence_{outcome}").inc()
+                    return JSONResponse({"status": "presence", "buffer": outcome})
                 outcome = await rt.ingest(event)
         except OUTAGE as exc:
             # Not stored durably: 503 so that Evolution retries; never 200.

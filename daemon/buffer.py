@@ -10,18 +10,27 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-DUE = "sdr:buffer:due"  # zset: phone -> deadline (unix seconds)
-FIRST = "sdr:buffer:first"  # zset: phone -> arrival of the burst's first message
+from daemon.config import Buffer
 
+DUE = "sdr:buffer:due"  # zset: member -> deadline (unix seconds)
+FIRST = "sdr:buffer:first"  # zset: member -> arrival of the burst's first message
+
+# A member is a lead's phone (its whole burst becomes one turn) or, without coalescing,
+# "phone|message id" (one turn per message, as the old system did).
 _TOUCH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local first = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
 if not first then
+  if ARGV[4] == '1' then return false end
   first = now
   redis.call('ZADD', KEYS[2], now, ARGV[1])
 end
 local deadline = math.min(now + tonumber(ARGV[2]), first + tonumber(ARGV[3]))
+if ARGV[4] == '1' then  -- extending never brings a deadline closer
+  local current = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+  if current and current > deadline then deadline = current end
+end
 redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 return tostring(deadline - now)
 """
@@ -47,16 +56,52 @@ class MessageBuffer:
         self._touch = redis.register_script(_TOUCH)
         self._claim = redis.register_script(_CLAIM)
 
-    async def add(self, phone: str, window: float | None = None) -> float:
-        """A message arrived for `phone`; returns seconds until the lead is due."""
+    async def add(self, member: str, window: float | None = None) -> float:
+        """A message arrived: the member is due `window` seconds from now (never later
+        than its first message plus the cap). Returns the seconds left."""
         wait = self.quiet_window if window is None else window
-        left = await self._touch(keys=[DUE, FIRST], args=[phone, wait, self.cap])
+        left = await self._touch(keys=[DUE, FIRST], args=[member, wait, self.cap, 0])
         return float(left)
 
+    async def extend(self, member: str, window: float) -> float | None:
+        """Pushes back a pending member's deadline (the lead is typing); a member with
+        nothing pending is left alone. Returns the seconds left, or None."""
+        left = await self._touch(keys=[DUE, FIRST], args=[member, window, self.cap, 1])
+        return None if left is None else float(left)
+
     async def claim_due(self) -> list[str]:
-        """Takes the leads whose window has closed; each is returned to one caller only."""
+        """Takes the members whose window has closed; each is returned to one caller only."""
         due = await self._claim(keys=[DUE, FIRST], args=[self.claim_batch])
         return [p.decode() if isinstance(p, bytes) else p for p in due]
 
     async def pending(self) -> int:
         return int(await self.redis.zcard(DUE))
+
+
+MEDIA_KINDS = frozenset({"image", "audio", "video", "document"})
+
+
+def window_for(kind: str, text: str, settings: Buffer) -> float:
+    """How long to wait for more after this message. A question or a long complete
+    message is likely the end of a thought: close sooner. Media take the lead a while
+    (a photo, then its caption; a voice note, then another): wait longer."""
+    if not settings.adaptive:
+        return settings.quiet_window
+    if kind in MEDIA_KINDS:
+        return settings.extended_window
+    body = text.strip()
+    if body.endswith("?"):
+        return settings.min_window
+    if len(body) >= settings.long_message_chars and body[-1:] in ".!?…":
+        return settings.min_window
+    return settings.quiet_window
+
+
+def member(phone: str, message_id: int | None, coalesce: bool) -> str:
+    """The buffer member for a message: the lead, or without coalescing the message."""
+    return phone if coalesce or message_id is None else f"{phone}|{message_id}"
+
+
+def parse_member(value: str) -> tuple[str, int | None]:
+    phone, _, message_id = value.partition("|")
+    return phone, int(message_id) if message_id else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,8 @@ from daemon.store import Inbound
 log = logging.getLogger("sdr.evolution")
 
 UPSERT = "messages.upsert"
+PRESENCE = "presence.update"
+TYPING = frozenset({"composing", "recording"})
 MEDIA_KINDS = {
     "imageMessage": "image",
     "audioMessage": "audio",
@@ -51,8 +54,14 @@ class Envelope(msgspec.Struct, kw_only=True):
     data: msgspec.Raw = msgspec.Raw(b"null")
 
 
+class PresenceData(msgspec.Struct, kw_only=True):
+    id: str
+    presences: dict[str, dict[str, Any]] = {}
+
+
 _envelope = msgspec.json.Decoder(Envelope)
 _message = msgspec.json.Decoder(MessageData)
+_presence = msgspec.json.Decoder(PresenceData)
 
 
 class BadPayload(Exception):
@@ -65,7 +74,14 @@ class BadPayload(Exception):
 
 @dataclass(frozen=True)
 class Ignored:
-    reason: str  # from_me | group | broadcast | event | no_content | not_a_phone
+    reason: str  # from_me | group | broadcast | event | no_content | not_a_phone | presence
+
+
+@dataclass(frozen=True)
+class Typing:
+    """The lead is typing or recording: its buffer window may wait longer."""
+
+    phone: str
 
 
 def normalise_event(name: str) -> str:
@@ -73,7 +89,7 @@ def normalise_event(name: str) -> str:
     return name.strip().lower().replace("_", ".").replace("-", ".")
 
 
-def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Ignored:
+def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing | Ignored:
     try:
         env = _envelope.decode(body)
     except msgspec.ValidationError as exc:
@@ -83,15 +99,31 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Ignored
     name = env.event or path_event
     if not name:
         raise BadPayload(422, "invalid event: Object missing required field `event`")
-    if normalise_event(name) != UPSERT:
+    event = normalise_event(name)
+    if event not in (UPSERT, PRESENCE):
         return Ignored("event")
     if bytes(env.data) in (b"", b"null"):
         raise BadPayload(422, "invalid event: Object missing required field `data`")
     try:
-        data = _message.decode(env.data)
+        if event == PRESENCE:
+            return _to_typing(_presence.decode(env.data))
+        return _to_inbound(_message.decode(env.data))
     except msgspec.ValidationError as exc:
         raise BadPayload(422, f"invalid event: {exc} (in `data`)") from None
-    return _to_inbound(data)
+
+
+def _phone(jid: str) -> str | None:
+    phone = jid.split("@", 1)[0].split(":", 1)[0]
+    return phone if phone.isdigit() and 8 <= len(phone) <= 15 else None
+
+
+def _to_typing(data: PresenceData) -> Typing | Ignored:
+    """Baileys' presence map: {jid: {"lastKnownPresence": "composing" | "recording" | ...}}."""
+    phone = _phone(data.id)
+    if phone is None or data.id.endswith("@g.us"):
+        return Ignored("presence")
+    states = {str(p.get("lastKnownPresence", "")) for p in data.presences.values() if isinstance(p, dict)}
+    return Typing(phone) if states & TYPING else Ignored("presence")
 
 
 def _to_inbound(data: MessageData) -> Inbound | Ignored:
@@ -102,8 +134,8 @@ def _to_inbound(data: MessageData) -> Inbound | Ignored:
         return Ignored("group")
     if jid.endswith("@broadcast") or jid.endswith("@newsletter"):
         return Ignored("broadcast")
-    phone = jid.split("@", 1)[0].split(":", 1)[0]
-    if not phone.isdigit() or not 8 <= len(phone) <= 15:
+    phone = _phone(jid)
+    if phone is None:
         return Ignored("not_a_phone")
     kind, body, media = _content(data.message or {})
     if kind is None:
@@ -174,6 +206,14 @@ class EvolutionClient:
     async def close(self) -> None:
         await self.http.aclose()
 
+    async def send_presence(self, number: str, delay_ms: int) -> None:
+        """Shows "typing..." to the lead (best effort: one try, errors raised to the caller)."""
+        resp = await self.http.post(
+            f"/chat/sendPresence/{self.instance}",
+            json={"number": number, "presence": "composing", "delay": delay_ms},
+        )
+        resp.raise_for_status()
+
     async def send_text(
         self, number: str, text: str, before_attempt: Callable[[], Awaitable[None]] | None = None
     ) -> str | None:
@@ -239,3 +279,46 @@ def text_event(
         "server_url": "",
         "apikey": "",
     }
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
+
+
+def split_message(text: str, limit: int) -> list[str]:
+    """Splits a reply longer than `limit` on paragraph, then sentence, then word
+    boundaries, so no WhatsApp message is cut mid-sentence when it can be helped."""
+    if len(text) <= limit:
+        return [text]
+    parts: list[str] = []
+    for paragraph in text.split("\n\n"):
+        for i, chunk in enumerate(_pieces(paragraph.strip(), limit)):
+            if i == 0 and parts and len(parts[-1]) + 2 + len(chunk) <= limit:
+                parts[-1] += "\n\n" + chunk  # short paragraphs travel together
+            else:
+                parts.append(chunk)
+    return parts
+
+
+def _pieces(paragraph: str, limit: int) -> list[str]:
+    """A paragraph as chunks of at most `limit`: whole, else by sentences, else by words."""
+    if len(paragraph) <= limit:
+        return [paragraph] if paragraph else []
+    chunks: list[str] = []
+    current = ""
+    for sentence in _SENTENCE_END.split(paragraph):
+        if len(sentence) > limit and current:  # a long sentence starts its own chunk
+            chunks.append(current)
+            current = ""
+        for word in [sentence] if len(sentence) <= limit else sentence.split():
+            while len(word) > limit:  # a single "word" longer than the limit: hard cut
+                chunks.append(word[:limit])
+                word = word[limit:]
+            candidate = f"{current} {word}" if current else word
+            if len(candidate) <= limit:
+                current = candidate
+            else:
+                chunks.append(current)
+                current = word
+    if current:
+        chunks.append(current)
+    return chunks

@@ -19,14 +19,15 @@ from redis.retry import Retry
 
 from daemon import migrations
 from daemon.agents import make_agent
-from daemon.buffer import MessageBuffer
+from daemon.buffer import MessageBuffer, member, parse_member, window_for
+from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import Config
 from daemon.embedded import Endpoints
 from daemon.errors import MigrationError, UnavailableError
 from daemon.evolution import EvolutionClient
 from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
-from daemon.store import Inbound, Store, connect
+from daemon.store import Inbound, KbEntry, Store, connect
 from daemon.tasks import cancel_and_wait
 from daemon.turn import TurnRunner
 
@@ -58,7 +59,7 @@ class Runtime:
         self.accepting = False
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._flusher: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._sender: EvolutionClient | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -89,19 +90,33 @@ class Runtime:
         locks = LeadLocks(
             self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff
         )
+        c = p.cache
+        self.leads: TwoTierCache[dict[str, Any]] = TwoTierCache(
+            "lead", self.redis, dict[str, Any], ttl=c.lead_ttl, local_ttl=c.local_ttl,
+            size=c.lead_size, enabled=c.enabled, metrics=self.metrics,
+        )  # fmt: skip
+        self.knowledge: TwoTierCache[list[KbEntry]] = TwoTierCache(
+            "knowledge", self.redis, list[KbEntry], ttl=c.kb_ttl, local_ttl=c.local_ttl,
+            size=c.kb_size, enabled=c.enabled, metrics=self.metrics,
+        )  # fmt: skip
         if cfg.evolution.base_url:
             self._sender = EvolutionClient(cfg)
+        self.agent = make_agent(cfg)
         self.runner = TurnRunner(
-            store=self.store, locks=locks, agent=make_agent(cfg.agent), sender=self._sender,
-            metrics=self.metrics, profile=p,
+            store=self.store, locks=locks, agent=self.agent, sender=self._sender,
+            metrics=self.metrics, profile=p, leads=self.leads, knowledge=self.knowledge,
         )  # fmt: skip
         # Bursts a previous run accepted but never answered are answered now.
-        recovered = await self.store.leads_with_unanswered()
-        for phone in recovered:
-            await self.buffer.add(phone, window=0)
+        recovered = await self.store.unanswered()
+        for phone, message_id in recovered:
+            await self.buffer.add(member(phone, message_id, p.buffer.coalesce), window=0)
         if recovered:
-            log.info("re-queued %d lead(s) with unanswered messages", len(recovered))
-        self._flusher = asyncio.create_task(self._flush_loop(), name="buffer-flush")
+            log.info("re-queued %d unanswered message(s)", len(recovered))
+        invalidations = CacheInvalidations(self.redis, [self.leads, self.knowledge])
+        self._background = [
+            asyncio.create_task(self._flush_loop(), name="buffer-flush"),
+            asyncio.create_task(invalidations.run(), name="cache-invalidations"),
+        ]
         self.accepting = True
 
     async def _check_schema(self) -> None:
@@ -126,10 +141,13 @@ class Runtime:
         #    CancelledError must not keep the loop alive.)
         self.accepting = False
         self._stopping = True
-        if self._flusher is not None:
-            done, _ = await asyncio.wait({self._flusher}, timeout=p.buffer.poll_interval + p.timeouts.redis)
+        flusher, *others = self._background or [None]
+        if flusher is not None:
+            done, _ = await asyncio.wait({flusher}, timeout=p.buffer.poll_interval + p.timeouts.redis)
             if not done:
-                await cancel_and_wait(self._flusher, p.timeouts.redis, "shutdown")
+                await cancel_and_wait(flusher, p.timeouts.redis, "shutdown")
+        for task in others:
+            await cancel_and_wait(task, p.timeouts.redis, "shutdown")
         # 2. Let in-flight turns finish within the grace period; cancel the rest (their
         #    messages stay unanswered in Postgres and are answered on the next start).
         if self._tasks:
@@ -143,6 +161,7 @@ class Runtime:
         # 3. Close clients and pools.
         if self._sender is not None:
             await self._sender.close()
+        await self.agent.close()
         await self._close_pools()
 
     async def _close_pools(self) -> None:
@@ -169,30 +188,50 @@ class Runtime:
             except OUTAGE as exc:
                 log.warning("cannot claim due bursts: %s", exc)
                 due = []
-            for phone in due:
-                self._spawn(self._answer(phone), name=f"turn:{phone[-4:]}")
+            for value in due:
+                self._spawn(self._answer(value), name=f"turn:{value[-4:]}")
+            try:
+                self.metrics.active_leads.set(await self.buffer.pending())
+            except OUTAGE:
+                pass  # the claim above already logged the outage
             if len(due) < self.buffer.claim_batch:
                 await asyncio.sleep(interval)
 
-    async def _answer(self, phone: str) -> None:
+    async def _answer(self, value: str) -> None:
+        phone, only = parse_member(value)
         start = time.perf_counter()
         try:
-            done = await self.runner.run(phone)
+            done = await self.runner.run(phone, only)
         except OUTAGE as exc:
             # Nothing is lost: the messages stay unanswered in Postgres; try again later.
             log.warning("turn failed (%s: %s); re-queued", exc.__class__.__name__, exc)
             done = False
-        if not done:
-            await self.buffer.add(phone)
+        if done is False:
+            await self.buffer.add(value)
             return
-        log.info("%6.3fs turn done for ...%s", time.perf_counter() - start, phone[-4:])
+        if done and not self.config.profile.buffer.coalesce and only is None:
+            await self.buffer.add(value, window=0)  # recovered lead: its next message
+        if done:
+            log.info("%6.3fs turn done for ...%s", time.perf_counter() - start, phone[-4:])
 
     async def ingest(self, msg: Inbound) -> str:
         """Stores a lead message and arms its buffer; returns 'stored' or 'duplicate'."""
-        _, inserted, unanswered = await self.store.ingest(msg)
+        message_id, inserted, unanswered, lead_changed = await self.store.ingest(msg)
+        if lead_changed:
+            await self.leads.invalidate(msg.phone)
         if unanswered:  # also for a retried delivery: the first may have missed the buffer
-            await self.buffer.add(msg.phone)
+            b = self.config.profile.buffer
+            window = window_for(msg.kind, msg.body, b)
+            await self.buffer.add(member(msg.phone, message_id, b.coalesce), window)
         return "stored" if inserted else "duplicate"
+
+    async def typing(self, phone: str) -> str:
+        """The lead is typing or recording: a pending burst waits longer (never past the cap)."""
+        b = self.config.profile.buffer
+        if not b.adaptive or not b.coalesce:
+            return "ignored"
+        left = await self.buffer.extend(phone, b.extended_window)
+        return "extended" if left is not None else "ignored"
 
     async def readiness(self) -> dict[str, str]:
         checks: dict[str, str] = {}

@@ -73,6 +73,7 @@ async def serve_forever(config: Config, endpoints: Endpoints, *, auto_migrate: b
     server = uvicorn_server(config, rt, host, port)
 
     def on_signal() -> None:
+        rt.accepting = False  # webhooks still arriving get 503, so Evolution retries elsewhere
         if server.should_exit:
             server.force_exit = True
         server.should_exit = True

@@ -16,9 +16,13 @@ import asyncpg
 from daemon.config import Profile
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str)  # Decimal and datetime as PostgreSQL reads them
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
     for kind in ("json", "jsonb"):
-        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(kind, encoder=_dumps, decoder=json.loads, schema="pg_catalog")
 
 
 async def connect(url: str, profile: Profile) -> asyncpg.Pool:
@@ -83,13 +87,61 @@ class TurnRecord:
     agent_backend: str
     outcome: str
     reply: str
+    parts: list[str]  # the reply as WhatsApp messages (split on sentence boundaries)
     phone: str
     outbox_status: str  # 'pending' (to be sent) or 'local' (kept for `sdrctl chat`)
     response_ms: float | None  # known now for local replies; set on delivery otherwise
     lead_updates: dict[str, Any]
+    cache_hits: int
+    cache_misses: int
 
 
-LEAD_COLUMNS = frozenset({"name", "stage", "bill_value", "consumption_kwh", "solution", "meeting_at"})
+@dataclass(frozen=True)
+class FinishedTurn:
+    turn_id: int
+    outbox_ids: list[int]
+    lead: dict[str, Any]  # the lead as stored after the turn's updates
+
+
+# The lead columns a turn may update, with their SQL types.
+LEAD_COLUMNS = {
+    "name": "text", "stage": "text", "bill_value": "numeric", "consumption_kwh": "integer",
+    "solution": "text", "meeting_at": "timestamptz", "property_type": "text",
+    "decision_maker": "text",
+}  # fmt: skip
+_LEAD_SETS = ",\n".join(
+    f"{col} = CASE WHEN $19::jsonb ? '{col}' THEN ($19::jsonb ->> '{col}')::{kind} ELSE {col} END"
+    for col, kind in LEAD_COLUMNS.items()
+)
+FINISH_TURN = f"""
+WITH t AS (
+    INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
+        last_message_at, started_at, finished_at, buffer_wait_ms, stages, timeouts, failures,
+        agent_backend, outcome, response_ms, cache_hits, cache_misses)
+    VALUES ($1, $2, cardinality($17::bigint[]), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+            $14, $15)
+    RETURNING id
+), answered AS (
+    UPDATE messages SET turn_id = (SELECT id FROM t) WHERE id = ANY($17::bigint[])
+), reply AS (
+    INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
+    VALUES ($2, $1, 'out', $18, clock_timestamp())
+), lead AS (
+    UPDATE leads SET {_LEAD_SETS},
+        updated_at = now()
+    WHERE id = $1
+    RETURNING to_jsonb(leads.*) AS row
+), outbox_rows AS (
+    INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, sent_at)
+    SELECT $1, t.id, $16, p.part, $20::text, CASE WHEN $20::text = 'local' THEN clock_timestamp() END
+      FROM t, unnest($21::text[]) WITH ORDINALITY AS p(part, n)
+     ORDER BY p.n
+    RETURNING id
+)
+SELECT (SELECT id FROM t) AS turn_id,
+       (SELECT array_agg(id ORDER BY id) FROM outbox_rows) AS outbox_ids,
+       (SELECT row FROM lead) AS lead
+"""
 _WORD = re.compile(r"[0-9a-zà-öø-ÿ]+")
 
 
@@ -107,24 +159,27 @@ class Store:
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1", timeout=self.timeout)
 
-    async def ingest(self, msg: Inbound) -> tuple[int, bool, bool]:
-        """Stores a lead message once; returns (message id, newly inserted, unanswered)."""
+    async def ingest(self, msg: Inbound) -> tuple[int, bool, bool, bool]:
+        """Stores a lead message once; returns (message id, newly inserted, unanswered,
+        lead row changed)."""
         row = await self.pool.fetchrow(
             "SELECT * FROM ingest_message($1, $2, $3, $4, $5, $6, $7)",
             msg.phone, msg.push_name, msg.provider_id, msg.kind, msg.body, msg.media,
             msg.provider_ts, timeout=self.timeout,
         )  # fmt: skip
         assert row is not None
-        return row["message_id"], row["inserted"], row["unanswered"]
+        return row["message_id"], row["inserted"], row["unanswered"], row["lead_changed"]
 
-    async def pending_messages(self, phone: str) -> list[PendingMessage]:
-        """The lead's unanswered messages, in the order the lead wrote them."""
+    async def pending_messages(self, phone: str, only: int | None = None) -> list[PendingMessage]:
+        """The lead's unanswered messages (or just message `only`), in the order the lead
+        wrote them."""
         rows = await self.pool.fetch(
             """SELECT m.id, m.lead_id, m.conversation_id, m.kind, m.body, m.provider_ts, m.received_at
                  FROM messages m JOIN leads l ON l.id = m.lead_id
                 WHERE l.phone_number = $1 AND m.direction = 'in' AND m.turn_id IS NULL
+                  AND ($2::bigint IS NULL OR m.id = $2)
                 ORDER BY m.provider_ts, m.id""",
-            phone, timeout=self.timeout,
+            phone, only, timeout=self.timeout,
         )  # fmt: skip
         return [PendingMessage(**dict(r)) for r in rows]
 
@@ -144,6 +199,17 @@ class Store:
         assert row is not None
         return row["lead"], row["history"]
 
+    async def history(self, conversation_id: int, limit: int) -> list[dict[str, Any]]:
+        """The conversation's last `limit` answered messages (when the lead came from cache)."""
+        value = await self.pool.fetchval(
+            """SELECT coalesce(jsonb_agg(h ORDER BY h.id), '[]'::jsonb) FROM (
+                   SELECT id, direction, kind, body, received_at FROM messages
+                    WHERE conversation_id = $1 AND (direction = 'out' OR turn_id IS NOT NULL)
+                    ORDER BY id DESC LIMIT $2) h""",
+            conversation_id, limit, timeout=self.timeout,
+        )  # fmt: skip
+        return list(value)
+
     async def search_knowledge(self, text: str, limit: int) -> list[KbEntry]:
         query = tsquery_any(text)
         if not query:
@@ -156,45 +222,19 @@ class Store:
         )  # fmt: skip
         return [KbEntry(**dict(r)) for r in rows]
 
-    async def finish_turn(self, t: TurnRecord) -> tuple[int, int]:
-        """Writes the turn, the reply, the lead's updates and the outbox row in one
-        transaction; returns (turn id, outbox id)."""
+    async def finish_turn(self, t: TurnRecord) -> FinishedTurn:
+        """The turn, the answered messages, the reply, the lead's updates and the outbox
+        rows, in one statement (one round trip, one transaction)."""
         updates = {k: v for k, v in t.lead_updates.items() if k in LEAD_COLUMNS}
-        async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
-            turn_id = await conn.fetchval(
-                """INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
-                       last_message_at, started_at, finished_at, buffer_wait_ms, stages, timeouts,
-                       failures, agent_backend, outcome, response_ms)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-                   RETURNING id""",
-                t.lead_id, t.conversation_id, len(t.message_ids), t.first_message_at,
-                t.last_message_at, t.started_at, t.finished_at, t.buffer_wait_ms, t.stages,
-                t.timeouts, t.failures, t.agent_backend, t.outcome, t.response_ms,
-                timeout=self.timeout,
-            )  # fmt: skip
-            await conn.execute(
-                "UPDATE messages SET turn_id = $1 WHERE id = ANY($2::bigint[])",
-                turn_id, t.message_ids, timeout=self.timeout,
-            )  # fmt: skip
-            await conn.execute(
-                """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
-                   VALUES ($1, $2, 'out', $3, clock_timestamp())""",
-                t.conversation_id, t.lead_id, t.reply, timeout=self.timeout,
-            )  # fmt: skip
-            if updates:
-                sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(updates, start=2))
-                await conn.execute(
-                    f"UPDATE leads SET {sets}, updated_at = now() WHERE id = $1",
-                    t.lead_id, *updates.values(), timeout=self.timeout,
-                )  # fmt: skip
-            outbox_id = await conn.fetchval(
-                """INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, sent_at)
-                   VALUES ($1, $2, $3, $4, $5::text,
-                           CASE WHEN $5::text = 'local' THEN clock_timestamp() END)
-                   RETURNING id""",
-                t.lead_id, turn_id, t.phone, t.reply, t.outbox_status, timeout=self.timeout,
-            )  # fmt: skip
-        return turn_id, outbox_id
+        row = await self.pool.fetchrow(
+            FINISH_TURN,
+            t.lead_id, t.conversation_id, t.first_message_at, t.last_message_at, t.started_at,
+            t.finished_at, t.buffer_wait_ms, t.stages, t.timeouts, t.failures, t.agent_backend,
+            t.outcome, t.response_ms, t.cache_hits, t.cache_misses, t.phone, t.message_ids,
+            t.reply, updates, t.outbox_status, t.parts, timeout=self.timeout,
+        )  # fmt: skip
+        assert row is not None
+        return FinishedTurn(row["turn_id"], list(row["outbox_ids"]), row["lead"])
 
     async def record_send_attempt(self, outbox_id: int) -> None:
         """Written before each attempt, so a crash mid-send leaves a trace, not a guess."""
@@ -204,29 +244,30 @@ class Store:
         )  # fmt: skip
 
     async def record_delivery(
-        self, outbox_id: int, turn_id: int, *, status: str, provider_id: str | None = None,
-        error: str | None = None, response_ms: float | None = None,
+        self, outbox_ids: list[int], *, status: str, provider_id: str | None = None,
+        error: str | None = None,
     ) -> None:  # fmt: skip
-        async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
-            await conn.execute(
-                """UPDATE outbox SET status = $2, provider_id = $3, last_error = $4,
-                          sent_at = CASE WHEN $2 IN ('sent', 'local') THEN clock_timestamp() END
-                    WHERE id = $1""",
-                outbox_id, status, provider_id, error, timeout=self.timeout,
-            )  # fmt: skip
-            await conn.execute(
-                "UPDATE turns SET response_ms = $2 WHERE id = $1",
-                turn_id, response_ms, timeout=self.timeout,
-            )  # fmt: skip
+        await self.pool.execute(
+            """UPDATE outbox SET status = $2, provider_id = $3, last_error = $4,
+                      sent_at = CASE WHEN $2 = 'sent' THEN clock_timestamp() END
+                WHERE id = ANY($1::bigint[])""",
+            outbox_ids, status, provider_id, error, timeout=self.timeout,
+        )  # fmt: skip
 
-    async def leads_with_unanswered(self) -> list[str]:
-        """Phones of leads with messages no turn answered: re-buffered at start."""
+    async def record_response(self, turn_id: int, response_ms: float) -> None:
+        await self.pool.execute(
+            "UPDATE turns SET response_ms = $2 WHERE id = $1", turn_id, response_ms,
+            timeout=self.timeout,
+        )  # fmt: skip
+
+    async def unanswered(self) -> list[tuple[str, int]]:
+        """(phone, message id) of every message no turn answered: re-buffered at start."""
         rows = await self.pool.fetch(
-            """SELECT DISTINCT l.phone_number FROM messages m JOIN leads l ON l.id = m.lead_id
-                WHERE m.direction = 'in' AND m.turn_id IS NULL""",
+            """SELECT l.phone_number, m.id FROM messages m JOIN leads l ON l.id = m.lead_id
+                WHERE m.direction = 'in' AND m.turn_id IS NULL ORDER BY m.id""",
             timeout=self.timeout,
         )
-        return [r["phone_number"] for r in rows]
+        return [(r["phone_number"], r["id"]) for r in rows]
 
     async def outbox_after(self, phone: str, after_id: int) -> list[tuple[int, str]]:
         rows = await self.pool.fetch(

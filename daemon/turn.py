@@ -1,10 +1,10 @@
 """One turn: a lead's burst in, one reply out.
 
-Under the lead's lock: read the unanswered burst, load the lead with its history while the
-knowledge-base search runs alongside, let the agent write the reply (it awaits the search
-only if it needs it), then store everything in one transaction and deliver. Every stage has
-its timeout from the profile; a stage that times out or fails is recorded, and the lead
-still gets an answer."""
+Under the lead's lock: read the unanswered burst, load the lead (cached) with its history
+while the knowledge-base search (cached) runs alongside, let the agent write the reply (it
+awaits the search only if it needs it), then store everything in one statement and deliver.
+Every stage has its timeout from the profile; a stage that times out or fails is recorded,
+and the lead still gets an answer."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from daemon.agents import Agent, AgentReply, TurnInput
+from daemon.cache import TwoTierCache
 from daemon.config import Profile
-from daemon.evolution import EvolutionClient
+from daemon.evolution import EvolutionClient, split_message
 from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
-from daemon.store import KbEntry, Store, TurnRecord
+from daemon.store import KbEntry, PendingMessage, Store, TurnRecord, tsquery_any
 from daemon.tasks import cancel_and_wait
 
 log = logging.getLogger("sdr.turn")
@@ -36,14 +38,16 @@ class StageFailed(Exception):
     """A stage timed out or raised; already recorded."""
 
 
+@dataclass
 class StageClock:
-    """Times each stage, and records which timed out or failed."""
+    """Times each stage of one turn; records which timed out or failed, and cache use."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self.times: dict[str, float] = {}
-        self.timeouts: list[str] = []
-        self.failures: list[str] = []
+    metrics: Metrics
+    times: dict[str, float] = field(default_factory=dict)
+    timeouts: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    cache_hits: int = 0
+    cache_misses: int = 0
 
     async def run(self, stage: str, work: Awaitable[T], timeout: float | None) -> T:
         start = time.perf_counter()
@@ -65,6 +69,12 @@ class StageClock:
             self.times[stage] = round(elapsed * 1000, 3)
             self.metrics.stage_time.labels(stage).observe(elapsed)
 
+    def cache_use(self, hit: bool) -> None:
+        if hit:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
+
 
 class TurnRunner:
     def __init__(
@@ -76,6 +86,8 @@ class TurnRunner:
         sender: EvolutionClient | None,
         metrics: Metrics,
         profile: Profile,
+        leads: TwoTierCache[dict[str, Any]],
+        knowledge: TwoTierCache[list[KbEntry]],
     ) -> None:
         self.store = store
         self.locks = locks
@@ -83,39 +95,41 @@ class TurnRunner:
         self.sender = sender
         self.metrics = metrics
         self.profile = profile
+        self.leads = leads
+        self.knowledge = knowledge
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
-    async def run(self, phone: str) -> bool:
-        """Answers the lead's unanswered messages; False when its lock stayed busy (the
-        caller re-queues the lead)."""
+    async def run(self, phone: str, only: int | None = None) -> bool | None:
+        """Answers the lead's unanswered messages (or just message `only`). Returns False
+        when the lock stayed busy (the caller re-queues), None when nothing was pending,
+        True after a turn."""
         async with self.locks.held(phone) as got:
             if not got:
                 return False
             self.metrics.turns_in_flight.inc()
             try:
-                await self._turn(phone)
+                return await self._turn(phone, only)
             finally:
                 self.metrics.turns_in_flight.dec()
-            return True
 
-    async def _turn(self, phone: str) -> None:
-        t = self.profile.timeouts
+    async def _turn(self, phone: str, only: int | None) -> bool | None:
+        p = self.profile
+        t = p.timeouts
         started = datetime.now(UTC)
         clock = StageClock(self.metrics)
-        burst = await self.store.pending_messages(phone)
+        burst = await self.store.pending_messages(phone, only)
         if not burst:  # another daemon answered it already
-            return
+            return None
+        if not p.buffer.coalesce:
+            burst = burst[:1]
         first, last = burst[0], burst[-1]
         texts = [m.body for m in burst if m.body.strip()]
 
-        kb_task = asyncio.create_task(
-            clock.run(
-                "knowledge",
-                self.store.search_knowledge(" ".join(texts), self.profile.limits.kb_results),
-                t.knowledge_base,
-            ),
-            name=f"kb:{phone}",
-        )
+        presence = self._show_typing(phone)
+        search = self._search(" ".join(texts), clock)
+        kb_task = asyncio.create_task(search, name=f"kb:{phone[-4:]}")
+        if not p.features.parallel_context:  # legacy: the search first, then the rest
+            await asyncio.wait({kb_task})
 
         async def knowledge() -> list[KbEntry]:
             try:
@@ -123,24 +137,16 @@ class TurnRunner:
             except StageFailed:
                 return []
 
-        outcome = "ok"
-        updates: dict[str, Any] = {}
+        outcome, updates = "ok", {}
         try:
-            lead, history = await clock.run(
-                "context",
-                self.store.lead_with_history(
-                    first.lead_id, first.conversation_id, self.profile.limits.history_limit
-                ),
-                t.personalization,
-            )
+            lead, history = await clock.run("context", self._context(phone, first, clock), t.personalization)
             async with self.agent_slots:
                 reply: AgentReply = await clock.run(
-                    "agent",
-                    self.agent.respond(TurnInput(lead, texts, history, knowledge)),
-                    t.agent,
+                    "agent", self.agent.respond(TurnInput(lead, texts, history, knowledge)), t.agent
                 )
             text, updates = reply.text, reply.lead_updates
             if not text.strip():
+                clock.failures.append("agent")
                 raise StageFailed("agent")
         except StageFailed:
             text, outcome = FALLBACK, "fallback"
@@ -164,47 +170,96 @@ class TurnRunner:
             agent_backend=self.agent.name,
             outcome=outcome,
             reply=text,
+            parts=split_message(text, p.limits.max_message_length),
             phone=phone,
             outbox_status="local" if local else "pending",
             response_ms=(finished - last.received_at).total_seconds() * 1000 if local else None,
             lead_updates=updates,
+            cache_hits=clock.cache_hits,
+            cache_misses=clock.cache_misses,
         )
-        turn_id, outbox_id = await clock.run(
-            "store", self.store.finish_turn(record), t.database
-        )
+        done = await clock.run("store", self.store.finish_turn(record), t.database)
+        if updates:  # write through, and drop stale copies in other daemons
+            await self.leads.invalidate(phone)
+            await self.leads.set(phone, done.lead)
         self.metrics.turns.labels(outcome).inc()
+        if presence is not None:
+            await cancel_and_wait(presence)
         if local:
-            self.metrics.sends.labels("local").inc()
+            self.metrics.sends.labels("local").inc(len(record.parts))
             self.metrics.response_time.observe(record.response_ms / 1000)  # type: ignore[operator]
-            return
-        await self._deliver(phone, text, turn_id, outbox_id, last.received_at, clock)
+        else:
+            await self._deliver(phone, record.parts, done.turn_id, done.outbox_ids, last.received_at, clock)
+        return True
+
+    async def _context(
+        self, phone: str, first: PendingMessage, clock: StageClock
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The lead (from cache when it can) and its recent history."""
+        limit = self.profile.limits.history_limit
+        lead = await self.leads.get(phone)
+        clock.cache_use(lead is not None)
+        if lead is not None:
+            return lead, await self.store.history(first.conversation_id, limit)
+        lead, history = await self.store.lead_with_history(first.lead_id, first.conversation_id, limit)
+        await self.leads.set(phone, lead)
+        return lead, history
+
+    async def _search(self, text: str, clock: StageClock) -> list[KbEntry]:
+        limit = self.profile.limits.kb_results
+        loaded = False
+
+        async def load() -> list[KbEntry]:
+            nonlocal loaded
+            loaded = True
+            return await self.store.search_knowledge(text, limit)
+
+        # Keyed by the normalised query, so "Quanto custa?" and "quanto custa" share an entry.
+        key = f"{limit}:{tsquery_any(text)}"
+        entries = await clock.run(
+            "knowledge", self.knowledge.get_or_load(key, load), self.profile.timeouts.knowledge_base
+        )
+        clock.cache_use(not loaded)
+        return entries
+
+    def _show_typing(self, phone: str) -> asyncio.Task[None] | None:
+        """"typing..." while the turn runs; best effort, owned by the turn."""
+        if self.sender is None or not self.profile.features.typing_presence:
+            return None
+        sender, t = self.sender, self.profile.timeouts
+
+        async def show() -> None:
+            try:
+                async with asyncio.timeout(t.evolution_send):
+                    await sender.send_presence(phone, int(t.agent * 1000))
+            except Exception as exc:  # never worth failing a turn over
+                log.info("typing presence not shown: %s", exc.__class__.__name__)
+
+        return asyncio.create_task(show(), name=f"typing:{phone[-4:]}")
 
     async def _deliver(
-        self, phone: str, text: str, turn_id: int, outbox_id: int, last_at: datetime,
-        clock: StageClock,
+        self, phone: str, parts: list[str], turn_id: int, outbox_ids: list[int],
+        last_at: datetime, clock: StageClock,
     ) -> None:  # fmt: skip
+        """Sends the parts in order; a part that fails stops the rest (recorded failed)."""
         assert self.sender is not None
+        sender = self.sender
+        for i, (outbox_id, part) in enumerate(zip(outbox_ids, parts, strict=True)):
 
-        async def record_attempt() -> None:
-            await self.store.record_send_attempt(outbox_id)
+            async def record_attempt(outbox_id: int = outbox_id) -> None:
+                await self.store.record_send_attempt(outbox_id)
 
-        try:
-            provider_id = await clock.run(
+            try:
                 # the client has its own timeouts, per attempt
-                "send", self.sender.send_text(phone, text, record_attempt), None
-            )
-        except StageFailed as exc:
-            cause = exc.__cause__ or exc
-            await self.store.record_delivery(
-                outbox_id, turn_id, status="failed", error=str(cause)[:500]
-            )
-            self.metrics.sends.labels("failed").inc()
-            return
-        response = datetime.now(UTC) - last_at
-        await self.store.record_delivery(
-            outbox_id, turn_id, status="sent", provider_id=provider_id,
-            response_ms=response.total_seconds() * 1000,
-        )  # fmt: skip
-        self.metrics.sends.labels("sent").inc()
-        self.metrics.response_time.observe(response.total_seconds())
-
+                provider_id = await clock.run("send", sender.send_text(phone, part, record_attempt), None)
+            except StageFailed as exc:
+                error = str(exc.__cause__ or exc)[:500]
+                await self.store.record_delivery(outbox_ids[i:], status="failed", error=error)
+                self.metrics.sends.labels("failed").inc(len(outbox_ids) - i)
+                return
+            await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
+            self.metrics.sends.labels("sent").inc()
+            if i == 0:  # the lead sees an answer from the first message on
+                response = (datetime.now(UTC) - last_at).total_seconds()
+                await self.store.record_response(turn_id, response * 1000)
+                self.metrics.response_time.observe(response)

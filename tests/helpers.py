@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import signal
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -83,6 +88,7 @@ class FakeEvolution:
     """Records every sendText; answers with the statuses queued in `answers` first."""
 
     sent: list[dict[str, Any]] = field(default_factory=list)
+    presences: list[dict[str, Any]] = field(default_factory=list)
     answers: list[int] = field(default_factory=list)
     url: str = ""
 
@@ -104,7 +110,16 @@ class FakeEvolution:
                 status_code=201,
             )  # fmt: skip
 
-        return Starlette(routes=[Route("/message/sendText/{instance}", send_text, methods=["POST"])])
+        async def send_presence(request: Request) -> Response:
+            self.presences.append({**await request.json(), "at": time.time()})
+            return JSONResponse({"presence": "composing"}, status_code=201)
+
+        return Starlette(
+            routes=[
+                Route("/message/sendText/{instance}", send_text, methods=["POST"]),
+                Route("/chat/sendPresence/{instance}", send_presence, methods=["POST"]),
+            ]
+        )
 
 
 @contextlib.asynccontextmanager
@@ -138,3 +153,54 @@ async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
         return await conn.fetch(query, *args)
     finally:
         await conn.close()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ServeProcess:
+    """A real `sdrctl serve` in a subprocess, its log in a file (not a pipe nobody reads)."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        async with httpx.AsyncClient(base_url=self.url) as http:
+
+            async def ready() -> bool:
+                assert self.proc.returncode is None, self.log
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(ready, timeout=timeout)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        return await asyncio.wait_for(self.proc.wait(), timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_serve(env: dict[str, str], log_path: Path, profile: str = FAST_PROFILE) -> ServeProcess:
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
+    full.update(env, SDR_DAEMON_PORT=str(port))
+    with log_path.open("ab") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sdrctl", "serve", "--profile", profile,
+            cwd=REPO, env=full, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    return ServeProcess(proc, f"http://127.0.0.1:{port}", log_path)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
-import socket
 import sys
 import zipfile
 from pathlib import Path
@@ -16,38 +14,17 @@ import httpx
 
 from daemon.embedded import Endpoints
 from daemon.server import bind_host
-from tests.helpers import event, fetch, make_config, run_daemon, wait_for
+from tests.helpers import REPO, event, fetch, make_config, run_daemon, start_serve, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_serve_on_the_embedded_default_answers_a_lead_and_stops_cleanly(tmp_path: Path) -> None:
-    data_dir, port = tmp_path / "var", free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
-    env.update(SDR_DAEMON_DATA_DIR=str(data_dir), SDR_DAEMON_PORT=str(port))
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:  # a file, not a pipe nobody reads while it runs
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sdrctl", "serve", "--profile", str(REPO / "tests" / "fast.toml"),
-            cwd=REPO, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    data_dir = tmp_path / "var"
+    env = {"SDR_DAEMON_DATA_DIR": str(data_dir)}
+    serve = await start_serve(env, tmp_path / "serve.log")
     try:
-        async with httpx.AsyncClient(base_url=url) as http:
-
-            async def ready() -> bool:
-                try:
-                    return (await http.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(ready, timeout=60)
+        await serve.wait_ready()
+        async with httpx.AsyncClient(base_url=serve.url) as http:
             resp = await http.post("/webhook/evolution", json=event("5511955554444", "Olá, boa tarde!"))
             assert resp.json() == {"status": "stored"}
             db = f"postgresql://postgres@/sdr?host={data_dir / 'pg'}"
@@ -55,18 +32,17 @@ async def test_serve_on_the_embedded_default_answers_a_lead_and_stops_cleanly(tm
             assert "Sol Nascente" in row["body"]
             # Other commands use the same embedded PostgreSQL, and leave it running.
             status = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sdrctl", "migrate", "status", "--json", cwd=REPO, env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                sys.executable, "-m", "sdrctl", "migrate", "status", "--json", cwd=REPO,
+                env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             out, err = await asyncio.wait_for(status.communicate(), timeout=60)
             assert status.returncode == 0, err.decode()
             assert all(m["applied_at"] for m in json.loads(out))
             assert (await http.get("/readyz")).status_code == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), timeout=60)
-    log = log_path.read_text()
-    assert proc.returncode == 0, log
+        code = await serve.stop()
+    log = serve.log
+    assert code == 0, log
     assert "serving on http://127.0.0.1" in log and "stopped" in log
     assert "Traceback" not in log
     # The embedded servers this serve started are stopped with it.

@@ -24,7 +24,9 @@ async def post(url: str, body: Any, path: str = "/webhook/evolution", **kw: Any)
 
 
 async def stored(endpoints: Endpoints) -> list[Any]:
-    return await fetch(endpoints.database_url, "SELECT provider_id, body FROM messages ORDER BY id")
+    return await fetch(
+        endpoints.database_url, "SELECT provider_id, body FROM messages WHERE direction = 'in' ORDER BY id"
+    )
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -21,6 +21,7 @@ from daemon.runtime import Runtime
 from tests.helpers import make_config
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED = [m.version for m in migrations.discover()]
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ async def test_migrations_apply_in_order_once_and_seed_the_knowledge_base(empty_
     finally:
         await conn.close()
     assert [s.applied_at for s in before] == [None] * len(before)
-    assert [m.version for m in applied] == [1, 2]
+    assert [m.version for m in applied] == SHIPPED == sorted(SHIPPED)
     assert again == []
     assert all(s.applied_at is not None for s in after)
     assert kb >= 30 and categories >= 8
@@ -65,8 +66,8 @@ async def test_concurrent_runs_apply_each_migration_once(empty_db: str) -> None:
     finally:
         for c in conns:
             await c.close()
-    assert sorted(len(r) for r in results) == [0, 0, 2]
-    assert recorded == 2
+    assert sorted(len(r) for r in results) == [0, 0, len(SHIPPED)]
+    assert recorded == len(SHIPPED)
 
 
 async def test_a_failing_migration_names_the_file_and_rolls_back(empty_db: str, tmp_path: Path) -> None:
@@ -88,7 +89,7 @@ async def test_serve_refuses_an_external_database_with_pending_migrations(
 ) -> None:
     cfg = make_config(endpoints, SDR_DATABASE_URL=empty_db)
     rt = Runtime(cfg, Endpoints(empty_db, endpoints.redis_url), auto_migrate=False)
-    with pytest.raises(MigrationError, match=r"2 migration\(s\) pending .*run `sdrctl migrate` first"):
+    with pytest.raises(MigrationError, match=rf"{len(SHIPPED)} migration\(s\) pending .*run `sdrctl migrate` first"):
         await rt.start()
 
 
@@ -105,9 +106,9 @@ async def test_migrate_and_status_commands(empty_db: str, endpoints: Endpoints) 
     up = await asyncio.to_thread(sdrctl, "migrate", env=env)
     table = await asyncio.to_thread(sdrctl, "migrate", "status", env=env)
     assert pending.returncode == 0, pending.stderr
-    assert [(m["version"], m["applied_at"]) for m in json.loads(pending.stdout)] == [(1, None), (2, None)]
+    assert [(m["version"], m["applied_at"]) for m in json.loads(pending.stdout)] == [(v, None) for v in SHIPPED]
     assert up.returncode == 0, up.stderr
-    assert "applied 0001_schema" in up.stdout and "2 migration(s) applied" in up.stdout
+    assert "applied 0001_schema" in up.stdout and f"{len(SHIPPED)} migration(s) applied" in up.stdout
     assert "0002" in table.stdout and "pending" not in table.stdout and "applied" in table.stdout
 
 

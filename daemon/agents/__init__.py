@@ -1,7 +1,8 @@
 """Agent backends: given a lead, its history and the burst it just sent, write the reply.
 
 A backend awaits `knowledge()` only when it needs the knowledge base; the turn started
-that search in parallel, so the wait is short or nothing."""
+that search in parallel, so the wait is short or nothing. The runtime makes one agent at
+start and closes it at shutdown (backends may hold pooled connections)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from daemon.config import AgentSettings
+from daemon.config import Config
+from daemon.errors import ConfigError
 from daemon.store import KbEntry
 
 
@@ -32,9 +34,23 @@ class Agent(Protocol):
 
     async def respond(self, turn: TurnInput) -> AgentReply: ...
 
+    async def close(self) -> None: ...
 
-def make_agent(settings: AgentSettings) -> Agent:
-    from daemon.agents.playbook import Playbook
 
-    # `backend` is validated against the implemented choices when the config loads.
-    return Playbook(settings)
+def make_agent(config: Config) -> Agent:
+    # Imported here: the backends import TurnInput/AgentReply from this module.
+    backend = config.agent.backend
+    if backend == "playbook":
+        from daemon.agents.playbook import Playbook
+
+        return Playbook(config.agent)
+    if backend == "openai":
+        from daemon.agents.openai import OpenAIAgent
+
+        return OpenAIAgent(config)
+    if backend == "simulated":
+        from daemon.agents.simulated import SimulatedAgent
+
+        return SimulatedAgent(config)
+    # The config refuses other values when it loads; this guards hand-built configs.
+    raise ConfigError(f"[agent] backend = {backend!r}: must be one of playbook, openai, simulated")

@@ -47,8 +47,9 @@ def fold(text: str) -> str:
 
 
 def is_question(text: str) -> bool:
+    """A question for the knowledge base ("tudo bem?" is a greeting, not one)."""
     f = fold(text)
-    return "?" in f or f.startswith(QUESTION_STARTS)
+    return ("?" in f or f.startswith(QUESTION_STARTS)) and not is_greeting(text)
 
 
 def is_greeting(text: str) -> bool:
@@ -113,6 +114,9 @@ class Playbook:
     def __init__(self, settings: AgentSettings) -> None:
         self.persona = settings.persona
         self.company = settings.company
+
+    async def close(self) -> None:
+        """Nothing to release: the playbook holds no connections."""
 
     async def respond(self, turn: TurnInput) -> AgentReply:
         lead = turn.lead

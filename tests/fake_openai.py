@@ -1,0 +1,93 @@
+"""A fake OpenAI-compatible chat-completions API: a real HTTP server (Starlette behind
+uvicorn on a free loopback port) that answers in OpenAI's wire format and records what it
+received."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tests.helpers import _serve
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class FakeOpenAI:
+    """Knobs: `status` (>= 400 answers an OpenAI-style error), `delay` (seconds before
+    answering), `content` (the reply; None sends `null` like a tool call) and `raw` (sent
+    verbatim instead of a completion, for malformed answers)."""
+
+    url: str = ""  # base URL, ending in /v1
+    requests: list[dict[str, Any]] = field(default_factory=list)  # {"body", "authorization"}
+    status: int = 200
+    delay: float = 0.0
+    content: str | None = "Olá! Eu sou a Sol ☀️ Como posso te chamar?"
+    raw: str | None = None
+
+    def app(self) -> Starlette:
+        async def completions(request: Request) -> Response:
+            body = await request.json()
+            self.requests.append(
+                {"body": body, "authorization": request.headers.get("authorization")}
+            )
+            if self.delay:
+                await _wait_or_disconnect(request, self.delay)
+            if self.status >= 400:
+                error = {"message": "fake failure", "type": "server_error", "param": None, "code": None}
+                return JSONResponse({"error": error}, status_code=self.status)
+            if self.raw is not None:
+                return Response(self.raw, media_type="application/json")
+            return JSONResponse(self.completion(body))
+
+        return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+
+    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt = sum(len(str(m.get("content") or "").split()) for m in body.get("messages", []))
+        answer = len((self.content or "").split())
+        return {
+            "id": f"chatcmpl-fake{next(_ids):08d}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": self.content},
+                 "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer},
+        }  # fmt: skip
+
+
+async def _wait_or_disconnect(request: Request, seconds: float) -> None:
+    """Sleeps, but stops when the client hangs up (a client that timed out), so the server
+    shuts down at once instead of waiting for an answer nobody reads."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(disconnected(), seconds)
+
+
+@contextlib.asynccontextmanager
+async def run_fake_openai() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    config = uvicorn.Config(
+        fake.app(), host="127.0.0.1", port=0, loop="none", lifespan="off", log_config=None,
+        access_log=False, ws="none",
+    )  # fmt: skip
+    async with contextlib.asynccontextmanager(_serve)(uvicorn.Server(config)) as url:
+        fake.url = f"{url}/v1"
+        yield fake
