@@ -44,7 +44,7 @@ async def test_a_burst_of_three_gets_exactly_one_reply(clean: Endpoints) -> None
     assert set(turns[0]["stages"]) >= {"context", "agent", "knowledge"}
     assert turns[0]["response_ms"] is not None
     lead = (await fetch(clean.database_url, "SELECT * FROM leads"))[0]
-    assert (lead["name"], lead["bill_value"], lead["stage"]) == ("Carla", 600, "offer_meeting")
+    assert (lead["name"], lead["bill_value"], lead["stage"]) == ("Carla", 600, "ask_property")
 
 
 async def test_a_burst_is_ordered_by_the_leads_timestamps(clean: Endpoints) -> None:
@@ -136,7 +136,9 @@ async def test_the_qualification_flow_end_to_end(clean: Endpoints) -> None:
         for texts, expect in [
             (["Boa tarde"], "como posso te chamar"),
             (["Roberto"], "Prazer, Roberto"),
-            (["acho que uns 1.200 por mês"], "R$ 1.200,00"),
+            (["acho que uns 1.200 por mês"], "Anotado: conta de R$ 1.200,00"),
+            (["é casa"], "mais alguém envolvido"),
+            (["eu e minha esposa"], "chame também quem decide com você"),
             (["pode ser quinta às 10h"], "Combinado, Roberto"),
         ]:
             before = len(await outbox(clean))
@@ -144,9 +146,10 @@ async def test_the_qualification_flow_end_to_end(clean: Endpoints) -> None:
             rows = await wait_for(lambda: _more(clean, before))
             assert expect in rows[-1]["body"], rows[-1]["body"]
     lead = (await fetch(clean.database_url, "SELECT * FROM leads"))[0]
-    assert (lead["name"], lead["bill_value"], lead["solution"], lead["stage"]) == (
-        "Roberto", 1200, "residencial", "booked",
+    assert (lead["name"], lead["bill_value"], lead["property_type"], lead["decision_maker"]) == (
+        "Roberto", 1200, "casa", "compartilhada",
     )
+    assert (lead["solution"], lead["stage"]) == ("residencial", "booked")
 
 
 async def _more(endpoints: Endpoints, before: int) -> list:

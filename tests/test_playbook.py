@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from daemon.agents import TurnInput
-from daemon.agents.playbook import Playbook, brl, extract_money, extract_name, is_question
+from daemon.agents.playbook import Playbook, brl, extract_money, extract_name, extract_property, is_question
 from daemon.config import AgentSettings
 from daemon.store import KbEntry
 
@@ -64,14 +64,46 @@ async def test_the_knowledge_base_is_awaited_only_for_questions() -> None:
     assert question.lead_updates == {}  # still waiting for the name
 
 
-@pytest.mark.parametrize(("bill", "solution"), [("R$ 200", "assinatura"), ("R$ 800", "residencial"), ("R$ 5.000", "projeto_sob_medida")])
-async def test_the_solution_follows_the_bill_value(bill: str, solution: str) -> None:
-    async def knowledge() -> list[KbEntry]:
-        return []
+async def nothing() -> list[KbEntry]:
+    return []
 
-    reply = await Playbook(AgentSettings()).respond(
-        TurnInput({"stage": "ask_bill", "name": "Ana"}, [f"minha conta é {bill}"], [], knowledge)
-    )
-    assert reply.lead_updates["solution"] == solution
-    assert reply.lead_updates["stage"] == "offer_meeting"
+
+@pytest.mark.parametrize(("bill", "prop", "answer", "solution", "decision"), [
+    (200, "casa", "sou eu mesmo", "assinatura", "lead"),
+    (800, "casa", "eu e minha esposa", "residencial", "compartilhada"),
+    (800, "apartamento", "sim, eu", "assinatura", "lead"),
+    (900, "comercial", "eu e meu sócio", "projeto_sob_medida", "compartilhada"),
+    (5000, "casa", "só eu", "projeto_sob_medida", "lead"),
+])  # fmt: skip
+async def test_the_solution_follows_the_bill_and_the_property(
+    bill: int, prop: str, answer: str, solution: str, decision: str
+) -> None:
+    lead = {"stage": "ask_decision", "name": "Ana", "bill_value": bill, "property_type": prop}
+    reply = await Playbook(AgentSettings()).respond(TurnInput(lead, [answer], [], nothing))
+    assert reply.lead_updates == {"decision_maker": decision, "solution": solution, "stage": "offer_meeting"}
     assert "agendar" in reply.text
+    assert ("quem decide com você" in reply.text) == (decision == "compartilhada")
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("é uma casa térrea", "casa"), ("moro em apartamento", "apartamento"), ("tenho uma loja", "comercial"),
+    ("é um sítio", "rural"), ("não sei", None),
+])  # fmt: skip
+def test_extract_property(text: str, kind: str | None) -> None:
+    assert extract_property(text) == kind
+
+
+async def test_the_qualification_stages_in_order() -> None:
+    agent, lead = Playbook(AgentSettings()), {"stage": "new"}
+    said = []
+    for text in ["Oi", "Carlos", "uns 650 reais", "casa", "sou eu", "pode ser sexta de manhã"]:
+        reply = await agent.respond(TurnInput(lead, [text], [], nothing))
+        lead = {**lead, **reply.lead_updates}
+        said.append((lead["stage"], reply.text))
+    assert [stage for stage, _ in said] == [
+        "ask_name", "ask_bill", "ask_property", "ask_decision", "offer_meeting", "booked",
+    ]  # fmt: skip
+    assert (lead["name"], lead["bill_value"], lead["property_type"], lead["decision_maker"], lead["solution"]) == (
+        "Carlos", Decimal("650.00"), "casa", "lead", "residencial",
+    )  # fmt: skip
+    assert "R$ 585,00 por mês" in said[4][1]  # 90 % of the bill

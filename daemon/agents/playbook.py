@@ -108,7 +108,54 @@ def brl(value: Decimal | float) -> str:
     return "R$ " + text.replace(",", "X").replace(".", ",").replace("X", ".")
 
 
+PROPERTY_WORDS = (
+    ("apartamento", ("apartamento", "apto", "ap ", "condominio", "predio")),
+    ("rural", ("sitio", "fazenda", "chacara", "rural", "roca")),
+    ("comercial", ("comercio", "empresa", "loja", "galpao", "escritorio", "industria", "comercial", "mercado", "restaurante")),
+    ("casa", ("casa", "residencia", "sobrado", "moradia")),
+)  # fmt: skip
+OTHERS = re.compile(
+    r"\b(esposa|marido|mulher|conjuge|socio|socia|socios|familia|pai|mae|filho|filha|sogr[oa]|"
+    r"irma|irmao|namorad[oa]|nos dois|a gente|junto|juntos|tambem)\b"
+)
+MYSELF = re.compile(r"\b(sou eu|so eu|eu mesm[oa]|eu decido|minha|sim|sou|eu)\b")
+PROPERTY_LABEL = {
+    "casa": "sua casa", "apartamento": "seu apartamento", "comercial": "sua empresa",
+    "rural": "sua propriedade rural",
+}  # fmt: skip
+
+
+def extract_property(text: str) -> str | None:
+    f = fold(text) + " "
+    for kind, words in PROPERTY_WORDS:
+        if any(w in f for w in words):
+            return kind
+    return None
+
+
+class _Turn:
+    """What one reply is being built from, and what it learns."""
+
+    def __init__(self, lead: dict[str, Any], text: str) -> None:
+        self.lead = lead
+        self.text = text
+        self.parts: list[str] = []
+        self.updates: dict[str, Any] = {}
+        self.answered = False  # a question was answered from the knowledge base
+
+    @property
+    def name(self) -> str | None:
+        return self.updates.get("name") or self.lead.get("name")
+
+    def say(self, text: str) -> None:
+        self.parts.append(text)
+
+
 class Playbook:
+    """Stages: new -> ask_name -> ask_bill -> ask_property -> ask_decision -> offer_meeting
+    -> booked (or nurture). A question at any stage is answered from the knowledge base
+    first, then the flow goes on where it was."""
+
     name = "playbook"
 
     def __init__(self, settings: AgentSettings) -> None:
@@ -119,131 +166,163 @@ class Playbook:
         """Nothing to release: the playbook holds no connections."""
 
     async def respond(self, turn: TurnInput) -> AgentReply:
-        lead = turn.lead
-        stage = lead.get("stage") or "new"
-        text = "\n".join(t for t in turn.texts if t.strip())
-        updates: dict[str, Any] = {}
-        parts: list[str] = []
-
-        if text and is_question(text):
+        t = _Turn(turn.lead, "\n".join(x for x in turn.texts if x.strip()))
+        if t.text and is_question(t.text):
             entries = await turn.knowledge()
-            if entries:
-                parts.append(entries[0].content)
-            else:
-                parts.append(
-                    "Boa pergunta! Vou confirmar essa informação com um dos nossos "
-                    "consultores e te retorno por aqui."
-                )
-        answered = bool(parts)
+            t.say(entries[0].content if entries else (
+                "Boa pergunta! Vou confirmar essa informação com um dos nossos consultores e "
+                "te retorno por aqui."
+            ))  # fmt: skip
+            t.answered = True
+        stage = turn.lead.get("stage") or "new"
+        handler = {
+            "new": self._new, "ask_name": self._ask_name, "ask_bill": self._ask_bill,
+            "ask_property": self._ask_property, "ask_decision": self._ask_decision,
+            "offer_meeting": self._offer_meeting,
+        }.get(stage, self._after)  # fmt: skip
+        handler(t)
+        return AgentReply("\n\n".join(t.parts), t.updates)
 
-        name = lead.get("name")
-        if stage == "new":
-            name = name or extract_name(text, loose=False)
-            if name:
-                updates["name"] = name
-            value = extract_money(text, loose=False)
-            if name and value:
-                return self._present(parts, name, value, updates)
-            if name:
-                parts.insert(0, f"Olá, {name}! Eu sou a {self.persona}, da {self.company} ☀️")
-                parts.append(self._ask_bill())
-                updates["stage"] = "ask_bill"
-            else:
-                parts.insert(0, f"Olá! Eu sou a {self.persona}, da {self.company} ☀️ Que bom ter você por aqui!")
-                parts.append("Para começar, como posso te chamar?")
-                updates["stage"] = "ask_name"
-        elif stage == "ask_name":
-            found = extract_name(text, loose=not answered)
-            if found:
-                updates.update(name=found, stage="ask_bill")
-                parts.append(f"Prazer, {found}! " + self._ask_bill())
-            else:
-                parts.append("E como posso te chamar?")
-        elif stage == "ask_bill":
-            value = extract_money(text, loose=not answered)
+    # --- stages -------------------------------------------------------------------------
+
+    def _new(self, t: _Turn) -> None:
+        name = extract_name(t.text, loose=False)
+        hello = f"Eu sou a {self.persona}, da {self.company} ☀️"
+        if name:
+            t.updates["name"] = name
+            t.parts.insert(0, f"Olá, {name}! {hello}")
+            value = extract_money(t.text, loose=False)
             if value:
-                return self._present(parts, name, value, updates)
-            if answered:
-                parts.append("E me conta: quanto vem, em média, a sua conta de luz por mês?")
+                self._got_bill(t, value)
             else:
-                parts.append(
-                    "Não consegui entender o valor 😅 Quanto vem, em média, a sua conta de "
-                    "luz por mês? Pode ser aproximado, por exemplo: R$ 350."
-                )
-        elif stage == "offer_meeting":
-            f = fold(text)
-            if WHEN.search(f) or (YES.search(f) and not NO.search(f)):
-                when = self._when(text)
-                updates.update(stage="booked")
-                parts.append(
-                    f"Combinado{', ' + name if name else ''}! Anotei sua preferência{when}. "
-                    f"Um consultor da {self.company} vai te chamar aqui no WhatsApp para "
-                    "confirmar o horário. Obrigada! ☀️"
-                )
-            elif NO.search(f):
-                updates.update(stage="nurture")
-                parts.append(
-                    "Sem problemas! Fico à disposição: quando quiser conversar sobre a sua "
-                    "economia com energia solar, é só me chamar por aqui."
-                )
-            elif answered:
-                parts.append("Quer que eu agende uma conversa rápida com um consultor? Qual dia e horário ficam bons?")
-            else:
-                parts.append("Posso agendar uma conversa de 20 minutos com um consultor? Qual dia e horário ficam melhores para você?")
-        else:  # booked, nurture
-            f = fold(text)
-            if stage == "nurture" and YES.search(f) and not answered:
-                updates.update(stage="offer_meeting")
-                parts.append("Que ótimo! Qual dia e horário ficam melhores para uma conversa de 20 minutos com um consultor?")
-            elif not answered:
-                parts.append(f"Qualquer dúvida é só me chamar por aqui{', ' + name if name else ''}! ☀️")
-        return AgentReply("\n\n".join(parts), updates)
+                self._to(t, "ask_bill", BILL_QUESTION)
+        else:
+            t.parts.insert(0, f"Olá! {hello} Que bom ter você por aqui!")
+            self._to(t, "ask_name", "Para começar, como posso te chamar?")
 
-    @staticmethod
-    def _ask_bill() -> str:
-        return (
-            "Para eu calcular quanto você pode economizar, me conta: quanto vem, em média, "
-            "a sua conta de luz por mês?"
-        )
+    def _ask_name(self, t: _Turn) -> None:
+        found = extract_name(t.text, loose=not t.answered)
+        if found:
+            t.updates["name"] = found
+            self._to(t, "ask_bill", f"Prazer, {found}! {BILL_QUESTION}")
+        else:
+            t.say("E como posso te chamar?")
 
-    def _present(
-        self, parts: list[str], name: str | None, value: Decimal, updates: dict[str, Any]
-    ) -> AgentReply:
-        updates.update(bill_value=value, stage="offer_meeting")
-        who = f"{name}, c" if name else "C"
-        if value < 300:
-            updates["solution"] = "assinatura"
-            parts.append(
-                f"{who}om uma conta de {brl(value)}, a melhor opção é a nossa energia solar por "
-                "assinatura: você recebe créditos de uma usina solar parceira e economiza até "
-                "15% todo mês, sem obra e sem investimento."
+    def _ask_bill(self, t: _Turn) -> None:
+        value = extract_money(t.text, loose=not t.answered)
+        if value:
+            self._got_bill(t, value)
+        elif t.answered:
+            t.say("E me conta: quanto vem, em média, a sua conta de luz por mês?")
+        else:
+            t.say(
+                "Não consegui entender o valor 😅 Quanto vem, em média, a sua conta de luz por "
+                "mês? Pode ser aproximado, por exemplo: R$ 350."
             )
-        elif value < 1500:
-            updates["solution"] = "residencial"
-            monthly = value * Decimal("0.9")
-            parts.append(
-                f"{who}om uma conta de {brl(value)}, um sistema fotovoltaico no seu telhado "
-                f"pode reduzir a conta em até 90%: uma economia de cerca de {brl(monthly)} por "
-                f"mês, ou {brl(monthly * 12)} por ano. E dá para financiar com parcelas que "
-                "cabem no valor que você já paga hoje."
+
+    def _got_bill(self, t: _Turn, value: Decimal) -> None:
+        t.updates["bill_value"] = value
+        self._to(
+            t, "ask_property",
+            f"Anotado: conta de {brl(value)} por mês. E o imóvel é casa, apartamento, comércio "
+            "ou propriedade rural?",
+        )  # fmt: skip
+
+    def _ask_property(self, t: _Turn) -> None:
+        kind = extract_property(t.text)
+        if kind is None:
+            if not t.answered:
+                t.say("Só para eu indicar a solução certa: é casa, apartamento, comércio ou propriedade rural?")
+            else:
+                t.say("E o imóvel é casa, apartamento, comércio ou propriedade rural?")
+            return
+        t.updates["property_type"] = kind
+        self._to(
+            t, "ask_decision",
+            "Perfeito! E a decisão sobre a energia aí é só sua, ou tem mais alguém envolvido "
+            "(cônjuge, sócio, família)?",
+        )  # fmt: skip
+
+    def _ask_decision(self, t: _Turn) -> None:
+        f = fold(t.text)
+        if t.answered and not (OTHERS.search(f) or MYSELF.search(f)):
+            t.say("E a decisão sobre a energia é só sua, ou tem mais alguém envolvido?")
+            return
+        shared = bool(OTHERS.search(f))
+        t.updates["decision_maker"] = "compartilhada" if shared else "lead"
+        self._present(t, shared)
+
+    def _present(self, t: _Turn, shared: bool) -> None:
+        value = Decimal(str(t.lead.get("bill_value") or t.updates.get("bill_value") or 0))
+        kind = t.updates.get("property_type") or t.lead.get("property_type") or "casa"
+        where = PROPERTY_LABEL.get(kind, "seu imóvel")
+        who = f"{t.name}, c" if t.name else "C"
+        if kind == "apartamento" or value < 300:
+            t.updates["solution"] = "assinatura"
+            t.say(
+                f"{who}om uma conta de {brl(value)}, a melhor opção para {where} é a nossa energia "
+                "solar por assinatura: você recebe créditos de uma usina solar parceira e economiza "
+                "até 15% todo mês, sem obra, sem telhado e sem investimento."
+            )
+        elif kind in ("comercial", "rural") or value >= 1500:
+            t.updates["solution"] = "projeto_sob_medida"
+            t.say(
+                f"{who}om uma conta de {brl(value)}, o ideal para {where} é um projeto sob medida, "
+                "com economia de até 90% na conta e retorno do investimento em poucos anos. Dá para "
+                "financiar com parcelas que cabem no valor que você já paga hoje."
             )
         else:
-            updates["solution"] = "projeto_sob_medida"
-            parts.append(
-                f"{who}om uma conta de {brl(value)}, o ideal é um projeto sob medida "
-                "(comercial, rural ou residencial de alto consumo), com economia de até 90% "
-                "e retorno do investimento em poucos anos."
+            t.updates["solution"] = "residencial"
+            monthly = value * Decimal("0.9")
+            t.say(
+                f"{who}om uma conta de {brl(value)}, um sistema fotovoltaico no telhado da {where} "
+                f"pode reduzir a conta em até 90%: uma economia de cerca de {brl(monthly)} por mês, "
+                f"ou {brl(monthly * 12)} por ano. E dá para financiar com parcelas que cabem no valor "
+                "que você já paga hoje."
             )
-        parts.append(
-            "Posso agendar uma conversa de 20 minutos com um dos nossos consultores para te "
-            "mostrar a proposta? Qual dia e horário ficam melhores para você?"
-        )
-        return AgentReply("\n\n".join(parts), updates)
+        invite = " Se fizer sentido, chame também quem decide com você." if shared else ""
+        self._to(
+            t, "offer_meeting",
+            "Posso agendar uma conversa de 20 minutos com um dos nossos consultores para te mostrar "
+            f"a proposta? Qual dia e horário ficam melhores para você?{invite}",
+        )  # fmt: skip
+
+    def _offer_meeting(self, t: _Turn) -> None:
+        f = fold(t.text)
+        if WHEN.search(f) or (YES.search(f) and not NO.search(f)):
+            when = f" ({t.text.strip()[:80]})" if WHEN.search(f) else ""
+            self._to(
+                t, "booked",
+                f"Combinado{', ' + t.name if t.name else ''}! Anotei sua preferência{when}. Um "
+                f"consultor da {self.company} vai te chamar aqui no WhatsApp para confirmar o "
+                "horário. Obrigada! ☀️",
+            )  # fmt: skip
+        elif NO.search(f):
+            self._to(
+                t, "nurture",
+                "Sem problemas! Fico à disposição: quando quiser conversar sobre a sua economia "
+                "com energia solar, é só me chamar por aqui.",
+            )  # fmt: skip
+        elif t.answered:
+            t.say("Quer que eu agende uma conversa rápida com um consultor? Qual dia e horário ficam bons?")
+        else:
+            t.say("Posso agendar uma conversa de 20 minutos com um consultor? Qual dia e horário ficam melhores para você?")
+
+    def _after(self, t: _Turn) -> None:  # booked, nurture
+        if t.answered:
+            return
+        if t.lead.get("stage") == "nurture" and YES.search(fold(t.text)):
+            self._to(t, "offer_meeting", "Que ótimo! Qual dia e horário ficam melhores para uma conversa de 20 minutos com um consultor?")
+        else:
+            t.say(f"Qualquer dúvida é só me chamar por aqui{', ' + t.name if t.name else ''}! ☀️")
 
     @staticmethod
-    def _when(text: str) -> str:
-        match = WHEN.search(fold(text))
-        if not match:
-            return ""
-        # Quote the lead's own words around the day/time they gave.
-        return f" ({text.strip()[:80]})"
+    def _to(t: _Turn, stage: str, text: str) -> None:
+        t.updates["stage"] = stage
+        t.say(text)
+
+
+BILL_QUESTION = (
+    "Para eu calcular quanto você pode economizar, me conta: quanto vem, em média, a sua "
+    "conta de luz por mês?"
+)

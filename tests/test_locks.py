@@ -1,0 +1,88 @@
+"""Lead locks and the buffer's claim, on the real Redis: the two things that keep several
+daemons from answering one lead twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from daemon.buffer import MessageBuffer
+from daemon.embedded import Endpoints
+from daemon.locks import LeadLocks, lock_key
+
+PHONE = "5511966665555"
+
+
+async def test_a_lock_is_exclusive_and_only_its_owner_releases_it(clean: Endpoints) -> None:
+    r = aioredis.Redis.from_url(clean.redis_url)
+    locks = LeadLocks(r, ttl=5, attempts=3, backoff=0.01)
+    try:
+        mine = await locks.try_acquire(PHONE)
+        theirs = await locks.try_acquire(PHONE)
+        wrong_release = await locks.release(PHONE, "not-the-owner")
+        still_held = await r.get(lock_key(PHONE))
+        right_release = await locks.release(PHONE, mine or "")
+        again = await locks.try_acquire(PHONE)
+    finally:
+        await r.aclose()
+    assert mine is not None and theirs is None
+    assert not wrong_release and still_held == mine.encode()
+    assert right_release and again is not None
+
+
+async def test_a_held_lock_is_renewed_past_its_ttl_and_freed_after(clean: Endpoints) -> None:
+    r = aioredis.Redis.from_url(clean.redis_url)
+    locks = LeadLocks(r, ttl=0.3, attempts=1, backoff=0.01)
+    try:
+        async with locks.held(PHONE) as got:
+            await asyncio.sleep(0.8)  # well past the TTL: only renewal keeps it
+            during = await locks.try_acquire(PHONE)
+        after = await r.exists(lock_key(PHONE))
+    finally:
+        await r.aclose()
+    assert got and during is None and after == 0
+
+
+async def test_acquisition_backs_off_and_succeeds_when_the_holder_lets_go(clean: Endpoints) -> None:
+    r = aioredis.Redis.from_url(clean.redis_url)
+    locks = LeadLocks(r, ttl=5, attempts=6, backoff=0.02)
+    try:
+        token = await locks.try_acquire(PHONE)
+        assert token is not None
+        waiter = asyncio.create_task(locks.try_acquire(PHONE))
+        await asyncio.sleep(0.1)
+        await locks.release(PHONE, token)
+        second = await waiter
+    finally:
+        await r.aclose()
+    assert second is not None and second != token
+
+
+async def test_concurrent_claims_hand_each_due_lead_to_one_claimer(clean: Endpoints) -> None:
+    r = aioredis.Redis.from_url(clean.redis_url)
+    buffers = [MessageBuffer(r, quiet_window=0.05, cap=1, claim_batch=7) for _ in range(4)]
+    try:
+        for i in range(100):
+            await buffers[0].add(f"55119{i:08d}")
+        await asyncio.sleep(0.1)
+        claimed: list[str] = []
+        while len(claimed) < 100:
+            rounds = await asyncio.gather(*(b.claim_due() for b in buffers))
+            claimed += [p for batch in rounds for p in batch]
+            assert all(len(batch) <= 7 for batch in rounds)
+    finally:
+        await r.aclose()
+    assert sorted(claimed) == sorted(f"55119{i:08d}" for i in range(100))  # each exactly once
+
+
+async def test_the_window_never_passes_the_cap(clean: Endpoints) -> None:
+    r = aioredis.Redis.from_url(clean.redis_url)
+    buffer = MessageBuffer(r, quiet_window=10, cap=0.5, claim_batch=10)
+    try:
+        first = await buffer.add(PHONE)
+        await asyncio.sleep(0.2)
+        later = await buffer.add(PHONE)
+    finally:
+        await r.aclose()
+    assert first <= 0.5 and later <= 0.3 + 0.01
