@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.helpers import _serve
+from daemon.fake_evolution import background_server
 
 _ids = itertools.count(1)
 
@@ -88,6 +88,6 @@ async def run_fake_openai() -> AsyncIterator[FakeOpenAI]:
         fake.app(), host="127.0.0.1", port=0, loop="none", lifespan="off", log_config=None,
         access_log=False, ws="none",
     )  # fmt: skip
-    async with contextlib.asynccontextmanager(_serve)(uvicorn.Server(config)) as url:
+    async with background_server(uvicorn.Server(config)) as url:
         fake.url = f"{url}/v1"
         yield fake

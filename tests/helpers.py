@@ -12,21 +12,19 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import httpx
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from daemon.config import Config, load_config
 from daemon.embedded import Endpoints
 from daemon.evolution import text_event
+from daemon.fake_evolution import background_server, run_fake_evolution
+
+__all__ = ["run_fake_evolution"]  # re-exported for the tests
 from daemon.runtime import Runtime
 from daemon.server import uvicorn_server
 from daemon.store import init_connection
@@ -47,21 +45,6 @@ def event(phone: str, text: str, **kw: Any) -> dict[str, Any]:
     return text_event(phone, text, **kw)
 
 
-async def _serve(server: uvicorn.Server) -> AsyncIterator[str]:
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("server stopped before it started")
-        await asyncio.sleep(0.01)
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
 @dataclass
 class Daemon:
     url: str
@@ -75,63 +58,10 @@ async def run_daemon(config: Config, endpoints: Endpoints | None = None) -> Asyn
     rt = Runtime(config, endpoints, auto_migrate=False)
     await rt.start()
     try:
-        async with contextlib.asynccontextmanager(_serve)(
-            uvicorn_server(config, rt, "127.0.0.1", 0)
-        ) as url:
+        async with background_server(uvicorn_server(config, rt, "127.0.0.1", 0)) as url:
             yield Daemon(url, rt)
     finally:
         await rt.stop()
-
-
-@dataclass
-class FakeEvolution:
-    """Records every sendText; answers with the statuses queued in `answers` first."""
-
-    sent: list[dict[str, Any]] = field(default_factory=list)
-    presences: list[dict[str, Any]] = field(default_factory=list)
-    answers: list[int] = field(default_factory=list)
-    url: str = ""
-
-    def app(self) -> Starlette:
-        async def send_text(request: Request) -> Response:
-            body = await request.json()
-            status = self.answers.pop(0) if self.answers else 201
-            if status >= 400:
-                return JSONResponse({"status": status, "error": "fake failure"}, status_code=status)
-            self.sent.append(
-                {"instance": request.path_params["instance"], "apikey": request.headers.get("apikey"),
-                 "number": body["number"], "text": body["text"], "at": time.time()}
-            )  # fmt: skip
-            return JSONResponse(
-                {"key": {"remoteJid": f"{body['number']}@s.whatsapp.net", "fromMe": True,
-                         "id": f"BAE5{len(self.sent):012d}"},
-                 "message": {"conversation": body["text"]}, "messageTimestamp": int(time.time()),
-                 "status": "PENDING"},
-                status_code=201,
-            )  # fmt: skip
-
-        async def send_presence(request: Request) -> Response:
-            self.presences.append({**await request.json(), "at": time.time()})
-            return JSONResponse({"presence": "composing"}, status_code=201)
-
-        return Starlette(
-            routes=[
-                Route("/message/sendText/{instance}", send_text, methods=["POST"]),
-                Route("/chat/sendPresence/{instance}", send_presence, methods=["POST"]),
-            ]
-        )
-
-
-@contextlib.asynccontextmanager
-async def run_fake_evolution() -> AsyncIterator[FakeEvolution]:
-    fake = FakeEvolution()
-    config = uvicorn.Config(
-        fake.app(), host="127.0.0.1", port=0, loop="none", lifespan="off", log_config=None,
-        access_log=False, ws="none",
-    )  # fmt: skip
-    async with contextlib.asynccontextmanager(_serve)(uvicorn.Server(config)) as url:
-        fake.url = url
-        yield fake
 
 
 async def wait_for(check: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:

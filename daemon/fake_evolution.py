@@ -1,0 +1,125 @@
+"""A fake Evolution API: a real HTTP server speaking its sendText/sendPresence wire format.
+
+WhatsApp cannot run here, so benches (and tests) point the daemon at this instead; it
+records each reply's arrival time by the same clock the load generator uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@contextlib.asynccontextmanager
+async def background_server(server: uvicorn.Server) -> AsyncIterator[str]:
+    """Runs a uvicorn server (port 0 = any free port) in this loop; yields its URL."""
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("server stopped before it started")
+        await asyncio.sleep(0.01)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def quiet_server(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app, host=host, port=port, loop="none", lifespan="off", log_config=None,
+        access_log=False, ws="none", http="httptools",
+    )  # fmt: skip
+    return uvicorn.Server(config)
+
+
+@dataclass
+class FakeEvolution:
+    """Records every sendText; answers with the statuses queued in `answers` first."""
+
+    keep_bodies: bool = True  # benches keep only arrival times
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    presences: list[dict[str, Any]] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+    arrivals: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    url: str = ""
+    _signals: dict[str, asyncio.Event] = field(default_factory=dict)
+    _count: int = 0
+
+    async def wait_replies(self, phone: str, count: int, timeout: float) -> list[float] | None:
+        """Waits for `count` replies to `phone` (consuming them); None at the timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.arrivals[phone]) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            signal = self._signals.setdefault(phone, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await signal.wait()
+            signal.clear()
+        got, self.arrivals[phone] = self.arrivals[phone][:count], self.arrivals[phone][count:]
+        return got
+
+    def forget(self, phone: str) -> list[float]:
+        """Drops (and returns) replies nobody waited for: late or extra ones."""
+        self._signals.pop(phone, None)
+        return self.arrivals.pop(phone, [])
+
+    def app(self) -> Starlette:
+        async def send_text(request: Request) -> Response:
+            now = time.time()
+            body = await request.json()
+            status = self.answers.pop(0) if self.answers else 201
+            if status >= 400:
+                return JSONResponse({"status": status, "error": "fake failure"}, status_code=status)
+            self._count += 1
+            number = str(body["number"])
+            self.arrivals[number].append(now)
+            if number in self._signals:
+                self._signals[number].set()
+            if self.keep_bodies:
+                self.sent.append(
+                    {"instance": request.path_params["instance"], "apikey": request.headers.get("apikey"),
+                     "number": number, "text": body["text"], "at": now}
+                )  # fmt: skip
+            return JSONResponse(
+                {"key": {"remoteJid": f"{number}@s.whatsapp.net", "fromMe": True,
+                         "id": f"BAE5{self._count:012d}"},
+                 "message": {"conversation": body["text"]}, "messageTimestamp": int(now),
+                 "status": "PENDING"},
+                status_code=201,
+            )  # fmt: skip
+
+        async def send_presence(request: Request) -> Response:
+            body = await request.json()
+            if self.keep_bodies:
+                self.presences.append({**body, "at": time.time()})
+            return JSONResponse({"presence": body.get("presence")}, status_code=201)
+
+        return Starlette(
+            routes=[
+                Route("/message/sendText/{instance}", send_text, methods=["POST"]),
+                Route("/chat/sendPresence/{instance}", send_presence, methods=["POST"]),
+            ]
+        )
+
+
+@contextlib.asynccontextmanager
+async def run_fake_evolution(keep_bodies: bool = True, port: int = 0) -> AsyncIterator[FakeEvolution]:
+    fake = FakeEvolution(keep_bodies=keep_bodies)
+    async with background_server(quiet_server(fake.app(), port=port)) as url:
+        fake.url = url
+        yield fake
