@@ -153,7 +153,7 @@ class Buffer:
     long_message_chars: int = knob(
         120, "a complete message at least this long closes the window sooner", unit="chars", min=1, max=10000
     )
-    poll_interval: float = knob(0.05, "how often due bursts are looked for", unit="s", min=0.005, max=5)
+    poll_interval: float = knob(0.01, "how often due bursts are looked for", unit="s", min=0.005, max=5)
     claim_batch: int = knob(64, "due leads claimed per poll", min=1, max=10000)
 
 

@@ -81,6 +81,7 @@ class TurnRecord:
     started_at: datetime
     finished_at: datetime
     buffer_wait_ms: float
+    window_ms: float
     stages: dict[str, float]
     timeouts: list[str]
     failures: list[str]
@@ -117,9 +118,9 @@ FINISH_TURN = f"""
 WITH t AS (
     INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
         last_message_at, started_at, finished_at, buffer_wait_ms, stages, timeouts, failures,
-        agent_backend, outcome, response_ms, cache_hits, cache_misses)
+        agent_backend, outcome, response_ms, cache_hits, cache_misses, window_ms)
     VALUES ($1, $2, cardinality($17::bigint[]), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-            $14, $15)
+            $14, $15, $22)
     RETURNING id
 ), answered AS (
     UPDATE messages SET turn_id = (SELECT id FROM t) WHERE id = ANY($17::bigint[])
@@ -231,7 +232,7 @@ class Store:
             t.lead_id, t.conversation_id, t.first_message_at, t.last_message_at, t.started_at,
             t.finished_at, t.buffer_wait_ms, t.stages, t.timeouts, t.failures, t.agent_backend,
             t.outcome, t.response_ms, t.cache_hits, t.cache_misses, t.phone, t.message_ids,
-            t.reply, updates, t.outbox_status, t.parts, timeout=self.timeout,
+            t.reply, updates, t.outbox_status, t.parts, t.window_ms, timeout=self.timeout,
         )  # fmt: skip
         assert row is not None
         return FinishedTurn(row["turn_id"], list(row["outbox_ids"]), row["lead"])

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from daemon.agents import Agent, AgentReply, TurnInput
+from daemon.buffer import window_for
 from daemon.cache import TwoTierCache
 from daemon.config import Profile
 from daemon.evolution import EvolutionClient, split_message
@@ -126,12 +127,16 @@ class TurnRunner:
         texts = [m.body for m in burst if m.body.strip()]
 
         presence = self._show_typing(phone)
-        search = self._search(" ".join(texts), clock)
-        kb_task = asyncio.create_task(search, name=f"kb:{phone[-4:]}")
-        if not p.features.parallel_context:  # legacy: the search first, then the rest
+        kb_task: asyncio.Task[list[KbEntry]] | None = None
+        if not p.features.parallel_context:  # legacy: always the search first, then the rest
+            kb_task = asyncio.create_task(self._search(" ".join(texts), clock))
             await asyncio.wait({kb_task})
+        elif self.agent.wants_knowledge(texts):  # started now, awaited only when needed
+            kb_task = asyncio.create_task(self._search(" ".join(texts), clock), name=f"kb:{phone[-4:]}")
 
         async def knowledge() -> list[KbEntry]:
+            if kb_task is None:
+                return []
             try:
                 return await kb_task
             except StageFailed:
@@ -151,7 +156,8 @@ class TurnRunner:
         except StageFailed:
             text, outcome = FALLBACK, "fallback"
         finally:
-            await cancel_and_wait(kb_task)  # unused if the agent did not need it
+            if kb_task is not None:
+                await cancel_and_wait(kb_task)  # unused if the agent did not need it
 
         local = self.sender is None
         finished = datetime.now(UTC)
@@ -164,6 +170,7 @@ class TurnRunner:
             started_at=started,
             finished_at=finished,
             buffer_wait_ms=(started - last.received_at).total_seconds() * 1000,
+            window_ms=self._window(first, last) * 1000,
             stages=clock.times,
             timeouts=clock.timeouts,
             failures=clock.failures,
@@ -191,6 +198,13 @@ class TurnRunner:
         else:
             await self._deliver(phone, record.parts, done.turn_id, done.outbox_ids, last.received_at, clock)
         return True
+
+    def _window(self, first: PendingMessage, last: PendingMessage) -> float:
+        """The window the buffer gave the burst's last message, within the cap."""
+        spent = (last.received_at - first.received_at).total_seconds()
+        cap = self.profile.timeouts.message_buffer - spent if self.profile.buffer.coalesce else None
+        wanted = window_for(last.kind, last.body, self.profile.buffer)
+        return max(0.0, wanted if cap is None else min(wanted, cap))
 
     async def _context(
         self, phone: str, first: PendingMessage, clock: StageClock

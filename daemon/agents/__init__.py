@@ -32,6 +32,10 @@ class AgentReply:
 class Agent(Protocol):
     name: str
 
+    def wants_knowledge(self, texts: list[str]) -> bool:
+        """Whether this burst needs a knowledge-base search (so none is run in vain)."""
+        ...
+
     async def respond(self, turn: TurnInput) -> AgentReply: ...
 
     async def close(self) -> None: ...

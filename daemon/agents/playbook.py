@@ -165,6 +165,9 @@ class Playbook:
     async def close(self) -> None:
         """Nothing to release: the playbook holds no connections."""
 
+    def wants_knowledge(self, texts: list[str]) -> bool:
+        return is_question("\n".join(texts))
+
     async def respond(self, turn: TurnInput) -> AgentReply:
         t = _Turn(turn.lead, "\n".join(x for x in turn.texts if x.strip()))
         if t.text and is_question(t.text):

@@ -24,6 +24,9 @@ class SimulatedAgent:
     async def close(self) -> None:
         """Nothing to release: no connections."""
 
+    def wants_knowledge(self, texts: list[str]) -> bool:
+        return is_question("\n".join(texts))
+
     async def respond(self, turn: TurnInput) -> AgentReply:
         burst = "\n".join(turn.texts)
         entries = await turn.knowledge() if burst and is_question(burst) else []
