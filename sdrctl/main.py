@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sdrctl import chat, migrate, serve
+from sdrctl import bench, chat, migrate, serve
 from sdrctl.common import ConfigOpt, ProfileOpt
 
 app = typer.Typer(
@@ -25,3 +25,4 @@ def main(config: ConfigOpt = None, profile: ProfileOpt = None) -> None:
 app.command("serve")(serve.serve)
 app.add_typer(migrate.app, name="migrate")
 app.command("chat")(chat.chat)
+app.command("bench")(bench.bench)
