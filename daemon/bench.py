@@ -63,7 +63,7 @@ class Workload:
     burst_max: int = 4
     typing_gap: str = "uniform:min=0.3,max=1.2"  # between the messages of a burst
     think: str = "uniform:min=2,max=8"  # after a reply, before the next burst
-    question_share: float = 0.3
+    question_share: float = 0.3  # bursts that end with a question
     duplicate_share: float = 0.05  # bursts with one message delivered twice
     agent_latency: str = "lognormal:median=1.5,p95=4"
     time_scale: float = 1.0  # every window, timeout and latency times this
@@ -228,9 +228,7 @@ class LeadSimulator:
         self.think = parse_latency(workload.think).scaled(f)
         self.count = 0
 
-    def _text(self) -> str:
-        if self.rng.random() < self.w.question_share:
-            return self.rng.choice(QUESTIONS)
+    def _statement(self) -> str:
         return self.rng.choice(STATEMENTS).format(
             name=self.rng.choice(NAMES), value=self.rng.randrange(150, 2500, 10)
         )
@@ -241,10 +239,15 @@ class LeadSimulator:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         while time.monotonic() < stop_at:
             size = self.rng.randint(self.w.burst_min, self.w.burst_max)
+            texts = [self._statement() for _ in range(size)]
+            if self.rng.random() < self.w.question_share:
+                texts[-1] = self.rng.choice(QUESTIONS)  # a question ends a burst, as people write
             events = []
-            for i in range(size):
+            sent = time.time()
+            for i, text in enumerate(texts):
                 self.count += 1
-                events.append(text_event(self.phone, self._text(), message_id=f"B{self.phone}{self.count:06d}", instance="sdr"))
+                sent = time.time()  # the last one counts: response = its reply - this
+                events.append(text_event(self.phone, text, message_id=f"B{self.phone}{self.count:06d}", instance="sdr"))
                 if not await self._post(http, events[-1], tally):
                     continue
                 tally.messages += 1
@@ -252,9 +255,8 @@ class LeadSimulator:
                     await asyncio.sleep(self.gap.sample(self.rng))
             if self.rng.random() < self.w.duplicate_share:
                 await self._post(http, self.rng.choice(events), tally)  # a retried delivery
-            sent = time.time()
             tally.bursts += 1
-            arrived = await fake.wait_replies(self.phone, 1 if self.coalesce else size, self.patience)
+            arrived = await fake.wait_replies(self.phone, 1 if self.coalesce else size, sent, self.patience)
             if arrived is None:
                 tally.missing += 1
                 fake.forget(self.phone)

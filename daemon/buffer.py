@@ -21,6 +21,7 @@ _TOUCH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local first = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
+if first and ARGV[4] == '2' then return false end
 if not first then
   if ARGV[4] == '1' then return false end
   first = now
@@ -62,6 +63,12 @@ class MessageBuffer:
         wait = self.quiet_window if window is None else window
         left = await self._touch(keys=[DUE, FIRST], args=[member, wait, self.cap, 0])
         return float(left)
+
+    async def add_if_absent(self, member: str, window: float) -> bool:
+        """Arms a member only if it is not pending already (a safety net that must never
+        push back a deadline someone else set)."""
+        left = await self._touch(keys=[DUE, FIRST], args=[member, window, self.cap, 2])
+        return left is not None
 
     async def extend(self, member: str, window: float) -> float | None:
         """Pushes back a pending member's deadline (the lead is typing); a member with

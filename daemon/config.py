@@ -170,8 +170,10 @@ class Pools:
 class Limits:
     history_limit: int = knob(50, "messages of history given to the agent", min=1, max=1000)
     kb_results: int = knob(3, "knowledge-base entries per search", min=1, max=50)
-    lock_attempts: int = knob(8, "tries to take a lead's lock before re-queueing the burst", min=1, max=100)
-    lock_backoff: float = knob(0.05, "first wait between lock tries (doubles)", unit="s", min=0.001, max=10)
+    lock_attempts: int = knob(
+        3, "tries to take a busy lead's lock (after asking its holder to hand it back)", min=1, max=100
+    )
+    lock_backoff: float = knob(0.005, "first wait between lock tries (doubles)", unit="s", min=0.0001, max=10)
     send_attempts: int = knob(3, "tries of a sendText that certainly did not arrive", min=1, max=20)
     send_backoff: float = knob(0.2, "first wait between send tries (doubles)", unit="s", min=0.001, max=30)
     max_message_length: int = knob(

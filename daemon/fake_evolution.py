@@ -58,10 +58,14 @@ class FakeEvolution:
     _signals: dict[str, asyncio.Event] = field(default_factory=dict)
     _count: int = 0
 
-    async def wait_replies(self, phone: str, count: int, timeout: float) -> list[float] | None:
-        """Waits for `count` replies to `phone` (consuming them); None at the timeout."""
+    async def wait_replies(self, phone: str, count: int, after: float, timeout: float) -> list[float] | None:
+        """Waits for `count` replies to `phone` that arrive after `after` (a time.time());
+        consumes them and drops earlier ones. None at the timeout."""
         deadline = time.monotonic() + timeout
-        while len(self.arrivals[phone]) < count:
+        while True:
+            self.arrivals[phone] = [t for t in self.arrivals[phone] if t >= after]
+            if len(self.arrivals[phone]) >= count:
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 return None

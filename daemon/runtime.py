@@ -200,14 +200,21 @@ class Runtime:
     async def _answer(self, value: str) -> None:
         phone, only = parse_member(value)
         start = time.perf_counter()
+
+        async def handoff() -> None:  # messages came in during our turn: answer them now
+            await self.buffer.add(phone, window=0)
+
         try:
-            done = await self.runner.run(phone, only)
+            done = await self.runner.run(phone, only, handoff)
         except OUTAGE as exc:
             # Nothing is lost: the messages stay unanswered in Postgres; try again later.
             log.warning("turn failed (%s: %s); re-queued", exc.__class__.__name__, exc)
-            done = False
-        if done is False:
             await self.buffer.add(value)
+            return
+        if done is False:
+            # The holder hands the lead back when it is done; this only covers a holder
+            # that dies first (its lock expires within the TTL).
+            await self.buffer.add_if_absent(value, self.config.profile.timeouts.redis_lock_ttl)
             return
         if done and not self.config.profile.buffer.coalesce and only is None:
             await self.buffer.add(value, window=0)  # recovered lead: its next message

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -100,11 +100,13 @@ class TurnRunner:
         self.knowledge = knowledge
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
-    async def run(self, phone: str, only: int | None = None) -> bool | None:
+    async def run(
+        self, phone: str, only: int | None, on_handoff: Callable[[], Awaitable[None]]
+    ) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
-        when the lock stayed busy (the caller re-queues), None when nothing was pending,
-        True after a turn."""
-        async with self.locks.held(phone) as got:
+        when another turn holds the lead (it hands the lead back when done), None when
+        nothing was pending, True after a turn."""
+        async with self.locks.held(phone, on_handoff) as got:
             if not got:
                 return False
             self.metrics.turns_in_flight.inc()
@@ -128,11 +130,12 @@ class TurnRunner:
 
         presence = self._show_typing(phone)
         kb_task: asyncio.Task[list[KbEntry]] | None = None
+        query = self.agent.knowledge_query(texts)
         if not p.features.parallel_context:  # legacy: always the search first, then the rest
-            kb_task = asyncio.create_task(self._search(" ".join(texts), clock))
+            kb_task = asyncio.create_task(self._search(query or " ".join(texts), clock))
             await asyncio.wait({kb_task})
-        elif self.agent.wants_knowledge(texts):  # started now, awaited only when needed
-            kb_task = asyncio.create_task(self._search(" ".join(texts), clock), name=f"kb:{phone[-4:]}")
+        elif query:  # started now, awaited only when needed
+            kb_task = asyncio.create_task(self._search(query, clock), name=f"kb:{phone[-4:]}")
 
         async def knowledge() -> list[KbEntry]:
             if kb_task is None:

@@ -9,9 +9,13 @@ import redis.asyncio as aioredis
 
 from daemon.buffer import MessageBuffer
 from daemon.embedded import Endpoints
-from daemon.locks import LeadLocks, lock_key
+from daemon.locks import LeadLocks, again_key, lock_key
 
 PHONE = "5511966665555"
+
+
+async def nothing() -> None:
+    """No hand-off expected."""
 
 
 async def test_a_lock_is_exclusive_and_only_its_owner_releases_it(clean: Endpoints) -> None:
@@ -20,22 +24,45 @@ async def test_a_lock_is_exclusive_and_only_its_owner_releases_it(clean: Endpoin
     try:
         mine = await locks.try_acquire(PHONE)
         theirs = await locks.try_acquire(PHONE)
-        wrong_release = await locks.release(PHONE, "not-the-owner")
+        await locks.release(PHONE, "not-the-owner")
         still_held = await r.get(lock_key(PHONE))
-        right_release = await locks.release(PHONE, mine or "")
+        await locks.release(PHONE, mine or "")
         again = await locks.try_acquire(PHONE)
     finally:
         await r.aclose()
     assert mine is not None and theirs is None
-    assert not wrong_release and still_held == mine.encode()
-    assert right_release and again is not None
+    assert still_held == mine.encode()  # a wrong token frees nothing
+    assert again is not None
+
+
+async def test_a_busy_lead_is_handed_back_by_its_holder(clean: Endpoints) -> None:
+    r = aioredis.Redis.from_url(clean.redis_url)
+    locks = LeadLocks(r, ttl=5, attempts=2, backoff=0.01)
+    handed: list[str] = []
+
+    async def handoff() -> None:
+        handed.append(PHONE)
+
+    try:
+        async with locks.held(PHONE, handoff) as first:
+            async with locks.held(PHONE, handoff) as second:  # another daemon, same lead
+                pass
+            assert handed == []  # the loser does not hand off; the holder will
+        flag_left = await r.exists(again_key(PHONE))
+        async with locks.held(PHONE, handoff) as third:
+            pass
+    finally:
+        await r.aclose()
+    assert first and not second and third
+    assert handed == [PHONE]  # once, by the holder, after its release
+    assert flag_left == 0
 
 
 async def test_a_held_lock_is_renewed_past_its_ttl_and_freed_after(clean: Endpoints) -> None:
     r = aioredis.Redis.from_url(clean.redis_url)
     locks = LeadLocks(r, ttl=0.3, attempts=1, backoff=0.01)
     try:
-        async with locks.held(PHONE) as got:
+        async with locks.held(PHONE, nothing) as got:
             await asyncio.sleep(0.8)  # well past the TTL: only renewal keeps it
             during = await locks.try_acquire(PHONE)
         after = await r.exists(lock_key(PHONE))

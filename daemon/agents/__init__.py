@@ -32,8 +32,9 @@ class AgentReply:
 class Agent(Protocol):
     name: str
 
-    def wants_knowledge(self, texts: list[str]) -> bool:
-        """Whether this burst needs a knowledge-base search (so none is run in vain)."""
+    def knowledge_query(self, texts: list[str]) -> str | None:
+        """What to search the knowledge base for in this burst; None = no search (so none
+        is run in vain)."""
         ...
 
     async def respond(self, turn: TurnInput) -> AgentReply: ...

@@ -64,8 +64,8 @@ class OpenAIAgent:
     async def close(self) -> None:
         await self.http.aclose()
 
-    def wants_knowledge(self, texts: list[str]) -> bool:
-        return True  # the prompt always carries the knowledge base
+    def knowledge_query(self, texts: list[str]) -> str | None:
+        return " ".join(texts) or None  # the prompt always carries the knowledge base
 
     async def respond(self, turn: TurnInput) -> AgentReply:
         burst = "\n".join(turn.texts)

@@ -52,6 +52,15 @@ def is_question(text: str) -> bool:
     return ("?" in f or f.startswith(QUESTION_STARTS)) and not is_greeting(text)
 
 
+def questions_in(texts: list[str]) -> str | None:
+    """The burst's questions, which is what the knowledge base is searched for: the same
+    question after different small talk is the same search (and the same cache entry)."""
+    asked = [t for t in texts if is_question(t)]
+    if not asked and is_question(" ".join(texts)):
+        asked = texts
+    return " ".join(asked) or None
+
+
 def is_greeting(text: str) -> bool:
     f = re.sub(r"[^a-z ]", "", fold(text)).strip()
     return f in GREETINGS or any(f.startswith(g + " ") and len(f) < 25 for g in GREETINGS)
@@ -165,8 +174,8 @@ class Playbook:
     async def close(self) -> None:
         """Nothing to release: the playbook holds no connections."""
 
-    def wants_knowledge(self, texts: list[str]) -> bool:
-        return is_question("\n".join(texts))
+    def knowledge_query(self, texts: list[str]) -> str | None:
+        return questions_in(texts)
 
     async def respond(self, turn: TurnInput) -> AgentReply:
         t = _Turn(turn.lead, "\n".join(x for x in turn.texts if x.strip()))

@@ -9,7 +9,7 @@ import asyncio
 import random
 
 from daemon.agents import AgentReply, TurnInput
-from daemon.agents.playbook import is_question
+from daemon.agents.playbook import is_question, questions_in
 from daemon.config import Config
 from daemon.latency import parse_latency
 
@@ -24,8 +24,8 @@ class SimulatedAgent:
     async def close(self) -> None:
         """Nothing to release: no connections."""
 
-    def wants_knowledge(self, texts: list[str]) -> bool:
-        return is_question("\n".join(texts))
+    def knowledge_query(self, texts: list[str]) -> str | None:
+        return questions_in(texts)
 
     async def respond(self, turn: TurnInput) -> AgentReply:
         burst = "\n".join(turn.texts)
