@@ -61,7 +61,7 @@ class Workload:
     seed: int = 1
     burst_min: int = 1
     burst_max: int = 4
-    typing_gap: str = "uniform:min=0.3,max=1.2"  # between the messages of a burst
+    typing_gap: str = "uniform:min=0.2,max=0.9"  # between the quick messages of a burst
     think: str = "uniform:min=2,max=8"  # after a reply, before the next burst
     question_share: float = 0.3  # bursts that end with a question
     duplicate_share: float = 0.05  # bursts with one message delivered twice

@@ -142,7 +142,7 @@ class Buffer:
     coalesce: bool = knob(True, "join a lead's burst into one turn (false: a turn per message)")
     adaptive: bool = knob(True, "adapt the window to context (false: always quiet_window)")
     quiet_window: float = knob(
-        1.5, "silence after a lead's last message that closes the burst", unit="s", min=0.01, max=60
+        1.0, "silence after a lead's last message that closes the burst", unit="s", min=0.01, max=60
     )
     min_window: float = knob(
         0.5, "shortest window: after a question or a long complete message", unit="s", min=0, max=60

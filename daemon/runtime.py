@@ -223,9 +223,10 @@ class Runtime:
 
     async def ingest(self, msg: Inbound) -> str:
         """Stores a lead message and arms its buffer; returns 'stored' or 'duplicate'."""
-        message_id, inserted, unanswered, lead_changed = await self.store.ingest(msg)
-        if lead_changed:
+        message_id, inserted, unanswered, lead = await self.store.ingest(msg)
+        if lead is not None:  # created or changed: write through, drop copies elsewhere
             await self.leads.invalidate(msg.phone)
+            await self.leads.set(msg.phone, lead)
         if unanswered:  # also for a retried delivery: the first may have missed the buffer
             b = self.config.profile.buffer
             window = window_for(msg.kind, msg.body, b)

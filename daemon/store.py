@@ -160,16 +160,16 @@ class Store:
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1", timeout=self.timeout)
 
-    async def ingest(self, msg: Inbound) -> tuple[int, bool, bool, bool]:
+    async def ingest(self, msg: Inbound) -> tuple[int, bool, bool, dict[str, Any] | None]:
         """Stores a lead message once; returns (message id, newly inserted, unanswered,
-        lead row changed)."""
+        the lead row when this message created or changed it)."""
         row = await self.pool.fetchrow(
             "SELECT * FROM ingest_message($1, $2, $3, $4, $5, $6, $7)",
             msg.phone, msg.push_name, msg.provider_id, msg.kind, msg.body, msg.media,
             msg.provider_ts, timeout=self.timeout,
         )  # fmt: skip
         assert row is not None
-        return row["message_id"], row["inserted"], row["unanswered"], row["lead_changed"]
+        return row["message_id"], row["inserted"], row["unanswered"], row["lead"]
 
     async def pending_messages(self, phone: str, only: int | None = None) -> list[PendingMessage]:
         """The lead's unanswered messages (or just message `only`), in the order the lead

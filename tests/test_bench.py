@@ -68,7 +68,7 @@ def test_scenarios_and_scaling(tmp_path: Path) -> None:
         Workload(agent_latency="normal:1").validated()
     env = scaled_overrides(load_profile("recommended", env={}), 0.1)
     assert float(env["SDR_TIMEOUTS_AGENT"]) == pytest.approx(3.0)
-    assert float(env["SDR_BUFFER_QUIET_WINDOW"]) == pytest.approx(0.15)
+    assert float(env["SDR_BUFFER_QUIET_WINDOW"]) == pytest.approx(0.1)
     assert "SDR_TIMEOUTS_DATABASE" not in env  # infrastructure timeouts are not scaled
 
 
