@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -20,10 +21,10 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import httpx
@@ -33,6 +34,7 @@ from daemon.errors import ConfigError, SdrError
 from daemon.evolution import text_event
 from daemon.fake_evolution import FakeEvolution, run_fake_evolution
 from daemon.latency import parse_latency
+from daemon.loadgen import LoadResult, post_load
 from daemon.store import init_connection
 
 # What leads write. Questions come from a small set, as in real traffic (and so the
@@ -202,6 +204,18 @@ def _scaled_spec(spec: str, factor: float) -> str:
     return f"lognormal:median={lat.a!r},p95={lat.b!r}"
 
 
+class Target(Protocol):
+    """What the load generator needs of a daemon: a subprocess here, or one in this process
+    (`sdrctl profile`)."""
+
+    @property
+    def profile(self) -> Profile: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def database_url(self) -> str: ...
+
+
 # --- the leads ------------------------------------------------------------------------
 
 
@@ -217,8 +231,9 @@ class Tally:
 
 
 class LeadSimulator:
-    def __init__(self, index: int, run_id: str, workload: Workload, coalesce: bool, patience: float) -> None:
-        self.phone = f"55{11 + index % 80:02d}9{run_id}{index:05d}"[:13]
+    def __init__(self, index: int, run_id: int, workload: Workload, coalesce: bool, patience: float) -> None:
+        # 13 digits, unique per run and lead: 55 + area + 9 + run (2) + lead (6).
+        self.phone = f"55{11 + index % 80:02d}9{run_id % 100:02d}{index % 10**6:06d}"
         self.rng = random.Random(workload.seed * 1_000_003 + index)  # same per lead, any profile
         self.w = workload
         self.coalesce = coalesce
@@ -376,8 +391,8 @@ async def run_bench(
 
 
 async def _drive(
-    daemons: list[DaemonUnderTest], fake: FakeEvolution, w: Workload, progress: Progress | None,
-    every: float,
+    daemons: Sequence[Target], fake: FakeEvolution, w: Workload, progress: Progress | None,
+    every: float, run: int = 0,
 ) -> list[ProfileResult]:  # fmt: skip
     since = time.time()
     start = time.monotonic()
@@ -393,7 +408,7 @@ async def _drive(
         http = httpx.AsyncClient(base_url=d.url, limits=httpx.Limits(max_connections=100), timeout=p.timeouts.webhook)
         clients.append(http)
         for i in range(w.leads):
-            lead = LeadSimulator(i, f"{n}", w, p.buffer.coalesce, patience)
+            lead = LeadSimulator(i, run * len(daemons) + n, w, p.buffer.coalesce, patience)
             begin = start + (w.ramp * w.time_scale) * i / max(1, w.leads)
             tasks.append(asyncio.create_task(lead.run(http, fake, tallies[p.name], begin, stop_at)))
     try:
@@ -430,3 +445,118 @@ def compare(a: ProfileResult, b: ProfileResult) -> dict[str, float | None]:
         "turns": ratio(sa["turns"], sb["turns"]),
     }
 
+
+
+# --- capacity -----------------------------------------------------------------------
+
+
+@dataclass
+class CapacityStep:
+    leads: int
+    p95: float | None
+    missing: int
+    timeout_rate: float
+    held: bool
+
+
+async def find_capacity(
+    profile: str, workload: Workload, slo_p95: float, max_timeout_rate: float, *,
+    config_path: str | None = None, max_leads: int = 5000,
+    progress: Callable[[str, list[CapacityStep]], None] | None = None,
+) -> list[CapacityStep]:  # fmt: skip
+    """Doubles the leads from `workload.leads` until P95 breaks the SLO (or replies go
+    missing, or timeouts pass the SLO), then bisects once between the last that held and
+    the first that broke. One daemon for the profile, a fresh set of leads per step."""
+    workload.validated()
+    p = load_profile(profile)
+    limit = slo_p95 * workload.time_scale
+    steps: list[CapacityStep] = []
+    async with run_fake_evolution(keep_bodies=False) as fake:
+        async with start_daemon(p, fake.url, workload, config_path, p.timeouts.embedded_start * 4) as daemon:
+
+            async def step(leads: int) -> CapacityStep:
+                w = dataclasses.replace(workload, leads=leads)
+                [r] = await _drive([daemon], fake, w, None, 1.0, run=len(steps) + 1)
+                s = r.summary()
+                p95 = s["response_s"]["p95"]
+                held = (
+                    p95 is not None and p95 <= limit and r.tally.missing <= 0.01 * max(1, r.tally.bursts)
+                    and s["timeout_rate"] <= max_timeout_rate
+                )  # fmt: skip
+                steps.append(CapacityStep(leads, p95, r.tally.missing, s["timeout_rate"], held))
+                if progress is not None:
+                    progress(p.name, steps)
+                return steps[-1]
+
+            leads = workload.leads
+            while leads <= max_leads and (await step(leads)).held:
+                leads *= 2
+            good = [s.leads for s in steps if s.held]
+            bad = [s.leads for s in steps if not s.held]
+            if good and bad and bad[0] - good[-1] > 1:
+                await step((good[-1] + bad[0]) // 2)
+    return steps
+
+
+def capacity(steps: list[CapacityStep]) -> int:
+    """The largest lead count that held the SLO (0 if none did)."""
+    return max((s.leads for s in steps if s.held), default=0)
+
+
+# --- intake throughput ------------------------------------------------------------------
+
+
+@dataclass
+class IntakeResult:
+    baseline: LoadResult
+    daemon: LoadResult
+
+    @property
+    def ratio(self) -> float:
+        return self.daemon.rate / self.baseline.rate if self.baseline.rate else 0.0
+
+
+@contextlib.asynccontextmanager
+async def _bare_server(ready_timeout: float) -> AsyncIterator[str]:
+    port = _free_port()
+    args = [sys.executable, "-m", "uvicorn", "daemon.bare_app:app", "--host", "127.0.0.1",
+            "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+            "--log-level", "warning", "--lifespan", "off"]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(*args)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            await asyncio.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def run_intake(
+    profile: str, *, duration: float, connections: int, leads: int, config_path: str | None = None
+) -> IntakeResult:
+    """Webhook requests/s of our intake against a bare Starlette endpoint, one after the
+    other in one run, with the same client, connections and payloads."""
+    p = load_profile(profile)
+    workload = Workload(leads=leads, agent_latency="fixed:0.01").validated()
+    run_id = int(time.time()) % 10**6
+
+    def body(n: int) -> bytes:
+        phone = f"5511{9_000_000_00 + n % leads:09d}"
+        event = text_event(phone, "Oi, quero saber de energia solar", message_id=f"I{run_id}-{n}", instance="sdr")
+        return json.dumps(event).encode()
+
+    async with run_fake_evolution(keep_bodies=False) as fake:
+        async with _bare_server(p.timeouts.embedded_start) as bare_url:
+            await post_load(f"{bare_url}/webhook/evolution", body, connections=connections, duration=1.0)
+            baseline = await post_load(f"{bare_url}/webhook/evolution", body, connections=connections, duration=duration)
+        async with start_daemon(p, fake.url, workload, config_path, p.timeouts.embedded_start * 4) as daemon:
+            await post_load(f"{daemon.url}/webhook/evolution", body, connections=connections, duration=1.0)
+            ours = await post_load(f"{daemon.url}/webhook/evolution", body, connections=connections, duration=duration)
+    return IntakeResult(baseline, ours)

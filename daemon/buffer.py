@@ -36,6 +36,21 @@ redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 return tostring(deadline - now)
 """
 
+_TOUCH_MANY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local cap = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local first = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]))
+  if not first then
+    first = now
+    redis.call('ZADD', KEYS[2], now, ARGV[i])
+  end
+  redis.call('ZADD', KEYS[1], math.min(now + tonumber(ARGV[i + 1]), first + cap), ARGV[i])
+end
+return (#ARGV - 1) / 2
+"""
+
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -55,6 +70,7 @@ class MessageBuffer:
         self.cap = cap
         self.claim_batch = claim_batch
         self._touch = redis.register_script(_TOUCH)
+        self._touch_many = redis.register_script(_TOUCH_MANY)
         self._claim = redis.register_script(_CLAIM)
 
     async def add(self, member: str, window: float | None = None) -> float:
@@ -63,6 +79,14 @@ class MessageBuffer:
         wait = self.quiet_window if window is None else window
         left = await self._touch(keys=[DUE, FIRST], args=[member, wait, self.cap, 0])
         return float(left)
+
+    async def add_many(self, items: list[tuple[str, float]]) -> None:
+        """`add` for several members in one round trip (the intake's group commit)."""
+        if items:
+            args: list[str | float] = [self.cap]
+            for value, window in items:
+                args += [value, window]
+            await self._touch_many(keys=[DUE, FIRST], args=args)
 
     async def add_if_absent(self, member: str, window: float) -> bool:
         """Arms a member only if it is not pending already (a safety net that must never

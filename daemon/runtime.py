@@ -19,7 +19,8 @@ from redis.retry import Retry
 
 from daemon import migrations
 from daemon.agents import make_agent
-from daemon.buffer import MessageBuffer, member, parse_member, window_for
+from daemon.buffer import MessageBuffer, member, parse_member
+from daemon.intake import IngestBatcher
 from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import Config
 from daemon.embedded import Endpoints
@@ -99,6 +100,7 @@ class Runtime:
             "knowledge", self.redis, list[KbEntry], ttl=c.kb_ttl, local_ttl=c.local_ttl,
             size=c.kb_size, enabled=c.enabled, metrics=self.metrics,
         )  # fmt: skip
+        self.intake = IngestBatcher(self.store, self.buffer, p, self._lead_written)
         if cfg.evolution.base_url:
             self._sender = EvolutionClient(cfg)
         self.agent = make_agent(cfg)
@@ -158,6 +160,7 @@ class Runtime:
                 await cancel_and_wait(task, p.timeouts.database, "shutdown grace period over")
             if late:
                 log.warning("cancelled %d turn(s); their messages are answered on next start", len(late))
+        await self.intake.close()
         # 3. Close clients and pools.
         if self._sender is not None:
             await self._sender.close()
@@ -223,15 +226,12 @@ class Runtime:
 
     async def ingest(self, msg: Inbound) -> str:
         """Stores a lead message and arms its buffer; returns 'stored' or 'duplicate'."""
-        message_id, inserted, unanswered, lead = await self.store.ingest(msg)
-        if lead is not None:  # created or changed: write through, drop copies elsewhere
-            await self.leads.invalidate(msg.phone)
-            await self.leads.set(msg.phone, lead)
-        if unanswered:  # also for a retried delivery: the first may have missed the buffer
-            b = self.config.profile.buffer
-            window = window_for(msg.kind, msg.body, b)
-            await self.buffer.add(member(msg.phone, message_id, b.coalesce), window)
-        return "stored" if inserted else "duplicate"
+        return await self.intake.ingest(msg)
+
+    async def _lead_written(self, phone: str, lead: dict[str, Any]) -> None:
+        """The intake created or changed a lead: write the cache through, drop copies elsewhere."""
+        await self.leads.invalidate(phone)
+        await self.leads.set(phone, lead)
 
     async def typing(self, phone: str) -> str:
         """The lead is typing or recording: a pending burst waits longer (never past the cap)."""

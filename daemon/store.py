@@ -5,24 +5,33 @@ once. Timeouts come from the profile."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from daemon.config import Profile
 
 
+_encoder = msgspec.json.Encoder(enc_hook=str)  # Decimal and the like as PostgreSQL reads them
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, default=str)  # Decimal and datetime as PostgreSQL reads them
+    return _encoder.encode(value).decode()
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
+    # msgspec: several times faster than the json module, on the intake's hot path.
     for kind in ("json", "jsonb"):
-        await conn.set_type_codec(kind, encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(kind, encoder=_dumps, decoder=msgspec.json.decode, schema="pg_catalog")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Replaces asyncpg's reset-on-release (a round trip per release): we never change
+    session state on pooled connections; an open transaction is still rolled back."""
 
 
 async def connect(url: str, profile: Profile) -> asyncpg.Pool:
@@ -33,6 +42,7 @@ async def connect(url: str, profile: Profile) -> asyncpg.Pool:
         timeout=profile.timeouts.database,
         command_timeout=profile.timeouts.database,
         init=init_connection,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool
@@ -160,16 +170,15 @@ class Store:
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1", timeout=self.timeout)
 
-    async def ingest(self, msg: Inbound) -> tuple[int, bool, bool, dict[str, Any] | None]:
-        """Stores a lead message once; returns (message id, newly inserted, unanswered,
-        the lead row when this message created or changed it)."""
-        row = await self.pool.fetchrow(
-            "SELECT * FROM ingest_message($1, $2, $3, $4, $5, $6, $7)",
-            msg.phone, msg.push_name, msg.provider_id, msg.kind, msg.body, msg.media,
-            msg.provider_ts, timeout=self.timeout,
-        )  # fmt: skip
-        assert row is not None
-        return row["message_id"], row["inserted"], row["unanswered"], row["lead"]
+    async def ingest_many(self, msgs: list[Inbound]) -> list[tuple[int, bool, bool, dict[str, Any] | None]]:
+        """`ingest` for a batch, in one round trip and one transaction (group commit)."""
+        batch = [
+            {"phone": m.phone, "push_name": m.push_name, "provider_id": m.provider_id, "kind": m.kind,
+             "body": m.body, "media": m.media, "provider_ts": m.provider_ts.isoformat()}
+            for m in msgs
+        ]  # fmt: skip
+        rows = await self.pool.fetch("SELECT * FROM ingest_many($1::jsonb)", batch, timeout=self.timeout)
+        return [(r["message_id"], r["inserted"], r["unanswered"], r["lead"]) for r in rows]
 
     async def pending_messages(self, phone: str, only: int | None = None) -> list[PendingMessage]:
         """The lead's unanswered messages (or just message `only`), in the order the lead

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,10 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from daemon.bench import ProfileResult, Tally, Workload, compare, load_scenario, percentile, run_bench
+from daemon.bench import (
+    CapacityStep, ProfileResult, Tally, Workload, capacity, compare, find_capacity, load_scenario,
+    percentile, run_bench, run_intake,
+)  # fmt: skip
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 
 
@@ -77,6 +81,13 @@ def bench(
     scenario: Annotated[Path | None, typer.Option(help="TOML scenario with the workload's keys")] = None,
     vs: Annotated[str | None, typer.Option("--vs", help="a second profile, run at the same time (B in B/A)")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON here")] = None,
+    find_capacity: Annotated[
+        bool, typer.Option("--find-capacity", help="double the leads until P95 breaks the SLO; report the largest that held")
+    ] = False,
+    intake: Annotated[
+        bool, typer.Option("--intake", help="webhook requests/s against a bare Starlette endpoint, side by side")
+    ] = False,
+    connections: Annotated[int, typer.Option(help="--intake: keep-alive connections", min=1, max=1000)] = 50,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
@@ -93,6 +104,12 @@ def bench(
         workload = Workload(**{k: v for k, v in overrides.items() if v is not None}).validated()
     profiles = [cfg.profile.source] + ([vs] if vs else [])
     config_path = str(config or ctx.find_root().params.get("config") or "") or None
+    if intake:
+        _intake(cfg.profile.source, workload, connections, config_path, json_file)
+        return
+    if find_capacity:
+        _capacity(profiles, workload, cfg.slo.response_p95, cfg.slo.timeout_rate, config_path, json_file)
+        return
     err.print(
         f"bench: {workload.leads} leads x {len(profiles)} profile(s), {workload.duration:g}s, "
         f"agent {workload.agent_latency}"
@@ -121,3 +138,62 @@ def bench(
     if json_file is not None:
         json_file.write_text(json.dumps(report, indent=2, default=str))
         err.print(f"wrote {json_file}")
+
+
+def _intake(profile: str, workload: Workload, connections: int, config_path: str | None, json_file: Path | None) -> None:
+    duration = workload.duration * workload.time_scale
+    err.print(f"bench --intake: {connections} connections, {duration:g}s each: bare Starlette, then our webhook")
+    result = asyncio.run(
+        run_intake(profile, duration=duration, connections=connections, leads=workload.leads, config_path=config_path)
+    )
+    table = Table(title="intake throughput (same uvicorn, same client)")
+    for col in ("endpoint", "requests/s", "p50 (ms)", "p99 (ms)", "requests", "errors"):
+        table.add_column(col, justify="right")
+    for name, r in (("bare Starlette", result.baseline), ("sdrctl webhook", result.daemon)):
+        table.add_row(name, f"{r.rate:,.0f}", _ms(percentile(r.latencies, 50)), _ms(percentile(r.latencies, 99)),
+                      f"{r.requests:,}", str(r.errors))  # fmt: skip
+    out.print(table)
+    out.print(f"webhook / bare = {result.ratio:.2f}")
+    if json_file is not None:
+        json_file.write_text(json.dumps({
+            "connections": connections, "duration_s": duration, "ratio": result.ratio,
+            "bare": {"rate": result.baseline.rate, "errors": result.baseline.errors,
+                     "p50_s": percentile(result.baseline.latencies, 50), "p99_s": percentile(result.baseline.latencies, 99)},
+            "webhook": {"rate": result.daemon.rate, "errors": result.daemon.errors,
+                        "p50_s": percentile(result.daemon.latencies, 50), "p99_s": percentile(result.daemon.latencies, 99)},
+        }, indent=2))  # fmt: skip
+
+
+def _capacity(
+    profiles: list[str], workload: Workload, slo_p95: float, max_timeout_rate: float, config_path: str | None,
+    json_file: Path | None,
+) -> None:  # fmt: skip
+    found: dict[str, list[CapacityStep]] = {}
+
+    def show(name: str, steps: list[CapacityStep]) -> None:
+        last = steps[-1]
+        p95 = "-" if last.p95 is None else f"{last.p95 * 1000:,.0f} ms"
+        err.print(f"  {name}: {last.leads} leads -> P95 {p95}, {'held' if last.held else 'broke'} the SLO")
+
+    limit = slo_p95 * workload.time_scale
+    err.print(f"bench --find-capacity: SLO P95 <= {limit:g}s, from {workload.leads} leads, doubling")
+    for profile in profiles:
+        found[profile] = asyncio.run(
+            find_capacity(profile, workload, slo_p95, max_timeout_rate, config_path=config_path, progress=show)
+        )
+    table = Table(title="capacity within the SLO")
+    table.add_column("profile")
+    table.add_column("leads held", justify="right")
+    table.add_column("steps (leads: P95 ms)")
+    for profile, steps in found.items():
+        trail = ", ".join(f"{s.leads}: {_ms(s.p95)}{'' if s.held else ' x'}" for s in steps)
+        table.add_row(Path(profile).stem, str(capacity(steps)), trail)
+    out.print(table)
+    caps = [capacity(s) for s in found.values()]
+    if len(caps) == 2 and caps[0]:
+        out.print(f"B/A capacity: {caps[1] / caps[0]:.2f}x")
+    if json_file is not None:
+        json_file.write_text(json.dumps({
+            Path(p).stem: {"capacity": capacity(s), "steps": [dataclasses.asdict(x) for x in s]}
+            for p, s in found.items()
+        }, indent=2))  # fmt: skip

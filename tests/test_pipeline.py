@@ -54,8 +54,10 @@ async def test_a_burst_is_ordered_by_the_leads_timestamps(clean: Endpoints) -> N
     store = Store(pool, make_config(clean).profile)
     t0 = datetime.now(UTC)
     try:
-        for pid, text, offset in (("C", "terceira", 2), ("A", "primeira", 0), ("B", "segunda", 1)):
-            await store.ingest(Inbound(PHONE, None, pid, "text", text, None, t0 + timedelta(seconds=offset)))
+        await store.ingest_many([
+            Inbound(PHONE, None, pid, "text", text, None, t0 + timedelta(seconds=offset))
+            for pid, text, offset in (("C", "terceira", 2), ("A", "primeira", 0), ("B", "segunda", 1))
+        ])  # fmt: skip
         pending = await store.pending_messages(PHONE)
     finally:
         await pool.close()

@@ -1,0 +1,88 @@
+"""A small, fast HTTP/1.1 load generator for `bench --intake`: keep-alive connections on raw
+asyncio streams, so the client is not what limits the figures (httpx costs several times
+more CPU per request). Loopback only; bounded in time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    errors: int = 0  # non-2xx answers and broken connections
+    latencies: list[float] = field(default_factory=list)  # seconds, a sample of them
+    elapsed: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.elapsed if self.elapsed else 0.0
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+async def post_load(
+    url: str, body: Callable[[int], bytes], *, connections: int, duration: float,
+    headers: dict[str, str] | None = None, sample_every: int = 10,
+) -> LoadResult:  # fmt: skip
+    """POSTs `body(n)` (n counts requests) as fast as `connections` keep-alive connections
+    allow, for `duration` seconds."""
+    parts = urlsplit(url)
+    host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n{extra}"
+    result = LoadResult()
+    counter = 0
+    stop_at = time.perf_counter() + duration
+
+    async def worker() -> None:
+        nonlocal counter
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < stop_at:
+                counter += 1
+                payload = body(counter)
+                request = f"{head}content-length: {len(payload)}\r\n\r\n".encode() + payload
+                start = time.perf_counter()
+                writer.write(request)
+                try:
+                    status = await _read_response(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    result.errors += 1
+                    return
+                result.requests += 1
+                if not 200 <= status < 300:
+                    result.errors += 1
+                if counter % sample_every == 0:
+                    result.latencies.append(time.perf_counter() - start)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    began = time.perf_counter()
+    tasks = [asyncio.create_task(worker()) for _ in range(connections)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    result.elapsed = time.perf_counter() - began
+    return result
