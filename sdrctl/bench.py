@@ -88,6 +88,7 @@ def bench(
         bool, typer.Option("--intake", help="webhook requests/s against a bare Starlette endpoint, side by side")
     ] = False,
     connections: Annotated[int, typer.Option(help="--intake: keep-alive connections", min=1, max=1000)] = 50,
+    max_leads: Annotated[int, typer.Option(help="--find-capacity: stop doubling past this", min=1)] = 5000,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
@@ -108,7 +109,7 @@ def bench(
         _intake(cfg.profile.source, workload, connections, config_path, json_file)
         return
     if find_capacity:
-        _capacity(profiles, workload, cfg.slo.response_p95, cfg.slo.timeout_rate, config_path, json_file)
+        _capacity(profiles, workload, cfg.slo.response_p95, cfg.slo.timeout_rate, config_path, json_file, max_leads)
         return
     err.print(
         f"bench: {workload.leads} leads x {len(profiles)} profile(s), {workload.duration:g}s, "
@@ -166,7 +167,7 @@ def _intake(profile: str, workload: Workload, connections: int, config_path: str
 
 def _capacity(
     profiles: list[str], workload: Workload, slo_p95: float, max_timeout_rate: float, config_path: str | None,
-    json_file: Path | None,
+    json_file: Path | None, max_leads: int,
 ) -> None:  # fmt: skip
     found: dict[str, list[CapacityStep]] = {}
 
@@ -179,7 +180,10 @@ def _capacity(
     err.print(f"bench --find-capacity: SLO P95 <= {limit:g}s, from {workload.leads} leads, doubling")
     for profile in profiles:
         found[profile] = asyncio.run(
-            find_capacity(profile, workload, slo_p95, max_timeout_rate, config_path=config_path, progress=show)
+            find_capacity(
+                profile, workload, slo_p95, max_timeout_rate, config_path=config_path, max_leads=max_leads,
+                progress=show,
+            )  # fmt: skip
         )
     table = Table(title="capacity within the SLO")
     table.add_column("profile")

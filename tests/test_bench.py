@@ -50,6 +50,30 @@ async def test_bench_a_vs_b_at_a_small_scale_writes_comparable_figures(tmp_path:
     assert "time-scale 0.1" in out
 
 
+async def test_bench_intake_measures_both_endpoints_side_by_side(tmp_path: Path) -> None:
+    report = tmp_path / "intake.json"
+    code, out, err = await sdrctl("bench", "--intake", "--duration", "1", "--connections", "4", "--json", str(report))
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["bare"]["rate"] > 0 and data["webhook"]["rate"] > 0
+    assert data["bare"]["errors"] == 0 and data["webhook"]["errors"] == 0
+    assert data["ratio"] == pytest.approx(data["webhook"]["rate"] / data["bare"]["rate"])
+    assert "webhook / bare" in out
+
+
+async def test_bench_find_capacity_reports_the_largest_count_that_held(tmp_path: Path) -> None:
+    report = tmp_path / "capacity.json"
+    code, out, err = await sdrctl(
+        "bench", "--find-capacity", "--leads", "2", "--max-leads", "4", "--duration", "3",
+        "--time-scale", "0.1", "--json", str(report),
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(report.read_text())["recommended"]
+    assert [s["leads"] for s in data["steps"]][:2] == [2, 4]
+    assert data["capacity"] == max((s["leads"] for s in data["steps"] if s["held"]), default=0)
+    assert "capacity within the SLO" in out
+
+
 async def test_bench_refuses_a_bad_workload_with_exit_code_2(tmp_path: Path) -> None:
     code, _, err = await sdrctl("bench", "--leads", "0")
     assert code == 2 and "leads must be at least 1" in err and "Traceback" not in err
