@@ -163,7 +163,7 @@ class Pools:
     db_max_size: int = knob(10, "PostgreSQL pool: most connections", min=1, max=500)
     redis_max_connections: int = knob(50, "Redis pool: most connections", min=1, max=10000)
     http_max_connections: int = knob(50, "Evolution API client: most connections", min=1, max=10000)
-    agent_pool_size: int = knob(32, "agent calls running at once", min=1, max=10000)
+    agent_pool_size: int = knob(256, "agent calls running at once", min=1, max=10000)
     ingest_batch: int = knob(256, "most webhook messages stored in one round trip (group commit)", min=1, max=10000)
     ingest_flushes: int = knob(2, "group commits in flight at once", min=1, max=64)
 

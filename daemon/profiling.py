@@ -330,8 +330,8 @@ class _PipelineRenderer(ConsoleRenderer):
     """pyinstrument's text renderer over the trimmed tree; nodes under `filter_threshold`
     of the pipeline's own time (not of the wall time, mostly idle) are dropped."""
 
-    def __init__(self, threshold: float) -> None:
-        super().__init__(unicode=True, processor_options={"filter_threshold": threshold})
+    def __init__(self, threshold: float, unicode: bool = True) -> None:
+        super().__init__(unicode=unicode, processor_options={"filter_threshold": threshold})
 
     def default_processors(self) -> processors.ProcessorList:
         return [
@@ -353,11 +353,11 @@ class _PipelineRenderer(ConsoleRenderer):
         )
 
 
-def call_tree(session: Session, max_lines: int = 40) -> str:
+def call_tree(session: Session, max_lines: int = 40, unicode: bool = True) -> str:
     """The trimmed call tree as text, at most `max_lines` lines: small nodes go first."""
     text = ""
     for threshold in (0.01, 0.02, 0.05, 0.1, 0.2):
-        text = _PipelineRenderer(threshold).render(session).rstrip("\n")
+        text = _PipelineRenderer(threshold, unicode).render(session).rstrip("\n")
         if text.count("\n") < max_lines:
             return text
     lines = text.splitlines()

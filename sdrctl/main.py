@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from sdrctl import bench, chat, migrate, serve
+from sdrctl import bench, chat, migrate, profile, serve
+from sdrctl import export, replay
 from sdrctl.common import ConfigOpt, ProfileOpt
 
 app = typer.Typer(
@@ -26,3 +27,6 @@ app.command("serve")(serve.serve)
 app.add_typer(migrate.app, name="migrate")
 app.command("chat")(chat.chat)
 app.command("bench")(bench.bench)
+app.command("replay")(replay.replay)
+app.command("export")(export.export)
+app.command("profile")(profile.profile)
