@@ -21,9 +21,10 @@ import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from pyinstrument import Profiler, processors
-from pyinstrument.frame import SELF_TIME_FRAME_IDENTIFIER, Frame
+from pyinstrument.frame import Frame
 from pyinstrument.frame_ops import delete_frame_from_tree
 from pyinstrument.renderers import ConsoleRenderer, HTMLRenderer, JSONRenderer
+from pyinstrument.renderers.base import ProcessorList
 from pyinstrument.session import Session
 
 from daemon.bench import Progress, ProfileResult, Workload, _drive, _scaled_spec, percentile, scaled_overrides
@@ -35,7 +36,7 @@ from daemon.store import init_connection
 
 # The order rows are shown in: a turn's life from the buffer to the reply.
 ORDER = ("buffer wait", "context", "knowledge", "agent", "store + send", "store", "send")
-REPLY = "store + send"  # turn records end before the turn is stored: the rest is timed by the clock
+REPLY = "store + send"  # a turn's stages are recorded before it is stored: finished_at -> reply sent
 REST = "overhead"  # what the response time holds beyond the rows above
 REST_UNSPLIT = "buffer wait + overhead"  # /metrics has no window series to split them
 
@@ -47,6 +48,7 @@ class StageRow:
     name: str
     p50_ms: float | None
     p95_ms: float | None
+    mean_ms: float | None
     total_ms: float  # summed over the turns
     share: float  # of the summed response time
     on_path: bool  # adds to the response time; knowledge runs beside context and agent
@@ -58,6 +60,7 @@ class Breakdown:
     turns: int
     response_p50_ms: float | None
     response_p95_ms: float | None
+    response_mean_ms: float | None
     rows: list[StageRow]
 
     def ranked(self) -> list[StageRow]:
@@ -101,13 +104,16 @@ def breakdown_from_turns(rows: list[Mapping[str, Any]], *, parallel_knowledge: b
     total = sum(r["response_ms"] for r in answered) or 1.0
     out = [
         StageRow(
-            name, percentile(values, 50), percentile(values, 95), sum(values), sum(values) / total,
-            on_path=name != "knowledge" or not parallel_knowledge,
+            name, percentile(values, 50), percentile(values, 95), sum(values) / len(values) if values else None,
+            sum(values), sum(values) / total, on_path=name != "knowledge" or not parallel_knowledge,
         )  # fmt: skip
         for name, values in ((n, series[n]) for n in [*_ordered(set(series) - {REST}), REST])
     ]
     responses = [r["response_ms"] for r in answered]
-    return Breakdown("turn records", len(answered), percentile(responses, 50), percentile(responses, 95), out)
+    return Breakdown(
+        "turn records", len(answered), percentile(responses, 50), percentile(responses, 95),
+        sum(responses) / len(responses) if responses else None, out,
+    )  # fmt: skip
 
 
 async def turn_breakdown(database_url: str, since: float, *, parallel_knowledge: bool) -> Breakdown:
@@ -194,14 +200,15 @@ def breakdown_from_metrics(text: str, *, parallel_knowledge: bool, source: str =
         p50, p95 = bucket_quantile(0.5, h.buckets), bucket_quantile(0.95, h.buckets)
         rows.append(StageRow(
             name, None if p50 is None else p50 * 1000, None if p95 is None else p95 * 1000,
-            h.sum * 1000, h.sum * 1000 / total, on_path,
+            h.sum * 1000 / h.count if h.count else None, h.sum * 1000, h.sum * 1000 / total, on_path,
         ))  # fmt: skip
         if on_path:
             left -= h.sum * 1000
-    rows.insert(0, StageRow(REST_UNSPLIT, None, None, left, left / total, True))
+    rows.insert(0, StageRow(REST_UNSPLIT, None, None, left / response.count, left, left / total, True))
     p50, p95 = bucket_quantile(0.5, response.buckets), bucket_quantile(0.95, response.buckets)
     return Breakdown(
-        source, int(response.count), None if p50 is None else p50 * 1000, None if p95 is None else p95 * 1000, rows
+        source, int(response.count), None if p50 is None else p50 * 1000, None if p95 is None else p95 * 1000,
+        total / response.count, rows,
     )  # fmt: skip
 
 
@@ -301,7 +308,7 @@ _HARNESS = {f"{_PACKAGE}{name}.py" for name in ("bench", "fake_evolution", "inpr
 
 
 def _is_pipeline(path: str | None) -> bool:
-    return bool(path) and path.startswith(_PACKAGE) and path not in _HARNESS  # type: ignore[union-attr]
+    return path is not None and path.startswith(_PACKAGE) and path not in _HARNESS
 
 
 def keep_pipeline_frames(frame: Frame | None, options: processors.ProcessorOptions) -> Frame | None:
@@ -333,7 +340,7 @@ class _PipelineRenderer(ConsoleRenderer):
     def __init__(self, threshold: float, unicode: bool = True) -> None:
         super().__init__(unicode=unicode, processor_options={"filter_threshold": threshold})
 
-    def default_processors(self) -> processors.ProcessorList:
+    def default_processors(self) -> ProcessorList:
         return [
             processors.remove_importlib,
             processors.remove_tracebackhide,
@@ -349,7 +356,7 @@ class _PipelineRenderer(ConsoleRenderer):
     def render_preamble(self, session: Session) -> str:
         return (
             f"call tree: the pipeline's own frames, seconds of {session.duration:.2f} s recorded "
-            f"({session.sample_count} samples); waiting, startup and the load generator trimmed\n"
+            f"({session.sample_count} samples); idle waits and the load generator trimmed\n"
         )
 
 
@@ -361,12 +368,12 @@ def call_tree(session: Session, max_lines: int = 40, unicode: bool = True) -> st
         if text.count("\n") < max_lines:
             return text
     lines = text.splitlines()
-    return "\n".join([*lines[: max_lines - 1], f"… {len(lines) - max_lines + 1} more lines (see --html)"])
+    return "\n".join([*lines[: max_lines - 1], f"... {len(lines) - max_lines + 1} more lines (see --html)"])
 
 
 def html_report(session: Session) -> str:
     """pyinstrument's interactive HTML, untrimmed."""
-    return HTMLRenderer().render(session)
+    return str(HTMLRenderer().render(session))
 
 
 def json_tree(session: Session) -> str:
@@ -374,4 +381,4 @@ def json_tree(session: Session) -> str:
     renderer = JSONRenderer()
     renderer.processors = _PipelineRenderer(0.01).processors
     renderer.processor_options = {"filter_threshold": 0.01}
-    return renderer.render(session)
+    return str(renderer.render(session))

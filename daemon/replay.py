@@ -150,14 +150,16 @@ def _line(doc: Any, where: str) -> Line:
         raise ConfigError(f"{where}: missing field {missing[0]!r} (every line has {', '.join(REQUIRED)})")
     unknown = sorted(set(doc) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
+        allowed = ", ".join(REQUIRED + OPTIONAL)
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; allowed: {allowed}")
     for key in REQUIRED:
         if not isinstance(doc[key], str):
             raise ConfigError(f"{where}: {key} must be a string, not {json.dumps(doc[key])}")
     direction, phone, text = doc["direction"], doc["phone"], doc["text"]
     if direction not in DIRECTIONS:
         raise ConfigError(
-            f"{where}: unknown direction {direction!r}; use \"in\" (the lead's message) or \"out\" (the bot's reply)"
+            f"{where}: unknown direction {direction!r}; "
+            "use \"in\" (the lead's message) or \"out\" (the bot's reply)"
         )
     if not (phone.isdigit() and 8 <= len(phone) <= 15):
         raise ConfigError(f"{where}: phone {phone!r} must be 8 to 15 digits, e.g. 5511999990000")
@@ -176,7 +178,8 @@ def _media(value: Any, direction: str, where: str) -> dict[str, str] | None:
     if direction != "in":
         raise ConfigError(f"{where}: media is for the lead's (\"in\") messages only")
     if not isinstance(value, dict) or value.get("kind") not in MEDIA_KINDS:
-        raise ConfigError(f"{where}: media must be {{\"kind\": one of {', '.join(MEDIA_KINDS)}, \"ref\": \"...\"}}")
+        kinds = ", ".join(MEDIA_KINDS)
+        raise ConfigError(f"{where}: media must be {{\"kind\": one of {kinds}, \"ref\": \"...\"}}")
     return {"kind": value["kind"], "ref": str(value.get("ref", ""))}
 
 
@@ -186,7 +189,9 @@ def _ts(value: str, where: str) -> datetime:
     except ValueError:
         ts = None
     if ts is None or ts.tzinfo is None:
-        raise ConfigError(f"{where}: ts {value!r} must be an ISO 8601 time with its offset, e.g. 2026-11-20T14:03:05-03:00")
+        raise ConfigError(
+            f"{where}: ts {value!r} must be an ISO 8601 time with its offset, e.g. 2026-11-20T14:03:05-03:00"
+        )
     return ts
 
 
@@ -306,7 +311,7 @@ async def target_for(config: Config, url: str | None) -> AsyncIterator[Target]:
         stack = contextlib.ExitStack()
         try:
             endpoints = await asyncio.to_thread(stack.enter_context, services(config, redis=False))
-            yield Target(url.rstrip("/"), endpoints.database_url, url)
+            yield Target(url.rstrip("/"), endpoints.database_url, f"daemon at {url}")
         finally:
             await asyncio.to_thread(stack.close)
         return
@@ -317,13 +322,17 @@ async def target_for(config: Config, url: str | None) -> AsyncIterator[Target]:
         yield Target(d.url, d.endpoints.database_url, "in-process daemon")
 
 
+def check_speed(speed: float) -> None:
+    if not speed > 0:
+        raise ConfigError(f"--speed {speed:g}: must be a positive number (10 = ten times faster)")
+
+
 async def replay(
     conversations: list[Conversation], config: Config, *, url: str | None = None, speed: float = 10.0,
     progress: Callable[[ConversationResult], None] | None = None,
 ) -> ReplayReport:  # fmt: skip
     """Replays the conversations against an in-process daemon (or the one at `url`)."""
-    if not speed > 0:
-        raise ConfigError(f"--speed {speed:g}: must be a positive number (10 = ten times faster)")
+    check_speed(speed)
     started = time.monotonic()
     async with target_for(config, url) as target, Replayer(config, target, speed) as replayer:
         results = await replayer.run(conversations, progress)
@@ -359,10 +368,17 @@ class Replayer:
 
     async def __aenter__(self) -> Replayer:
         try:
+            (await self.http.get("/healthz")).raise_for_status()
+        except httpx.HTTPError:
+            await self.http.aclose()
+            raise UnavailableError(
+                f"no daemon answers at {self.target.url}; start one with `sdrctl serve`"
+            ) from None
+        try:
             self.pool = await connect(self.target.database_url, self.config.profile)
         except (OSError, asyncpg.PostgresError) as exc:
             await self.http.aclose()
-            raise UnavailableError(f"PostgreSQL (for the replies in the outbox) is unreachable: {exc}") from None
+            raise UnavailableError(f"PostgreSQL (where the replies are read) is unreachable: {exc}") from None
         before = time.time()
         db_now = await self.pool.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
         self.clock_offset = float(db_now) - (before + time.time()) / 2
@@ -441,10 +457,13 @@ class Replayer:
         try:
             resp = await self.http.post("/webhook/evolution", json=event)
         except httpx.HTTPError as exc:
-            raise UnavailableError(f"the daemon at {self.target.url} did not take {msg.where}: {exc!r}") from None
+            raise UnavailableError(
+                f"the daemon at {self.target.url} did not take {msg.where}: {exc.__class__.__name__} {exc}"
+            ) from None
         if resp.status_code != 200:
             raise UnavailableError(
-                f"the daemon at {self.target.url} refused {msg.where}: HTTP {resp.status_code} {resp.text[:200]}"
+                f"the daemon at {self.target.url} refused {msg.where}: "
+                f"HTTP {resp.status_code} {resp.text[:200]}"
             )
         return message_id if resp.json().get("status") in ("stored", "duplicate") else None
 
@@ -456,9 +475,13 @@ class Replayer:
         deadline = time.monotonic() + self.patience
         while time.monotonic() < deadline:
             row = await self.pool.fetchrow(REPLY, message_ids, phone)
+            if row["stored"] < len(message_ids):  # the daemon acknowledged them stored
+                raise UnavailableError(
+                    f"the daemon at {self.target.url} stores its messages in another database than the "
+                    "configured one; point --config (or SDR_DATABASE_URL) at the daemon's database"
+                )
             parts = row["parts"]
-            answered = row["stored"] == len(message_ids) and row["unanswered"] == 0
-            if answered and all(p["status"] in DELIVERED for p in parts):
+            if row["unanswered"] == 0 and all(p["status"] in DELIVERED for p in parts):
                 times = [p["at"] for p in parts if p["at"] is not None]
                 return [p["body"] for p in parts], (min(times) - self.clock_offset if times else None)
             await asyncio.sleep(self.poll)
@@ -548,7 +571,8 @@ async def export(
 
 
 def _said(head: dict[str, Any], direction: str, text: str, ts: datetime) -> dict[str, Any]:
-    return {**head, "direction": direction, "text": text, "ts": ts.astimezone(UTC).isoformat(timespec="seconds")}
+    when = ts.astimezone(UTC).isoformat(timespec="seconds")
+    return {**head, "direction": direction, "text": text, "ts": when}
 
 
 async def _fetch(
