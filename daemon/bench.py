@@ -28,13 +28,14 @@ from typing import Any, Protocol
 
 import asyncpg
 import httpx
+import msgspec
 
 from daemon.config import Buffer, Limits, Profile, Timeouts, load_profile
 from daemon.errors import ConfigError, SdrError
 from daemon.evolution import text_event
 from daemon.fake_evolution import FakeEvolution, run_fake_evolution
 from daemon.latency import parse_latency
-from daemon.loadgen import LoadResult, post_load
+from daemon.loadgen import LoadResult, RawClient, post_load
 from daemon.store import init_connection
 
 # What leads write. Questions come from a small set, as in real traffic (and so the
@@ -216,6 +217,9 @@ class Target(Protocol):
     def database_url(self) -> str: ...
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 # --- the leads ------------------------------------------------------------------------
 
 
@@ -249,7 +253,7 @@ class LeadSimulator:
         )
 
     async def run(
-        self, http: httpx.AsyncClient, fake: FakeEvolution, tally: Tally, start_at: float, stop_at: float
+        self, http: RawClient, fake: FakeEvolution, tally: Tally, start_at: float, stop_at: float
     ) -> None:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         while time.monotonic() < stop_at:
@@ -279,10 +283,10 @@ class LeadSimulator:
                 tally.responses.append(arrived[-1] - sent)
             await asyncio.sleep(self.think.sample(self.rng))
 
-    async def _post(self, http: httpx.AsyncClient, event: dict[str, Any], tally: Tally) -> bool:
+    async def _post(self, http: RawClient, event: dict[str, Any], tally: Tally) -> bool:
         try:
-            ok = (await http.post("/webhook/evolution", json=event)).status_code == 200
-        except httpx.HTTPError:
+            ok = await http.post("/webhook/evolution", _encode(event)) == 200
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
             ok = False
         if not ok:
             tally.errors += 1
@@ -405,7 +409,7 @@ async def _drive(
         # Long enough for the slowest legitimate answer: the window cap, the agent timeout,
         # the sends (all scaled), plus a second of slack for a loaded machine.
         patience = (p.timeouts.message_buffer + p.timeouts.agent + p.timeouts.evolution_send) * w.time_scale + 1.0
-        http = httpx.AsyncClient(base_url=d.url, limits=httpx.Limits(max_connections=100), timeout=p.timeouts.webhook)
+        http = RawClient(d.url, size=100, timeout=p.timeouts.webhook)
         clients.append(http)
         for i in range(w.leads):
             lead = LeadSimulator(i, run * len(daemons) + n, w, p.buffer.coalesce, patience)

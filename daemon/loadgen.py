@@ -86,3 +86,49 @@ async def post_load(
         await asyncio.gather(*tasks, return_exceptions=True)
     result.elapsed = time.perf_counter() - began
     return result
+
+
+class RawClient:
+    """A pool of keep-alive HTTP/1.1 connections for many concurrent simulated leads: a
+    fraction of httpx's CPU per request, so the load generator is not what saturates."""
+
+    def __init__(self, url: str, size: int, timeout: float) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.size = size
+        self.timeout = timeout
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._slots = asyncio.Semaphore(size)
+
+    async def post(self, path: str, payload: bytes) -> int:
+        """The response status; raises OSError/TimeoutError when the request failed. A
+        kept-alive connection the server closed meanwhile is retried once on a new one
+        (the webhook de-duplicates, so a repeat is harmless)."""
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+        ).encode()
+        async with self._slots:
+            while self._idle:
+                try:
+                    return await self._exchange(self._idle.pop(), head + payload)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    continue  # closed by the server while idle
+            return await self._exchange(await asyncio.open_connection(self.host, self.port), head + payload)
+
+    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes) -> int:
+        reader, writer = conn
+        try:
+            writer.write(request)
+            async with asyncio.timeout(self.timeout):
+                status = await _read_response(reader)
+        except BaseException:
+            writer.close()  # a connection in an unknown state is never reused
+            raise
+        self._idle.append(conn)
+        return status
+
+    async def aclose(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()

@@ -19,6 +19,7 @@ from daemon.app import create_app
 from daemon.config import Config
 from daemon.embedded import Endpoints, services
 from daemon.runtime import Runtime
+from daemon.tasks import run_fast
 
 log = logging.getLogger("sdr.server")
 
@@ -101,11 +102,4 @@ async def serve_forever(config: Config, endpoints: Endpoints, *, auto_migrate: b
 
 def serve(config: Config) -> None:
     with services(config) as endpoints:
-        embedded = not config.database.url
-        try:
-            import uvloop
-
-            runner = uvloop.run
-        except ImportError:  # uvloop is not available on every platform
-            runner = asyncio.run
-        runner(serve_forever(config, endpoints, auto_migrate=embedded))
+        run_fast(serve_forever(config, endpoints, auto_migrate=not config.database.url))

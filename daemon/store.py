@@ -143,8 +143,12 @@ WITH t AS (
     WHERE id = $1
     RETURNING to_jsonb(leads.*) AS row
 ), outbox_rows AS (
-    INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, sent_at)
-    SELECT $1, t.id, $16, p.part, $20::text, CASE WHEN $20::text = 'local' THEN clock_timestamp() END
+    -- The first part's first send attempt is recorded here, before it is attempted.
+    INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, attempts, sent_at)
+    SELECT $1, t.id, $16, p.part,
+           CASE WHEN $20::text = 'pending' AND p.n = 1 THEN 'sending' ELSE $20::text END,
+           CASE WHEN $20::text = 'pending' AND p.n = 1 THEN 1 ELSE 0 END,
+           CASE WHEN $20::text = 'local' THEN clock_timestamp() END
       FROM t, unnest($21::text[]) WITH ORDINALITY AS p(part, n)
      ORDER BY p.n
     RETURNING id
@@ -255,19 +259,17 @@ class Store:
 
     async def record_delivery(
         self, outbox_ids: list[int], *, status: str, provider_id: str | None = None,
-        error: str | None = None,
+        error: str | None = None, turn_id: int | None = None, response_ms: float | None = None,
     ) -> None:  # fmt: skip
+        """Marks sends done or failed; with `turn_id`, also the turn's response time (the
+        lead's first reply), in the same round trip."""
         await self.pool.execute(
-            """UPDATE outbox SET status = $2, provider_id = $3, last_error = $4,
-                      sent_at = CASE WHEN $2 = 'sent' THEN clock_timestamp() END
-                WHERE id = ANY($1::bigint[])""",
-            outbox_ids, status, provider_id, error, timeout=self.timeout,
-        )  # fmt: skip
-
-    async def record_response(self, turn_id: int, response_ms: float) -> None:
-        await self.pool.execute(
-            "UPDATE turns SET response_ms = $2 WHERE id = $1", turn_id, response_ms,
-            timeout=self.timeout,
+            """WITH sent AS (
+                   UPDATE outbox SET status = $2, provider_id = $3, last_error = $4,
+                          sent_at = CASE WHEN $2 = 'sent' THEN clock_timestamp() END
+                    WHERE id = ANY($1::bigint[]))
+               UPDATE turns SET response_ms = $6 WHERE id = $5""",
+            outbox_ids, status, provider_id, error, turn_id, response_ms, timeout=self.timeout,
         )  # fmt: skip
 
     async def unanswered(self) -> list[tuple[str, int]]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(
@@ -19,3 +22,12 @@ async def cancel_and_wait(
     if not task.cancelled():
         task.exception()  # retrieved: the task's own error was logged where it happened
     return True
+
+
+def run_fast(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on uvloop when it is installed (it is, with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:  # not available on every platform
+        return asyncio.run(main)
+    return uvloop.run(main)

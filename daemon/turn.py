@@ -262,9 +262,13 @@ class TurnRunner:
         assert self.sender is not None
         sender = self.sender
         for i, (outbox_id, part) in enumerate(zip(outbox_ids, parts, strict=True)):
+            tries = 0
 
-            async def record_attempt(outbox_id: int = outbox_id) -> None:
-                await self.store.record_send_attempt(outbox_id)
+            async def record_attempt(outbox_id: int = outbox_id, first_part: bool = i == 0) -> None:
+                nonlocal tries
+                tries += 1
+                if not (first_part and tries == 1):  # that one was recorded with the turn
+                    await self.store.record_send_attempt(outbox_id)
 
             try:
                 # the client has its own timeouts, per attempt
@@ -274,9 +278,13 @@ class TurnRunner:
                 await self.store.record_delivery(outbox_ids[i:], status="failed", error=error)
                 self.metrics.sends.labels("failed").inc(len(outbox_ids) - i)
                 return
-            await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
             self.metrics.sends.labels("sent").inc()
             if i == 0:  # the lead sees an answer from the first message on
                 response = (datetime.now(UTC) - last_at).total_seconds()
-                await self.store.record_response(turn_id, response * 1000)
+                await self.store.record_delivery(
+                    [outbox_id], status="sent", provider_id=provider_id, turn_id=turn_id,
+                    response_ms=response * 1000,
+                )  # fmt: skip
                 self.metrics.response_time.observe(response)
+            else:
+                await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -16,6 +15,7 @@ from daemon.bench import (
     CapacityStep, ProfileResult, Tally, Workload, capacity, compare, find_capacity, load_scenario,
     percentile, run_bench, run_intake,
 )  # fmt: skip
+from daemon.tasks import run_fast
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 
 
@@ -118,7 +118,7 @@ def bench(
            if workload.time_scale != 1 else "")
     )  # fmt: skip
     with Live(progress_table({}, 0), console=err, refresh_per_second=2, transient=True) as live:
-        results = asyncio.run(
+        results = run_fast(
             run_bench(profiles, workload, config_path=config_path,
                       progress=lambda t, e: live.update(progress_table(t, e)))
         )  # fmt: skip
@@ -144,7 +144,7 @@ def bench(
 def _intake(profile: str, workload: Workload, connections: int, config_path: str | None, json_file: Path | None) -> None:
     duration = workload.duration * workload.time_scale
     err.print(f"bench --intake: {connections} connections, {duration:g}s each: bare Starlette, then our webhook")
-    result = asyncio.run(
+    result = run_fast(
         run_intake(profile, duration=duration, connections=connections, leads=workload.leads, config_path=config_path)
     )
     table = Table(title="intake throughput (same uvicorn, same client)")
@@ -179,7 +179,7 @@ def _capacity(
     limit = slo_p95 * workload.time_scale
     err.print(f"bench --find-capacity: SLO P95 <= {limit:g}s, from {workload.leads} leads, doubling")
     for profile in profiles:
-        found[profile] = asyncio.run(
+        found[profile] = run_fast(
             find_capacity(
                 profile, workload, slo_p95, max_timeout_rate, config_path=config_path, max_leads=max_leads,
                 progress=show,
