@@ -113,7 +113,7 @@ def scaled_overrides(profile: Profile, factor: float) -> dict[str, str]:
     """SDR_ variables that scale a profile's waits by `factor` (infrastructure timeouts —
     database, redis, embedded start, shutdown — are left alone)."""
     keep = {"database", "redis", "embedded_start", "shutdown_grace"}
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"SDR_FEATURES_TYPING_AFTER": repr(profile.features.typing_after * factor)}
     for section, cls, names in (
         ("timeouts", Timeouts, [f.name for f in dataclasses.fields(Timeouts) if f.name not in keep]),
         ("buffer", Buffer, ["min_window", "quiet_window", "extended_window"]),

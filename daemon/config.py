@@ -188,7 +188,11 @@ class Features:
     parallel_context: bool = knob(
         True, "start lead, history and knowledge search together (false: search first, then the rest)"
     )
-    typing_presence: bool = knob(True, "show 'typing...' to the lead before each reply")
+    typing_presence: bool = knob(True, "show 'typing...' to the lead while a slow turn runs")
+    typing_after: float = knob(
+        1.0, "show 'typing...' only once a turn has run this long (quick replies need none)",
+        unit="s", min=0, max=60,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

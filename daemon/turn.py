@@ -240,12 +240,13 @@ class TurnRunner:
         return entries
 
     def _show_typing(self, phone: str) -> asyncio.Task[None] | None:
-        """"typing..." while the turn runs; best effort, owned by the turn."""
+        """"typing..." once the turn has run `typing_after`; best effort, owned by the turn."""
         if self.sender is None or not self.profile.features.typing_presence:
             return None
         sender, t = self.sender, self.profile.timeouts
 
         async def show() -> None:
+            await asyncio.sleep(self.profile.features.typing_after)
             try:
                 async with asyncio.timeout(t.evolution_send):
                     await sender.send_presence(phone, int(t.agent * 1000))

@@ -77,6 +77,7 @@ async def test_replies_go_to_the_evolution_api_when_configured(clean: Endpoints)
     sent = evo.sent[0]
     assert (sent["instance"], sent["apikey"], sent["number"]) == ("vendas", "evo-key", PHONE)
     assert "como posso te chamar" in sent["text"]
+    assert evo.presences == []  # a quick reply shows no "typing..." (typing_after)
     [row] = await outbox(clean)
     assert row["status"] == "sent" and row["attempts"] == 1 and row["provider_id"] == "BAE5000000000001"
     [turn] = await fetch(clean.database_url, "SELECT response_ms FROM turns")

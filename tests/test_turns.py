@@ -245,7 +245,10 @@ async def test_legacy_answers_message_by_message(clean: Endpoints) -> None:
 
 async def test_long_replies_are_split_on_sentences_and_sent_in_order_after_typing(clean: Endpoints) -> None:
     async with run_fake_evolution() as evo:
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_MAX_MESSAGE_LENGTH="120")
+        cfg = make_config(
+            clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_MAX_MESSAGE_LENGTH="120",
+            SDR_FEATURES_TYPING_AFTER="0",
+        )  # fmt: skip
         async with run_daemon(cfg) as d:
             await post_all(d.url, [event(PHONE, "Quanto custa?")])
             sent = await wait_for(lambda: _sent(clean, 2))
