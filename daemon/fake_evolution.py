@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -108,7 +108,10 @@ class FakeEvolution:
             )  # fmt: skip
 
         async def send_presence(request: Request) -> Response:
-            body = await request.json()
+            try:
+                body = await request.json()
+            except ClientDisconnect:  # the sender gave up on it: nothing to answer
+                return Response(status_code=499)
             if self.keep_bodies:
                 self.presences.append({**body, "at": time.time()})
             return JSONResponse({"presence": body.get("presence")}, status_code=201)

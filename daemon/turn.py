@@ -194,7 +194,11 @@ class TurnRunner:
             await self.leads.set(phone, done.lead)
         self.metrics.turns.labels(outcome).inc()
         if presence is not None:
-            await cancel_and_wait(presence)
+            task, started = presence
+            if started.is_set():
+                await asyncio.wait({task})  # bounded by its own timeout
+            else:
+                await cancel_and_wait(task)
         if local:
             self.metrics.sends.labels("local").inc(len(record.parts))
             self.metrics.response_time.observe(record.response_ms / 1000)  # type: ignore[operator]
@@ -239,21 +243,25 @@ class TurnRunner:
         clock.cache_use(not loaded)
         return entries
 
-    def _show_typing(self, phone: str) -> asyncio.Task[None] | None:
-        """"typing..." once the turn has run `typing_after`; best effort, owned by the turn."""
+    def _show_typing(self, phone: str) -> tuple[asyncio.Task[None], asyncio.Event] | None:
+        """"typing..." once the turn has run `typing_after`; best effort, owned by the turn.
+        The event tells whether the request has started (then it is let finish: cutting it
+        would cost the pooled connection)."""
         if self.sender is None or not self.profile.features.typing_presence:
             return None
         sender, t = self.sender, self.profile.timeouts
+        started = asyncio.Event()
 
         async def show() -> None:
             await asyncio.sleep(self.profile.features.typing_after)
+            started.set()
             try:
                 async with asyncio.timeout(t.evolution_send):
                     await sender.send_presence(phone, int(t.agent * 1000))
             except Exception as exc:  # never worth failing a turn over
                 log.info("typing presence not shown: %s", exc.__class__.__name__)
 
-        return asyncio.create_task(show(), name=f"typing:{phone[-4:]}")
+        return asyncio.create_task(show(), name=f"typing:{phone[-4:]}"), started
 
     async def _deliver(
         self, phone: str, parts: list[str], turn_id: int, outbox_ids: list[int],
