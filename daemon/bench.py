@@ -345,6 +345,9 @@ async def turn_stats(database_url: str, since: float) -> dict[str, Any]:
                  FROM turns WHERE started_at >= to_timestamp($1)""",
             since,
         )
+        unanswered = await conn.fetchval(
+            "SELECT count(*) FROM messages WHERE direction = 'in' AND turn_id IS NULL"
+        )
     finally:
         await conn.close()
     stages: dict[str, list[float]] = {}
@@ -359,6 +362,7 @@ async def turn_stats(database_url: str, since: float) -> dict[str, Any]:
     timed_out = sum(1 for r in rows if r["timeouts"])
     return {
         "turns": len(rows),
+        "unanswered_messages": unanswered,  # left without a turn when the run ended
         "timeout_rate": timed_out / len(rows) if rows else 0.0,
         "fallbacks": sum(1 for r in rows if r["outcome"] == "fallback"),
         "cache_hit_rate": hits / lookups if lookups else None,
