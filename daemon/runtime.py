@@ -30,7 +30,7 @@ from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
 from daemon.store import Inbound, KbEntry, Store, connect
 from daemon.tasks import cancel_and_wait
-from daemon.turn import TurnRunner
+from daemon.turn import StageFailed, TurnRunner
 
 log = logging.getLogger("sdr.runtime")
 
@@ -209,10 +209,17 @@ class Runtime:
 
         try:
             done = await self.runner.run(phone, only, handoff)
-        except OUTAGE as exc:
-            # Nothing is lost: the messages stay unanswered in Postgres; try again later.
-            log.warning("turn failed (%s: %s); re-queued", exc.__class__.__name__, exc)
-            await self.buffer.add(value)
+        except Exception as exc:
+            # Nothing is lost: a turn commits all it writes in one statement, so its
+            # messages are still unanswered in Postgres. Try again after a window.
+            log.warning(
+                "turn failed (%s: %s); re-queued", exc.__class__.__name__, exc,
+                exc_info=not isinstance(exc, (*OUTAGE, StageFailed)),
+            )  # fmt: skip
+            try:
+                await self.buffer.add(value)
+            except OUTAGE:  # Redis is down too: the next start re-queues it from Postgres
+                log.warning("could not re-queue a failed turn; it is answered on next start")
             return
         if done is False:
             # The holder hands the lead back when it is done; this only covers a holder

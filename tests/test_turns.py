@@ -132,6 +132,30 @@ async def test_a_knowledge_search_slower_than_its_timeout_still_gets_an_answer(c
     assert metric(text, "sdr_timeouts_total", stage="knowledge") == 1
 
 
+async def test_a_turn_whose_store_fails_is_retried_and_answered_once(clean: Endpoints) -> None:
+    cfg = make_config(clean, SDR_TIMEOUTS_DATABASE="0.3")
+    blocker = await asyncpg.connect(clean.database_url)
+    try:  # the turn's single write waits behind this lock until it times out
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        async with run_daemon(cfg) as d:
+            await post_all(d.url, [event(PHONE, "Olá")])
+            await wait_for(lambda: _failed_store(d.url))
+            await tx.rollback()  # the database recovers
+            [reply] = await wait_for(lambda: rows(clean, "SELECT body FROM outbox"))
+            await asyncio.sleep(0.7)
+    finally:
+        await blocker.close()
+    assert "Sol Nascente" in reply["body"]
+    assert len(await rows(clean, "SELECT * FROM outbox")) == 1
+    assert len(await rows(clean, "SELECT * FROM turns")) == 1
+
+
+async def _failed_store(url: str) -> bool:
+    return metric(await metrics_of(url), "sdr_timeouts_total", stage="store") >= 1
+
+
 async def test_caches_hit_after_the_first_turn_and_stay_bounded(clean: Endpoints) -> None:
     cfg = make_config(clean, SDR_CACHE_KB_SIZE="2")
     async with run_daemon(cfg) as d:
