@@ -30,7 +30,7 @@ import asyncpg
 import httpx
 import msgspec
 
-from daemon.config import Buffer, Limits, Profile, Timeouts, load_profile
+from daemon.config import Profile, Timeouts, load_profile
 from daemon.errors import ConfigError, SdrError
 from daemon.evolution import text_event
 from daemon.fake_evolution import FakeEvolution, run_fake_evolution
@@ -114,10 +114,10 @@ def scaled_overrides(profile: Profile, factor: float) -> dict[str, str]:
     database, redis, embedded start, shutdown — are left alone)."""
     keep = {"database", "redis", "embedded_start", "shutdown_grace"}
     env: dict[str, str] = {"SDR_FEATURES_TYPING_AFTER": repr(profile.features.typing_after * factor)}
-    for section, cls, names in (
-        ("timeouts", Timeouts, [f.name for f in dataclasses.fields(Timeouts) if f.name not in keep]),
-        ("buffer", Buffer, ["min_window", "quiet_window", "extended_window"]),
-        ("limits", Limits, ["lock_backoff", "send_backoff"]),
+    for section, names in (
+        ("timeouts", [f.name for f in dataclasses.fields(Timeouts) if f.name not in keep]),
+        ("buffer", ["min_window", "quiet_window", "extended_window"]),
+        ("limits", ["lock_backoff", "send_backoff"]),
     ):
         part = getattr(profile, section)
         for name in names:

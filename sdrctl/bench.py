@@ -16,6 +16,7 @@ from daemon.bench import (
     percentile, run_bench, run_intake,
 )  # fmt: skip
 from daemon.tasks import run_fast
+from sdrctl.workload import DurationOpt, LatencyOpt, LeadsOpt, RampOpt, ScaleOpt, SeedOpt, given
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 
 
@@ -72,12 +73,12 @@ def progress_table(tallies: dict[str, Tally], elapsed: float) -> Table:
 @friendly_errors
 def bench(
     ctx: typer.Context,
-    leads: Annotated[int | None, typer.Option(help="concurrent simulated leads")] = None,
-    duration: Annotated[float | None, typer.Option(help="seconds of load (before --time-scale)")] = None,
-    ramp: Annotated[float | None, typer.Option(help="seconds over which leads start")] = None,
-    seed: Annotated[int | None, typer.Option(help="random seed: same seed, same workload")] = None,
-    agent_latency: Annotated[str | None, typer.Option(help="e.g. lognormal:median=1.5,p95=4")] = None,
-    time_scale: Annotated[float | None, typer.Option(help="scale every window, timeout and latency (0.01-1)")] = None,
+    leads: LeadsOpt = None,
+    duration: DurationOpt = None,
+    ramp: RampOpt = None,
+    seed: SeedOpt = None,
+    agent_latency: LatencyOpt = None,
+    time_scale: ScaleOpt = None,
     scenario: Annotated[Path | None, typer.Option(help="TOML scenario with the workload's keys")] = None,
     vs: Annotated[str | None, typer.Option("--vs", help="a second profile, run at the same time (B in B/A)")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON here")] = None,
@@ -95,14 +96,14 @@ def bench(
     """Simulated leads against real daemons (embedded Postgres and Redis, simulated agent,
     fake Evolution API over HTTP); prints percentiles and, with --vs, the ratios B/A."""
     cfg = load(ctx, config, profile)
-    overrides: dict[str, Any] = {
-        "leads": leads, "duration": duration, "ramp": ramp, "seed": seed,
-        "agent_latency": agent_latency, "time_scale": time_scale,
-    }  # fmt: skip
+    overrides = given(
+        leads=leads, duration=duration, ramp=ramp, seed=seed, agent_latency=agent_latency,
+        time_scale=time_scale,
+    )
     if scenario is not None:
         workload = load_scenario(scenario, **overrides)
     else:
-        workload = Workload(**{k: v for k, v in overrides.items() if v is not None}).validated()
+        workload = Workload(**overrides).validated()
     profiles = [cfg.profile.source] + ([vs] if vs else [])
     config_path = str(config or ctx.find_root().params.get("config") or "") or None
     if intake:

@@ -17,6 +17,7 @@ from daemon.errors import ConfigError
 from daemon.profiling import (
     Breakdown, call_tree, html_report, json_tree, metrics_breakdown, profile_config, run_profile,
 )  # fmt: skip
+from sdrctl.workload import DurationOpt, LatencyOpt, LeadsOpt, RampOpt, ScaleOpt, SeedOpt, given
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out, setup_logging
 
 
@@ -61,12 +62,12 @@ def _write_json(path: Path, report: dict[str, Any]) -> None:
 @friendly_errors
 def profile(
     ctx: typer.Context,
-    leads: Annotated[int | None, typer.Option(help="concurrent simulated leads")] = None,
-    duration: Annotated[float | None, typer.Option(help="seconds of load (before --time-scale)")] = None,
-    ramp: Annotated[float | None, typer.Option(help="seconds over which leads start")] = None,
-    seed: Annotated[int | None, typer.Option(help="random seed: same seed, same workload")] = None,
-    agent_latency: Annotated[str | None, typer.Option(help="e.g. lognormal:median=1.5,p95=4")] = None,
-    time_scale: Annotated[float | None, typer.Option(help="scale every window, timeout and latency (0.01-1)")] = None,
+    leads: LeadsOpt = None,
+    duration: DurationOpt = None,
+    ramp: RampOpt = None,
+    seed: SeedOpt = None,
+    agent_latency: LatencyOpt = None,
+    time_scale: ScaleOpt = None,
     url: Annotated[str | None, typer.Option(help="a running daemon: read its /metrics, add no load")] = None,
     html_file: Annotated[Path | None, typer.Option("--html", help="write pyinstrument's HTML here")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON here")] = None,
@@ -76,16 +77,16 @@ def profile(
     """Finds the bottleneck: a bench workload against a daemon in this process under
     pyinstrument (call tree of the pipeline's frames, per-stage breakdown); with --url, the
     breakdown of a running daemon from its /metrics."""
-    overrides: dict[str, Any] = {
-        "leads": leads, "duration": duration, "ramp": ramp, "seed": seed,
-        "agent_latency": agent_latency, "time_scale": time_scale,
-    }  # fmt: skip
+    overrides = given(
+        leads=leads, duration=duration, ramp=ramp, seed=seed, agent_latency=agent_latency,
+        time_scale=time_scale,
+    )
     if url is not None:
-        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        flags = [f"--{k.replace('_', '-')}" for k in overrides]
         if html_file is not None:
-            given.append("--html")
-        if given:
-            raise ConfigError(f"{', '.join(given)}: only for a profiled run; --url reads /metrics and adds no load")
+            flags.append("--html")
+        if flags:
+            raise ConfigError(f"{', '.join(flags)}: only for a profiled run; --url reads /metrics and adds no load")
         cfg = load(ctx, config, profile_name)  # tells whether knowledge runs beside the agent
         b = asyncio.run(metrics_breakdown(url, parallel_knowledge=cfg.profile.features.parallel_context))
         out.print(stage_table(b))
@@ -94,7 +95,7 @@ def profile(
             _write_json(json_file, {"mode": "metrics", "url": url, "breakdown": b.as_dict()})
         return
 
-    workload = Workload(**{k: v for k, v in overrides.items() if v is not None}).validated()
+    workload = Workload(**overrides).validated()
     root = ctx.find_root().params
     run_config = profile_config(config or root.get("config"), profile_name or root.get("profile"), workload)
     setup_logging("warning")
