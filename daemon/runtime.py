@@ -114,7 +114,9 @@ class Runtime:
             await self.buffer.add(member(phone, message_id, p.buffer.coalesce), window=0)
         if recovered:
             log.info("re-queued %d unanswered message(s)", len(recovered))
-        invalidations = CacheInvalidations(self.redis, [self.leads, self.knowledge])
+        invalidations = CacheInvalidations(
+            self.redis, [self.leads, self.knowledge], retry_delay=p.timeouts.redis
+        )
         self._background = [
             asyncio.create_task(self._flush_loop(), name="buffer-flush"),
             asyncio.create_task(invalidations.run(), name="cache-invalidations"),

@@ -134,3 +134,27 @@ async def start_serve(env: dict[str, str], log_path: Path, profile: str = FAST_P
             cwd=REPO, env=full, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
     return ServeProcess(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+async def sdrctl(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Runs the CLI as a user would, without the shell's SDR_ settings; (code, stdout, stderr)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
+    full.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sdrctl", *args, cwd=REPO, env=full,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +10,7 @@ import pytest
 from daemon.bench import Workload, load_scenario, percentile, scaled_overrides
 from daemon.config import load_profile
 from daemon.errors import ConfigError
-from tests.helpers import REPO
-
-
-async def sdrctl(*args: str, timeout: float = 240) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdrctl", *args, cwd=REPO, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.helpers import sdrctl
 
 
 async def test_bench_a_vs_b_at_a_small_scale_writes_comparable_figures(tmp_path: Path) -> None:

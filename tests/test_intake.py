@@ -11,7 +11,7 @@ import pytest
 
 from daemon.config import Config
 from daemon.embedded import EmbeddedRedis, Endpoints
-from tests.helpers import event, fetch, make_config, run_daemon
+from tests.helpers import metric, event, fetch, make_config, run_daemon
 
 PHONE = "5511987654321"
 
@@ -27,16 +27,6 @@ async def stored(endpoints: Endpoints) -> list[Any]:
     return await fetch(
         endpoints.database_url, "SELECT provider_id, body FROM messages WHERE direction = 'in' ORDER BY id"
     )
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 async def test_stores_a_lead_message_and_answers_at_once(config: Config, clean: Endpoints) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +12,13 @@ import pytest
 from daemon.config import Config
 from daemon.errors import SdrError
 from daemon.profiling import breakdown_from_metrics, breakdown_from_turns, bucket_quantile
-from tests.helpers import FAST_PROFILE, REPO, event, free_port, run_daemon, wait_for
+from tests.helpers import FAST_PROFILE, event, free_port, run_daemon, wait_for
+from tests.helpers import sdrctl as run_cli
 
 
 async def sdrctl(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
-    env["COLUMNS"] = "100"  # stacked tree and table, as in a narrow terminal
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdrctl", *args, cwd=REPO, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    # Stacked tree and table, as in a narrow terminal.
+    return await run_cli(*args, timeout=timeout, env={"COLUMNS": "100"})
 
 
 def bottleneck_line(out: str) -> str:

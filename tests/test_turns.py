@@ -18,6 +18,7 @@ from daemon.embedded import Endpoints
 from daemon.turn import FALLBACK
 from tests.fake_openai import run_fake_openai
 from tests.helpers import (
+    metric,
     event, fetch, make_config, run_daemon, run_fake_evolution, start_serve, wait_for,
 )  # fmt: skip
 
@@ -36,14 +37,6 @@ def burst(texts: list[str], phone: str = PHONE) -> list[dict[str, Any]]:
 
 async def rows(endpoints: Endpoints, sql: str, *args: Any) -> list[asyncpg.Record]:
     return await fetch(endpoints.database_url, sql, *args)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 async def metrics_of(url: str) -> str:
