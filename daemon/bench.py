@@ -179,7 +179,10 @@ async def start_daemon(
                 proc.kill()
                 await proc.wait()
         log.close()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if os.environ.get("SDRCTL_BENCH_KEEP"):  # for a post-mortem of a run
+            print(f"kept {data_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _wait_ready(daemon: DaemonUnderTest, timeout: float) -> None:
@@ -348,6 +351,7 @@ async def turn_stats(database_url: str, since: float) -> dict[str, Any]:
         unanswered = await conn.fetchval(
             "SELECT count(*) FROM messages WHERE direction = 'in' AND turn_id IS NULL"
         )
+        failed_sends = await conn.fetchval("SELECT count(*) FROM outbox WHERE status <> 'sent'")
     finally:
         await conn.close()
     stages: dict[str, list[float]] = {}
@@ -363,6 +367,7 @@ async def turn_stats(database_url: str, since: float) -> dict[str, Any]:
     return {
         "turns": len(rows),
         "unanswered_messages": unanswered,  # left without a turn when the run ended
+        "unsent_replies": failed_sends,  # replies written but not delivered (failed, or cut off)
         "timeout_rate": timed_out / len(rows) if rows else 0.0,
         "fallbacks": sum(1 for r in rows if r["outcome"] == "fallback"),
         "cache_hit_rate": hits / lookups if lookups else None,

@@ -155,6 +155,10 @@ class Buffer:
     )
     poll_interval: float = knob(0.01, "how often due bursts are looked for", unit="s", min=0.005, max=5)
     claim_batch: int = knob(64, "due leads claimed per poll", min=1, max=10000)
+    sweep_interval: float = knob(
+        30.0, "how often messages left unanswered past a whole turn's time are re-queued (a safety net)",
+        unit="s", min=1, max=3600,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

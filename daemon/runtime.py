@@ -119,6 +119,7 @@ class Runtime:
         )
         self._background = [
             asyncio.create_task(self._flush_loop(), name="buffer-flush"),
+            asyncio.create_task(self._sweep_loop(), name="unanswered-sweep"),
             asyncio.create_task(invalidations.run(), name="cache-invalidations"),
         ]
         self.accepting = True
@@ -201,6 +202,25 @@ class Runtime:
                 pass  # the claim above already logged the outage
             if len(due) < self.buffer.claim_batch:
                 await asyncio.sleep(interval)
+
+    async def _sweep_loop(self) -> None:
+        """The safety net behind the buffer: a message still unanswered after longer than a
+        whole turn can take (window cap, agent, sends) lost its buffer entry somewhere (a
+        Redis restart without persistence, a crash between steps); re-queue its lead."""
+        p = self.config.profile
+        t = p.timeouts
+        age = t.message_buffer + t.redis_lock_ttl + t.agent + t.evolution_send * p.limits.send_attempts
+        while not self._stopping:
+            await asyncio.sleep(p.buffer.sweep_interval)
+            try:
+                stale = await self.store.stale_unanswered(age)
+                for phone, message_id in stale:
+                    await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
+            except OUTAGE as exc:
+                log.warning("sweep for unanswered messages failed: %s", exc)
+                continue
+            if stale:
+                log.warning("re-queued %d message(s) left unanswered past %.0fs", len(stale), age)
 
     async def _answer(self, value: str) -> None:
         phone, only = parse_member(value)

@@ -272,6 +272,18 @@ class Store:
             outbox_ids, status, provider_id, error, turn_id, response_ms, timeout=self.timeout,
         )  # fmt: skip
 
+    async def stale_unanswered(self, older_than: float) -> list[tuple[str, int]]:
+        """(phone, message id) of messages still unanswered `older_than` seconds after
+        they arrived: more than any turn takes, so their buffer entry was lost."""
+        rows = await self.pool.fetch(
+            """SELECT l.phone_number, m.id FROM messages m JOIN leads l ON l.id = m.lead_id
+                WHERE m.direction = 'in' AND m.turn_id IS NULL
+                  AND m.received_at < clock_timestamp() - make_interval(secs => $1)
+                ORDER BY m.id""",
+            older_than, timeout=self.timeout,
+        )  # fmt: skip
+        return [(r["phone_number"], r["id"]) for r in rows]
+
     async def unanswered(self) -> list[tuple[str, int]]:
         """(phone, message id) of every message no turn answered: re-buffered at start."""
         rows = await self.pool.fetch(

@@ -145,6 +145,18 @@ async def test_a_turn_whose_store_fails_is_retried_and_answered_once(clean: Endp
     assert len(await rows(clean, "SELECT * FROM turns")) == 1
 
 
+async def test_a_message_whose_buffer_entry_was_lost_is_still_answered(clean: Endpoints) -> None:
+    cfg = make_config(
+        clean, SDR_BUFFER_QUIET_WINDOW="0.5", SDR_BUFFER_SWEEP_INTERVAL="1", SDR_TIMEOUTS_AGENT="0.5",
+        SDR_TIMEOUTS_REDIS_LOCK_TTL="0.5", SDR_TIMEOUTS_EVOLUTION_SEND="0.2",
+    )  # fmt: skip
+    async with run_daemon(cfg) as d:
+        await post_all(d.url, [event(PHONE, "Olá")])
+        await d.runtime.redis.delete(DUE, "sdr:buffer:first")  # e.g. Redis restarted without its data
+        [reply] = await wait_for(lambda: rows(clean, "SELECT body FROM outbox"))
+    assert "Sol Nascente" in reply["body"]
+
+
 async def _failed_store(url: str) -> bool:
     return metric(await metrics_of(url), "sdr_timeouts_total", stage="store") >= 1
 
