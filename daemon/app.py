@@ -6,6 +6,7 @@ message durably and answers at once; it never waits for the agent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 
@@ -100,6 +101,9 @@ def create_app(rt: Runtime) -> Starlette:
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
+        # Read at scrape time: one Redis call per scrape, not one per buffer poll.
+        with contextlib.suppress(*OUTAGE):
+            rt.metrics.active_leads.set(await rt.buffer.pending())
         return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
 
     async def http_error(request: Request, exc: Exception) -> Response:

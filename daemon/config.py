@@ -168,6 +168,9 @@ class Pools:
     redis_max_connections: int = knob(50, "Redis pool: most connections", min=1, max=10000)
     http_max_connections: int = knob(50, "Evolution API client: most connections", min=1, max=10000)
     agent_pool_size: int = knob(256, "agent calls running at once", min=1, max=10000)
+    webhooks_in_flight: int = knob(
+        2000, "webhook requests handled at once; more get 503 (Evolution retries)", min=1, max=10**6
+    )
     ingest_batch: int = knob(256, "most webhook messages stored in one round trip (group commit)", min=1, max=10000)
     ingest_flushes: int = knob(2, "group commits in flight at once", min=1, max=64)
 

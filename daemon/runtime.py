@@ -196,10 +196,6 @@ class Runtime:
                 due = []
             for value in due:
                 self._spawn(self._answer(value), name=f"turn:{value[-4:]}")
-            try:
-                self.metrics.active_leads.set(await self.buffer.pending())
-            except OUTAGE:
-                pass  # the claim above already logged the outage
             if len(due) < self.buffer.claim_batch:
                 await asyncio.sleep(interval)
 

@@ -63,6 +63,9 @@ def uvicorn_server(config: Config, rt: Runtime, host: str, port: int) -> _Server
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=config.profile.timeouts.webhook,
+        # Bounds the requests (and so the intake's group-commit queue) in memory: past
+        # it uvicorn answers 503, which Evolution retries.
+        limit_concurrency=config.profile.pools.webhooks_in_flight,
     )
     return _Server(uv)
 

@@ -144,7 +144,12 @@ async def sdrctl(*args: str, timeout: float = 240, env: dict[str, str] | None = 
         sys.executable, "-m", "sdrctl", *args, cwd=REPO, env=full,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    except TimeoutError:
+        proc.terminate()  # it stops the embedded services it started
+        await proc.wait()
+        raise
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from daemon.embedded import Endpoints
 from daemon.evolution import split_message
 from daemon.errors import ConfigError
 from daemon.replay import parse_file, parse_lines, pseudonym, replay
+from tests.helpers import sdrctl as run_cli
 from tests.helpers import FAST_PROFILE, REPO, run_daemon
 
 SOLAR = REPO / "replays" / "solar.jsonl"
@@ -23,22 +21,7 @@ FAST = "200"  # --speed where the recorded spacing does not matter: the tests ru
 
 
 async def sdrctl(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
-    """Runs the CLI as a user would, without our SDR_ settings unless given: by default
-    it starts its own throw-away embedded services."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
-    full.update(env or {})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdrctl", *args, cwd=REPO, env=full,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
-    except TimeoutError:
-        proc.terminate()  # it stops the embedded services it started
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, env=env, timeout=timeout)
 
 
 def solar_lines(*conversations: str) -> list[dict[str, object]]:
