@@ -172,7 +172,7 @@ class Pools:
         2000, "webhook requests handled at once; more get 503 (Evolution retries)", min=1, max=10**6
     )
     ingest_batch: int = knob(256, "most webhook messages stored in one round trip (group commit)", min=1, max=10000)
-    ingest_flushes: int = knob(2, "group commits in flight at once", min=1, max=64)
+    ingest_flushes: int = knob(2, "group commits in flight at once, each on its own PostgreSQL connection", min=1, max=64)
 
 
 @dataclass(frozen=True)

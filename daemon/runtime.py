@@ -40,15 +40,18 @@ OUTAGE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, 
 
 def redis_client(url: str, config: Config) -> aioredis.Redis:
     t = config.profile.timeouts
-    # Explicit timeouts and no hidden retries: a failed connect must fail fast.
-    return aioredis.Redis.from_url(
+    # Explicit timeouts and no hidden retries: a failed connect must fail fast. A blocking
+    # pool: at its size, callers wait (up to the Redis timeout) instead of failing at once.
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=config.profile.pools.redis_max_connections,
+        timeout=t.redis,
         socket_timeout=t.redis,
         socket_connect_timeout=t.redis,
         retry=Retry(NoBackoff(), 0),
         retry_on_error=[],
     )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
 
 
 class Runtime:
@@ -70,6 +73,12 @@ class Runtime:
         try:
             self.pool = await connect(self.endpoints.database_url, p)
         except OUTAGE as exc:
+            raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
+        try:
+            # The intake's own connections: a webhook never waits behind turns' queries.
+            self.intake_pool = await connect(self.endpoints.database_url, p, size=p.pools.ingest_flushes)
+        except OUTAGE as exc:
+            await self.pool.close()
             raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
         self.redis = redis_client(self.endpoints.redis_url, cfg)
         try:
@@ -100,7 +109,7 @@ class Runtime:
             "knowledge", self.redis, list[KbEntry], ttl=c.kb_ttl, local_ttl=c.local_ttl,
             size=c.kb_size, enabled=c.enabled, metrics=self.metrics,
         )  # fmt: skip
-        self.intake = IngestBatcher(self.store, self.buffer, p, self._lead_written)
+        self.intake = IngestBatcher(Store(self.intake_pool, p), self.buffer, p, self._lead_written)
         if cfg.evolution.base_url:
             self._sender = EvolutionClient(cfg)
         self.agent = make_agent(cfg)
@@ -173,6 +182,7 @@ class Runtime:
     async def _close_pools(self) -> None:
         await self.redis.aclose()
         await self.pool.close()
+        await self.intake_pool.close()
 
     # --- work -----------------------------------------------------------------------
 

@@ -34,11 +34,33 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     session state on pooled connections; an open transaction is still rolled back."""
 
 
-async def connect(url: str, profile: Profile) -> asyncpg.Pool:
+
+# The hot path's read queries, named so `sdrctl migrate verify` explains exactly these.
+PENDING_MESSAGES = """
+SELECT m.id, m.lead_id, m.conversation_id, m.kind, m.body, m.provider_ts, m.received_at
+  FROM messages m JOIN leads l ON l.id = m.lead_id
+ WHERE l.phone_number = $1 AND m.direction = 'in' AND m.turn_id IS NULL
+   AND ($2::bigint IS NULL OR m.id = $2)
+ ORDER BY m.provider_ts, m.id"""
+
+HISTORY = """
+SELECT coalesce(jsonb_agg(h ORDER BY h.id), '[]'::jsonb) FROM (
+    SELECT id, direction, kind, body, received_at FROM messages
+     WHERE conversation_id = $1 AND (direction = 'out' OR turn_id IS NOT NULL)
+     ORDER BY id DESC LIMIT $2) h"""
+
+KNOWLEDGE_SEARCH = """
+SELECT id, category, title, content, ts_rank(tsv, q) AS rank
+  FROM knowledge_base, to_tsquery('portuguese', $1) q
+ WHERE tsv @@ q ORDER BY rank DESC, id LIMIT $2"""
+
+
+async def connect(url: str, profile: Profile, size: int | None = None) -> asyncpg.Pool:
+    """The turns' pool (sized by [pools] db_min_size..db_max_size), or a fixed `size` one."""
     pool = await asyncpg.create_pool(
         url,
-        min_size=profile.pools.db_min_size,
-        max_size=profile.pools.db_max_size,
+        min_size=size or profile.pools.db_min_size,
+        max_size=size or profile.pools.db_max_size,
         timeout=profile.timeouts.database,
         command_timeout=profile.timeouts.database,
         init=init_connection,
@@ -188,11 +210,7 @@ class Store:
         """The lead's unanswered messages (or just message `only`), in the order the lead
         wrote them."""
         rows = await self.pool.fetch(
-            """SELECT m.id, m.lead_id, m.conversation_id, m.kind, m.body, m.provider_ts, m.received_at
-                 FROM messages m JOIN leads l ON l.id = m.lead_id
-                WHERE l.phone_number = $1 AND m.direction = 'in' AND m.turn_id IS NULL
-                  AND ($2::bigint IS NULL OR m.id = $2)
-                ORDER BY m.provider_ts, m.id""",
+            PENDING_MESSAGES,
             phone, only, timeout=self.timeout,
         )  # fmt: skip
         return [PendingMessage(**dict(r)) for r in rows]
@@ -216,10 +234,7 @@ class Store:
     async def history(self, conversation_id: int, limit: int) -> list[dict[str, Any]]:
         """The conversation's last `limit` answered messages (when the lead came from cache)."""
         value = await self.pool.fetchval(
-            """SELECT coalesce(jsonb_agg(h ORDER BY h.id), '[]'::jsonb) FROM (
-                   SELECT id, direction, kind, body, received_at FROM messages
-                    WHERE conversation_id = $1 AND (direction = 'out' OR turn_id IS NOT NULL)
-                    ORDER BY id DESC LIMIT $2) h""",
+            HISTORY,
             conversation_id, limit, timeout=self.timeout,
         )  # fmt: skip
         return list(value)
@@ -229,9 +244,7 @@ class Store:
         if not query:
             return []
         rows = await self.pool.fetch(
-            """SELECT id, category, title, content, ts_rank(tsv, q) AS rank
-                 FROM knowledge_base, to_tsquery('portuguese', $1) q
-                WHERE tsv @@ q ORDER BY rank DESC, id LIMIT $2""",
+            KNOWLEDGE_SEARCH,
             query, limit, timeout=self.timeout,
         )  # fmt: skip
         return [KbEntry(**dict(r)) for r in rows]

@@ -61,7 +61,6 @@ CREATE TABLE messages (
     received_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     turn_id          bigint REFERENCES turns (id)   -- inbound: the turn that answered it
 );
-CREATE INDEX messages_conversation_created_idx ON messages (conversation_id, received_at);
 -- The buffer's source of truth: a lead's messages not answered yet.
 CREATE INDEX messages_unanswered_idx ON messages (lead_id, provider_ts) WHERE direction = 'in' AND turn_id IS NULL;
 
@@ -78,7 +77,6 @@ CREATE TABLE knowledge_base (
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX knowledge_base_tsv_idx ON knowledge_base USING gin (tsv);
 
 CREATE TABLE follow_ups (
     id           bigserial PRIMARY KEY,
@@ -93,7 +91,6 @@ CREATE TABLE follow_ups (
     last_error   text,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX follow_ups_due_idx ON follow_ups (due_at) WHERE status = 'pending';
 
 -- Every reply is written here in the turn's own transaction, then delivered: to the
 -- Evolution API when one is configured (status sent/failed), else kept for `sdrctl chat`
