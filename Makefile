@@ -4,15 +4,20 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: serve test install clean
+.PHONY: serve test install clean system-deps
 
 serve: $(VENV)/.installed
 	$(BIN)/sdrctl serve
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev system-deps
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.installed
+
+# Debian packages (chromium for the report's render test): installed when missing and we
+# are root with apt-get; otherwise the script says what to install.
+system-deps:
+	@./scripts/system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -104,7 +104,7 @@ async def explain(conn: asyncpg.Connection, q: HotQuery, args: tuple[Any, ...], 
     sizes = await _table_sizes(conn, _tables(plan))
     scans = [
         Scan(n["Node Type"], n.get("Relation Name"), n.get("Index Name"), sizes.get(n.get("Relation Name") or "", 0))
-        for n in _walk(plan) if n["Node Type"].endswith("Scan") and n["Node Type"] != "Function Scan"
+        for n in _walk(plan) if "Relation Name" in n or "Index Name" in n  # table and index access only
     ]  # fmt: skip
     result = PlanResult(q.name, scans, int(plan.get("Actual Rows", 0)), float(top.get("Execution Time", 0.0)))
     for s in scans:

@@ -176,6 +176,8 @@ def verify_cmd(
             out.print(f"sample data: {run.leads:,} leads, {run.messages:,} messages (schema {run.schema}, dropped)")
             _plans_table("before the index migration", run.before)
             _plans_table("after the index migration", results)
+            for b, a in zip(run.before, results, strict=True):
+                out.print(f"{escape(a.query)}: {b.time_ms:.2f} ms -> {a.time_ms:.2f} ms")
         else:
             _plans_table("hot queries", results)
         for r in results:
