@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from sdrctl import bench, chat, migrate, profile, serve
-from sdrctl import export, replay
+from sdrctl import export, replay, report, tune
 from sdrctl.common import ConfigOpt, ProfileOpt
 
 app = typer.Typer(
@@ -30,3 +30,5 @@ app.command("bench")(bench.bench)
 app.command("replay")(replay.replay)
 app.command("export")(export.export)
 app.command("profile")(profile.profile)
+app.command("report")(report.report)
+app.add_typer(tune.app, name="tune")

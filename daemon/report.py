@@ -1,0 +1,393 @@
+"""`sdrctl report`: what the stored turns say about the SLOs in sdr.toml.
+
+Every figure is aggregated inside PostgreSQL (percentile_cont, FILTER, window sums), so a
+month of a million turns is read in seconds without pulling rows into Python. All the
+queries run in one read-only REPEATABLE READ transaction: the figures share one snapshot
+and agree with each other. A turn belongs to the window [start, end) by its finished_at."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from daemon.config import SloSettings
+from daemon.errors import ConfigError
+
+# A turn's life from the buffer to the reply; stages not listed here follow by name.
+STAGE_ORDER = ("context", "knowledge", "agent", "store", "send")
+# Timeline buckets: the smallest giving at most MAX_POINTS points over the window.
+STEPS = tuple(timedelta(minutes=m) for m in (1, 5, 15, 30, 60, 180, 360, 720, 1440, 10080))
+MAX_POINTS = 48
+HISTOGRAM_BINS = 20
+# Sorts of a million rows fit in memory instead of spilling; SET LOCAL, this report only.
+WORK_MEM = "64MB"
+
+SINCE = re.compile(r"^(\d+)\s*([mhdw])$")
+UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+# --- the window ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    end: datetime
+
+    def describe(self) -> str:
+        return f"{_iso(self.start)} and {_iso(self.end)}"
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_since(text: str) -> timedelta:
+    match = SINCE.match(text.strip().lower())
+    if not match or int(match.group(1)) == 0:
+        raise ConfigError(
+            f"--since {text!r}: use a whole number of minutes, hours, days or weeks, such as 30m, 24h, 7d or 2w"
+        )
+    return timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+
+
+def parse_time(option: str, text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{option} {text!r}: use an ISO 8601 date or time, such as 2026-11-01 or 2026-11-01T14:00:00-03:00"
+        ) from None
+    return when if when.tzinfo else when.astimezone()  # a bare date or time is local time
+
+
+def resolve_window(
+    since: str | None, start: str | None, end: str | None, now: datetime | None = None
+) -> Window:
+    """--since D (up to now; 24h by default), or --from T [--to T] (--to defaults to now)."""
+    if since is not None and (start is not None or end is not None):
+        raise ConfigError("use either --since or --from/--to, not both")
+    if end is not None and start is None:
+        raise ConfigError("--to needs --from (or use --since for a window up to now)")
+    now = now or datetime.now(UTC)
+    if start is None:
+        return Window(now - parse_since(since or "24h"), now)
+    window = Window(parse_time("--from", start), parse_time("--to", end) if end else now)
+    if window.start >= window.end:
+        raise ConfigError(f"--from {start!r} must be before --to ({_iso(window.end)})")
+    return window
+
+
+# --- the result --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kpi:
+    key: str
+    label: str
+    value: float | None  # None: not measured in this window (e.g. no cache lookups)
+    unit: str  # ms | ratio | count
+    target: float | None = None  # None: shown for context, no SLO
+    objective: str | None = None  # "max": at most the target; "min": at least it
+
+    @property
+    def shown(self) -> str:
+        """The unit people read: rates as percentages (JSON keeps ratios)."""
+        return "percent" if self.key.endswith("_rate") else self.unit
+
+    def text(self) -> str:
+        return format_value(self.value, self.shown)
+
+    @property
+    def met(self) -> bool | None:
+        """None when there is no target or nothing to compare: neither met nor missed."""
+        if self.target is None or self.value is None:
+            return None
+        return self.value <= self.target if self.objective == "max" else self.value >= self.target
+
+
+@dataclass(frozen=True)
+class StageStats:
+    stage: str
+    turns: int  # turns that recorded a time for this stage
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    timeouts: int
+    failures: int
+
+
+@dataclass(frozen=True)
+class SlowTurn:
+    turn_id: int
+    phone: str
+    name: str | None
+    finished_at: datetime
+    response_ms: float
+    outcome: str
+    stages: dict[str, float]
+    timeouts: list[str]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One timeline bucket, starting at `at`."""
+
+    at: datetime
+    turns: int
+    response_p95_ms: float | None
+    cache_hit_rate: float | None
+    timeout_rate: float
+
+
+@dataclass(frozen=True)
+class Bin:
+    """Turns whose response time is in [low_ms, high_ms); high_ms None: and above."""
+
+    low_ms: float
+    high_ms: float | None
+    turns: int
+
+
+@dataclass(frozen=True)
+class Report:
+    window: Window
+    turns: int
+    kpis: list[Kpi]
+    response_p50_ms: float | None = None
+    response_p99_ms: float | None = None
+    responded: int = 0  # turns whose reply was sent (response_ms set)
+    stages: list[StageStats] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    slowest: list[SlowTurn] = field(default_factory=list)
+    step: timedelta = STEPS[0]
+    timeline: list[Point] = field(default_factory=list)
+    histogram: list[Bin] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.turns == 0
+
+    @property
+    def missed(self) -> list[Kpi]:
+        return [k for k in self.kpis if k.met is False]
+
+    def kpi(self, key: str) -> Kpi:
+        return next(k for k in self.kpis if k.key == key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stable keys for machines: times in ms, rates as ratios 0..1, instants in ISO 8601."""
+        return {
+            "from": _iso(self.window.start),
+            "to": _iso(self.window.end),
+            "empty": self.empty,
+            "turns": self.turns,
+            "slo_met": not self.missed,
+            "missed": [k.key for k in self.missed],
+            "kpis": {
+                k.key: {"label": k.label, "value": k.value, "unit": k.unit, "target": k.target,
+                        "objective": k.objective, "met": k.met}
+                for k in self.kpis
+            },
+            "response_ms": {"p50": self.response_p50_ms, "p95": self.kpi("response_p95_ms").value,
+                            "p99": self.response_p99_ms, "responded": self.responded},
+            "stages": [asdict(s) for s in self.stages],
+            "outcomes": self.outcomes,
+            "slowest": [{**asdict(t), "finished_at": _iso(t.finished_at)} for t in self.slowest],
+            "timeline": {
+                "bucket_s": int(self.step.total_seconds()),
+                "points": [{**asdict(p), "at": _iso(p.at)} for p in self.timeline],
+            },
+            "histogram": [asdict(b) for b in self.histogram],
+        }
+
+
+def format_value(value: float | None, unit: str) -> str:
+    """How the table and the page show a figure: 1,234 ms, 12.5 %, 4, 1.25."""
+    if value is None:
+        return "n/a"
+    if unit == "ms":
+        return f"{value:,.0f} ms"
+    if unit == "percent":
+        return f"{value:.1%}".replace("%", " %")
+    return f"{value:,.0f}" if unit == "count" else f"{value:,.2f}"
+
+
+def format_target(kpi: Kpi) -> str:
+    if kpi.target is None:
+        return ""
+    return ("≤ " if kpi.objective == "max" else "≥ ") + format_value(kpi.target, kpi.shown)
+
+
+def kpis(slo: SloSettings, *, turns: int = 0, p95: float | None = None, timed_out: int = 0,
+         hits: int = 0, misses: int = 0, peak: int | None = None, messages: int = 0) -> list[Kpi]:  # fmt: skip
+    """The KPI rows in display order, against the [slo] targets (response_p95 is in s)."""
+    return [
+        Kpi("response_p95_ms", "P95 response time", p95, "ms", slo.response_p95 * 1000, "max"),
+        Kpi("timeout_rate", "timeout rate", timed_out / turns if turns else None, "ratio", slo.timeout_rate, "max"),
+        Kpi("cache_hit_rate", "cache hit rate", hits / (hits + misses) if hits + misses else None, "ratio",
+            slo.cache_hit_rate, "min"),
+        # Green while traffic stays within the load the SLOs are sized for; red above it.
+        Kpi("peak_concurrent_leads", "peak concurrent leads", peak, "count", slo.concurrent_leads, "max"),
+        Kpi("turns", "turns", turns, "count"),
+        Kpi("messages_per_turn", "messages per turn", messages / turns if turns else None, "ratio"),
+    ]  # fmt: skip
+
+
+# --- the queries ---------------------------------------------------------------------------
+
+RANGE = "finished_at >= $1 AND finished_at < $2"
+
+# The set-returning function in the select list (ProjectSet) is the cheapest way to the keys.
+STAGE_KEYS = f"SELECT DISTINCT k FROM (SELECT jsonb_object_keys(stages) AS k FROM turns WHERE {RANGE}) x"
+
+# One pass: the response percentiles and, per stage, its percentiles (columns added below).
+TOTALS = f"""
+SELECT count(*) AS turns, count(response_ms) AS responded,
+       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY response_ms) AS response,
+       count(*) FILTER (WHERE cardinality(timeouts) > 0) AS timed_out,
+       coalesce(sum(cache_hits), 0) AS hits, coalesce(sum(cache_misses), 0) AS misses,
+       coalesce(sum(messages_joined), 0) AS messages{{stages}}
+  FROM turns WHERE {RANGE}
+"""
+STAGE_COLUMNS = """,
+       count(stages -> ${n}::text) AS n{i},
+       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY (stages ->> ${n}::text)::float8) AS p{i}"""
+
+# A lead is "in progress" from its burst's first message until the reply is sent. A lead's
+# turns can overlap (a new burst starts during a turn), so each turn is first clipped to
+# what its lead's earlier turns do not cover; then a sweep over +1/-1 events counts the
+# leads in progress (an end sorts before a start at the same instant: touching is not overlapping).
+PEAK = f"""
+WITH clipped AS (
+    SELECT greatest(first_message_at, prev_end) AS s, finished_at AS e
+      FROM (SELECT first_message_at, finished_at,
+                   max(finished_at) OVER (PARTITION BY lead_id ORDER BY first_message_at
+                                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
+              FROM turns WHERE {RANGE}) t
+     WHERE prev_end IS NULL OR finished_at > prev_end)
+SELECT coalesce(max(n), 0) FROM (
+    SELECT sum(v.d) OVER (ORDER BY v.at, v.d ROWS UNBOUNDED PRECEDING) AS n
+      FROM clipped, LATERAL (VALUES (clipped.s, 1), (clipped.e, -1)) AS v(at, d)) sweep
+"""
+
+INCIDENTS = f"""
+SELECT i.stage, count(*) FILTER (WHERE i.kind = 'timeout') AS timeouts,
+       count(*) FILTER (WHERE i.kind = 'failure') AS failures
+  FROM turns t,
+       LATERAL (SELECT x, 'timeout' FROM unnest(t.timeouts) AS x
+                UNION ALL SELECT x, 'failure' FROM unnest(t.failures) AS x) AS i(stage, kind)
+ WHERE {RANGE} AND (cardinality(t.timeouts) > 0 OR cardinality(t.failures) > 0)
+ GROUP BY i.stage
+"""
+
+OUTCOMES = f"SELECT outcome, count(*) AS n FROM turns WHERE {RANGE} GROUP BY outcome ORDER BY outcome"
+
+SLOWEST = f"""
+SELECT t.id, l.phone_number, coalesce(l.name, l.push_name) AS name, t.finished_at, t.response_ms,
+       t.outcome, t.stages::text AS stages, t.timeouts
+  FROM (SELECT * FROM turns WHERE {RANGE} AND response_ms IS NOT NULL
+         ORDER BY response_ms DESC, id LIMIT $3) t
+  JOIN leads l ON l.id = t.lead_id
+ ORDER BY t.response_ms DESC, t.id
+"""
+
+TIMELINE = f"""
+SELECT date_bin($3::interval, finished_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS at, count(*) AS turns,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY response_ms) AS p95,
+       sum(cache_hits)::float8 / nullif(sum(cache_hits) + sum(cache_misses), 0) AS hit_rate,
+       count(*) FILTER (WHERE cardinality(timeouts) > 0)::float8 / count(*) AS timeout_rate
+  FROM turns WHERE {RANGE}
+ GROUP BY 1 ORDER BY 1
+"""
+
+# width_bucket with lower bounds: 0 below the first (none: the first is 0), i for edge i-1.
+HISTOGRAM = f"""
+SELECT width_bucket(response_ms, $3::float8[]) AS bin, count(*) AS n
+  FROM turns WHERE {RANGE} AND response_ms IS NOT NULL
+ GROUP BY 1 ORDER BY 1
+"""
+
+
+def stage_sort_key(name: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
+
+
+def _ordered(stages: dict[str, float]) -> dict[str, float]:
+    return {k: stages[k] for k in sorted(stages, key=stage_sort_key)}
+
+
+def timeline_step(window: Window) -> timedelta:
+    span = window.end - window.start
+    return next((s for s in STEPS if span / s <= MAX_POINTS), STEPS[-1])
+
+
+def histogram_edges(upper_ms: float) -> list[float]:
+    """Lower bounds of equal bins from 0 to a round figure at or above `upper_ms`, in a
+    1-2-5 step; the last bin takes everything above."""
+    upper = max(upper_ms, 1.0)
+    magnitude = 10 ** math.floor(math.log10(upper / HISTOGRAM_BINS))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude * HISTOGRAM_BINS >= upper)
+    count = math.ceil(upper / step)
+    return [i * step for i in range(count + 1)]
+
+
+async def build_report(
+    conn: asyncpg.Connection, window: Window, slo: SloSettings, slowest: int = 10
+) -> Report:
+    """The report of the turns that finished in `window`, against `slo`."""
+    args = (window.start, window.end)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
+        keys = sorted((r["k"] for r in await conn.fetch(STAGE_KEYS, *args)), key=stage_sort_key)
+        columns = "".join(STAGE_COLUMNS.format(n=i + 3, i=i) for i in range(len(keys)))
+        row = await conn.fetchrow(TOTALS.format(stages=columns), *args, *keys)
+        assert row is not None
+        if row["turns"] == 0:
+            return Report(window, 0, kpis(slo))
+        p50, p95, p99 = row["response"] if row["responded"] else (None, None, None)
+        peak = await conn.fetchval(PEAK, *args)
+        stages = _stages(keys, row, await conn.fetch(INCIDENTS, *args))
+        outcomes = {r["outcome"]: r["n"] for r in await conn.fetch(OUTCOMES, *args)}
+        slow = [
+            SlowTurn(r["id"], r["phone_number"], r["name"], r["finished_at"], r["response_ms"],
+                     r["outcome"], _ordered(json.loads(r["stages"])), list(r["timeouts"]))
+            for r in await conn.fetch(SLOWEST, *args, slowest)
+        ]  # fmt: skip
+        step = timeline_step(window)
+        timeline = [
+            Point(r["at"], r["turns"], r["p95"], r["hit_rate"], r["timeout_rate"])
+            for r in await conn.fetch(TIMELINE, *args, step)
+        ]
+        # Bins up to the P99 (or the SLO when higher): the tail beyond is one last bin.
+        histogram = await _histogram(conn, args, max(p99, slo.response_p95 * 1000)) if p99 is not None else []
+    return Report(
+        window, row["turns"],
+        kpis(slo, turns=row["turns"], p95=p95, timed_out=row["timed_out"], hits=row["hits"],
+             misses=row["misses"], peak=peak, messages=row["messages"]),
+        response_p50_ms=p50, response_p99_ms=p99, responded=row["responded"], stages=stages,
+        outcomes=outcomes, slowest=slow, step=step, timeline=timeline, histogram=histogram,
+    )  # fmt: skip
+
+
+def _stages(keys: list[str], row: asyncpg.Record, incidents: list[asyncpg.Record]) -> list[StageStats]:
+    """Timed stages (columns n{i}, p{i} of TOTALS) and stages that only timed out or failed."""
+    counted = {r["stage"]: (r["timeouts"], r["failures"]) for r in incidents}
+    stages = []
+    for name in sorted(set(keys) | set(counted), key=stage_sort_key):
+        n, p = (row[f"n{keys.index(name)}"], row[f"p{keys.index(name)}"]) if name in keys else (0, None)
+        stages.append(StageStats(name, n, *(p or (None, None, None)), *counted.get(name, (0, 0))))
+    return stages
+
+
+async def _histogram(conn: asyncpg.Connection, args: tuple[datetime, datetime], upper_ms: float) -> list[Bin]:
+    edges = histogram_edges(upper_ms)
+    counts = {r["bin"]: r["n"] for r in await conn.fetch(HISTOGRAM, *args, edges)}
+    highs: list[float | None] = [*edges[1:], None]
+    return [Bin(lo, hi, counts.get(i + 1, 0)) for i, (lo, hi) in enumerate(zip(edges, highs))]

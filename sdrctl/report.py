@@ -1,0 +1,109 @@
+"""`sdrctl report`: the KPIs of the stored turns against the SLOs in sdr.toml."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from daemon.errors import ConfigError
+from daemon.report import Report, build_report, format_target, format_value, resolve_window
+from daemon.report_html import render
+from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
+from sdrctl.migrate import with_connection
+
+STATUS = {True: Text("met", style="bold green"), False: Text("missed", style="bold red"), None: Text("")}
+
+
+def kpi_table(r: Report) -> Table:
+    table = Table(title=f"KPIs: {r.window.describe()}")
+    for col in ("KPI", "value", "target", "status"):
+        table.add_column(col, justify="left" if col in ("KPI", "status") else "right")
+    for k in r.kpis:
+        colour = {True: "green", False: "red", None: ""}[k.met]
+        table.add_row(k.label, Text(k.text(), style=colour), format_target(k) or "-", STATUS[k.met])
+    return table
+
+
+def stage_table(r: Report) -> Table:
+    table = Table(title="latency by stage")
+    for col in ("stage", "turns", "P50", "P95", "P99", "timeouts", "failures"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in r.stages:
+        table.add_row(Text(s.stage), f"{s.turns:,}", format_value(s.p50_ms, "ms"), format_value(s.p95_ms, "ms"),
+                      format_value(s.p99_ms, "ms"), Text(f"{s.timeouts:,}", style="red" if s.timeouts else ""),
+                      Text(f"{s.failures:,}", style="red" if s.failures else ""))  # fmt: skip
+    return table
+
+
+def slowest_table(r: Report) -> Table:
+    table = Table(title=f"{len(r.slowest)} slowest turns")
+    for col in ("turn", "lead", "response", "outcome", "stages (ms)"):
+        table.add_column(col, justify="right" if col in ("turn", "response") else "left")
+    for t in r.slowest:
+        stages = ", ".join(f"{k} {v:,.0f}" + (" (timed out)" if k in t.timeouts else "") for k, v in t.stages.items())
+        table.add_row(str(t.turn_id), Text(t.phone + (f" {t.name}" if t.name else "")),
+                      format_value(t.response_ms, "ms"), Text(t.outcome), Text(stages))  # fmt: skip
+    return table
+
+
+def print_report(r: Report) -> None:
+    out.print(kpi_table(r))
+    out.print(f"response time: P50 {format_value(r.response_p50_ms, 'ms')}, "
+              f"P95 {r.kpi('response_p95_ms').text()}, P99 {format_value(r.response_p99_ms, 'ms')} "
+              f"({r.responded:,} replies sent)")  # fmt: skip
+    out.print(stage_table(r))
+    outcomes = ", ".join(f"{escape(name)} {n:,} ({format_value(n / r.turns, 'percent')})" for name, n in r.outcomes.items())
+    out.print(f"outcomes: {outcomes}")
+    out.print(slowest_table(r))
+
+
+@friendly_errors
+def report(
+    ctx: typer.Context,
+    since: Annotated[str | None, typer.Option(
+        help="turns finished within this, up to now: 30m, 24h, 7d, 2w [default: 24h]")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="window start, ISO 8601 (local time when no offset)")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="window end, ISO 8601 [default: now]")] = None,
+    slowest: Annotated[int, typer.Option(help="how many of the slowest turns to list", min=0, max=1000)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (times in ms, rates as 0..1)")] = False,
+    html_file: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML page with charts")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="exit 1 when an SLO is missed (a window without turns is not a miss)")] = False,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+) -> None:  # fmt: skip
+    """KPIs of the turns in a window against the SLOs in sdr.toml: P95 response time, timeout
+    rate, cache hit rate, peak concurrent leads; latency per stage, outcomes, slowest turns."""
+    cfg = load(ctx, config, profile)
+    window = resolve_window(since, start, end)
+    r = with_connection(cfg, lambda conn: build_report(conn, window, cfg.slo, slowest))
+    if html_file is not None:
+        try:
+            html_file.write_text(render(r), encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--html {html_file}: cannot write: {exc.strerror}") from None
+        err.print(f"wrote {escape(str(html_file))}")
+    # With --json, stdout is the JSON alone; the verdict goes to stderr.
+    talk: Console = err if as_json else out
+    if as_json:
+        print(json.dumps(r.to_dict(), indent=2))
+    if r.empty:
+        talk.print(f"nothing to report between {r.window.describe()}: no turns finished in this window"
+                   + (" (no SLO checked)" if check else ""))  # fmt: skip
+        return
+    if not as_json:
+        print_report(r)
+    if not check:
+        return
+    for k in r.missed:
+        talk.print(f"[red]SLO missed:[/] {k.label} {k.text()}, target {format_target(k)}")
+    if r.missed:
+        raise typer.Exit(1)
+    talk.print("[green]every SLO met[/]")

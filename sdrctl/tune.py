@@ -1,0 +1,198 @@
+"""`sdrctl tune`: show, set, diff, new and recommend the knobs of a profile."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from daemon import tuning
+from daemon.errors import ConfigError, SdrError
+from sdrctl.common import ConfigOpt, ProfileOpt, friendly_errors, load, out
+from sdrctl.migrate import with_connection
+
+app = typer.Typer(
+    help="Show, edit, compare and recommend the knobs of a tuning profile.", no_args_is_help=True
+)
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _which(ctx: typer.Context, config: Path | None, name: str | None) -> str:
+    """The profile named here or before the command, else the one sdr.toml uses."""
+    name = name or ctx.find_root().params.get("profile")
+    return name or load(ctx, config, None).profile.source
+
+
+def fmt(value: Any) -> str:
+    """As TOML spells it, so what is shown can be typed back into `tune set`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _print_changes(path: object, changes: list[tuning.Change]) -> None:
+    if not changes:
+        out.print(Text(f"no change: {path} already has these values"))
+        return
+    for c in changes:
+        out.print(Text(f"{c.key}: {fmt(c.old)} -> {fmt(c.new)}"))
+    out.print(Text(f"wrote {path}"))
+
+
+@app.command()
+@friendly_errors
+def show(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(
+        metavar="[PROFILE]", help="a name in profiles/ or a .toml path (default: the one in use)")] = None,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Every knob with its value, unit, allowed range and meaning, by section."""
+    p = tuning.read(_which(ctx, config, name or profile))
+    knobs = tuning.knobs(p)
+    overridden = tuning.env_overrides(dict(os.environ))
+    if as_json:
+        rows = [{**vars(k), "env_override": overridden.get(k.key)} for k in knobs]
+        print(json.dumps({"profile": p.name, "source": p.source, "knobs": rows}, indent=2))
+        return
+    out.print(Text(f"profile {p.name} ({p.source})"))
+    for section in dict.fromkeys(k.key.split(".")[0] for k in knobs):
+        table = Table("key", "value", "unit", "allowed", "meaning", title=Text(f"[{section}]"))
+        for k in knobs:
+            if k.key.startswith(section + "."):
+                name = k.key.split(".", 1)[1]
+                table.add_row(Text(name), Text(fmt(k.value)), k.unit, Text(k.allowed), Text(k.help))
+        out.print(table)
+    for key, var in overridden.items():
+        out.print(Text(f"note: {var} overrides {key} in this environment (the file's value is shown)"))
+
+
+@app.command("set")
+@friendly_errors
+def set_(
+    ctx: typer.Context,
+    assignments: Annotated[list[str], typer.Argument(
+        metavar="KEY=VALUE...", help="section.key=value, e.g. buffer.quiet_window=0.8")],
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+) -> None:  # fmt: skip
+    """Change knobs in a profile file, validated as a whole before it is written."""
+    updates = tuning.parse_assignments(assignments)
+    path, changes = tuning.set_values(_which(ctx, config, profile), updates)
+    _print_changes(path, changes)
+
+
+@app.command()
+@friendly_errors
+def diff(
+    a: Annotated[str, typer.Argument(help="a profile name or .toml path")],
+    b: Annotated[str, typer.Argument(help="another one")],
+    show_all: Annotated[bool, typer.Option("--all", help="every key, the differing ones highlighted")] = False,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """The keys whose values differ between two profiles, side by side."""
+    pairs = tuning.diff(tuning.read(a), tuning.read(b))
+    pairs = [(x, y) for x, y in pairs if show_all or x.value != y.value]
+    if as_json:
+        rows = [{"key": x.key, "a": x.value, "b": y.value, "unit": x.unit, "changed": x.value != y.value}
+                for x, y in pairs]  # fmt: skip
+        print(json.dumps({"a": a, "b": b, "keys": rows}, indent=2))
+        return
+    if not pairs:
+        out.print(Text(f"no differences between {a} and {b}"))
+        return
+    table = Table("key")
+    for header in (a, b):  # Text: a path's brackets are not markup
+        table.add_column(Text(header))
+    table.add_column("unit")
+    for x, y in pairs:
+        style = "bold yellow" if show_all and x.value != y.value else None
+        table.add_row(Text(x.key), Text(fmt(x.value)), Text(fmt(y.value)), x.unit, style=style)
+    out.print(table)
+
+
+@app.command()
+@friendly_errors
+def new(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the new profile's name: lowercase letters, digits, - and _")],
+    source: Annotated[str | None, typer.Option(
+        "--from", help="the profile to copy (default: the one in use)")] = None,
+    config: ConfigOpt = None,
+) -> None:  # fmt: skip
+    """Create profiles/NAME.toml in this folder as a copy of another profile."""
+    path = tuning.new_profile(name, _which(ctx, config, source))
+    out.print(Text(f"wrote {path}; use it with --profile {name}"))
+
+
+@app.command()
+@friendly_errors
+def recommend(
+    ctx: typer.Context,
+    since: Annotated[str, typer.Option(help="turns started within this: 30m, 24h, 7d")] = "24h",
+    headroom: Annotated[float, typer.Option(help="timeout = P99 x this (at least 2)")] = 3.0,
+    min_samples: Annotated[int, typer.Option(help="fewer samples than this: no proposal")] = 200,
+    write: Annotated[bool, typer.Option("--write", help="apply the proposals to the profile")] = False,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Stage timeouts from the latencies recorded in the turns table."""
+    window = tuning.parse_duration(since)
+    tuning.check_options(headroom, min_samples)
+    name = _which(ctx, config, profile)
+    if write:
+        tuning.writable_path(name)  # refuse before querying, not after
+    current = tuning.read(name)
+    cfg = load(ctx, config, name)
+    stats = with_connection(cfg, lambda conn: tuning.stage_latencies(conn, window))
+    proposals = tuning.propose(current, stats, headroom, min_samples)
+    updates = {p.key: p.proposed for p in proposals if p.proposed is not None}
+    result: dict[str, Any] = {
+        "profile": current.source, "since": since, "headroom": headroom,
+        "stages": [{**vars(p.stats), "key": p.key, "current": p.current, "proposed": p.proposed,
+                    "note": p.note} for p in proposals],
+    }  # fmt: skip
+    if not as_json:
+        out.print(_proposal_table(proposals, since, headroom))
+    try:
+        if not updates:
+            raise SdrError(f"no stage has {min_samples} samples in the last {since}; nothing to recommend")
+        if write:  # the same validated write as `tune set`
+            path, changes = tuning.set_values(name, updates)
+            result["written"] = [vars(c) for c in changes]
+            if not as_json:
+                _print_changes(path, changes)
+            return
+        try:  # say now if --write would be refused, e.g. for a relation the proposals break
+            tuning.set_values(name, updates, commit=False)
+        except ConfigError as exc:
+            result["write_refused"] = str(exc)
+            if not as_json:
+                out.print(Text(f"note: --write would be refused: {exc}"))
+    finally:
+        if as_json:
+            print(json.dumps(result, indent=2))
+
+
+def _proposal_table(proposals: list[tuning.Proposal], since: str, headroom: float) -> Table:
+    table = Table(
+        "stage", "timeout", "samples", "timed out", "P50 ms", "P95 ms", "P99 ms", "current s",
+        "proposed s", "note", title=f"turns of the last {since}, timeout = P99 x {headroom:g}",
+    )  # fmt: skip
+    for column in table.columns[2:9]:
+        column.justify = "right"
+    for p in proposals:
+        s = p.stats
+        pct = [f"{v:.1f}" if v is not None else "-" for v in (s.p50_ms, s.p95_ms, s.p99_ms)]
+        proposed = fmt(p.proposed) if p.proposed is not None else "-"
+        row = [p.stage, p.key, str(s.samples), str(s.timed_out), *pct, fmt(p.current), proposed]
+        table.add_row(*row, Text(p.note))
+    return table

@@ -1,0 +1,355 @@
+"""`sdrctl report`: KPIs from known turns, computed here independently of the SQL; the
+JSON, --check, the empty window, bad input; the HTML page rendered by a real headless
+Chromium; and a scale run on 200k turns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import shutil
+import struct
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from daemon.config import SloSettings
+from daemon.embedded import Endpoints
+from daemon.report import Window, build_report
+from tests.helpers import sdrctl
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+WINDOW = Window(T0, T0 + timedelta(hours=1))
+SPAN = ("--from", "2026-03-01T12:00:00+00:00", "--to", "2026-03-01T13:00:00+00:00")
+EVIL = '<script>alert("x")</script> & Bia'  # a push name the HTML must escape
+
+
+def percentile_cont(values: Sequence[float], q: float) -> float:
+    """PostgreSQL's percentile_cont: linear interpolation between the closest ranks."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    return s[lo] if lo == pos else s[lo] + (s[lo + 1] - s[lo]) * (pos - lo)
+
+
+@dataclass
+class T:
+    """One turn of the known set: seconds after T0 for its first message and its end."""
+
+    lead: str
+    first: float
+    end: float
+    response_ms: float | None
+    stages: dict[str, float]
+    timeouts: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    hits: int = 0
+    misses: int = 0
+    messages: int = 1
+    outcome: str = "ok"
+
+
+LEADS = {"A": ("5511900000001", "Ana"), "B": ("5511900000002", EVIL), "C": ("5511900000003", None)}
+KNOWN = [
+    T("A", 0, 10, 4000, {"context": 12, "agent": 3500, "store": 4}, hits=2, misses=1, messages=3),
+    # A's next burst starts during its first turn: A counts once among the leads in progress.
+    T("A", 5, 20, 9000, {"context": 15, "agent": 8800, "store": 5}, timeouts=["agent"], misses=2,
+      messages=2, outcome="fallback"),
+    T("B", 8, 15, 1500, {"context": 9, "knowledge": 40, "agent": 1300, "store": 3}, hits=1, misses=1),
+    T("C", 12, 30, 6000, {"context": 30, "knowledge": 2000, "agent": 3600, "store": 6},
+      timeouts=["knowledge"], hits=1, misses=1, messages=4),
+    T("C", 40, 50, None, {"context": 8, "agent": 900, "store": 3}, failures=["send"], hits=3),
+    T("B", 100, 103, 800, {"context": 7, "agent": 600, "store": 2}, hits=1),
+    *(T("B", 200 + 20 * k, 202 + 20 * k, ms, {"context": 10 + k, "knowledge": 30 + k, "agent": ms - 200,
+        "store": 2 + k}, hits=k, misses=1, messages=1 + k % 2)
+      for k, ms in enumerate([1200, 2500, 3300, 4700, 5200, 12000])),
+]  # fmt: skip
+OUTSIDE = [  # finished before or after the window: never counted
+    T("A", -30, -5, 60000, {"agent": 59000}, timeouts=["agent"]),
+    T("C", 3590, 3605, 60000, {"agent": 59000}),
+]
+
+
+async def connect(endpoints: Endpoints) -> asyncpg.Connection:
+    return await asyncpg.connect(endpoints.database_url)
+
+
+async def insert_known(endpoints: Endpoints) -> None:
+    conn = await connect(endpoints)
+    try:
+        ids = {}
+        for key, (phone, name) in LEADS.items():
+            lead = await conn.fetchval(
+                "INSERT INTO leads (phone_number, push_name) VALUES ($1, $2) RETURNING id", phone, name)
+            conv = await conn.fetchval(
+                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone)
+            ids[key] = (lead, conv)
+        for t in KNOWN + OUTSIDE:
+            first, end = T0 + timedelta(seconds=t.first), T0 + timedelta(seconds=t.end)
+            await conn.execute(
+                """INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
+                       last_message_at, started_at, finished_at, buffer_wait_ms, response_ms, stages,
+                       timeouts, failures, cache_hits, cache_misses, agent_backend, outcome)
+                   VALUES ($1, $2, $3, $4, $4, $4, $5, 0, $6, $7::jsonb, $8, $9, $10, $11, 'playbook', $12)""",
+                *ids[t.lead], t.messages, first, end, t.response_ms, json.dumps(t.stages),
+                t.timeouts, t.failures, t.hits, t.misses, t.outcome,
+            )  # fmt: skip
+    finally:
+        await conn.close()
+
+
+def peak_by_brute_force(turns: Sequence[T]) -> int:
+    """The most distinct leads with a turn in progress ([first, end)) at any instant."""
+    return max(len({t.lead for t in turns if t.first <= at < t.end}) for at in {t.first for t in turns})
+
+
+async def test_kpis_from_known_turns_are_exact(clean: Endpoints) -> None:
+    await insert_known(clean)
+    slo = SloSettings(response_p95=10.0, timeout_rate=0.1, cache_hit_rate=0.5, concurrent_leads=3)
+    conn = await connect(clean)
+    try:
+        r = await build_report(conn, WINDOW, slo, slowest=3)
+    finally:
+        await conn.close()
+
+    responses = [t.response_ms for t in KNOWN if t.response_ms is not None]
+    hits, misses = sum(t.hits for t in KNOWN), sum(t.misses for t in KNOWN)
+    kpi = {k.key: k.value for k in r.kpis}
+    assert r.turns == len(KNOWN) == 12 and r.responded == 11
+    assert kpi["response_p95_ms"] == pytest.approx(percentile_cont(responses, 0.95), rel=1e-12)
+    assert r.response_p50_ms == pytest.approx(percentile_cont(responses, 0.5), rel=1e-12)
+    assert r.response_p99_ms == pytest.approx(percentile_cont(responses, 0.99), rel=1e-12)
+    assert kpi["timeout_rate"] == pytest.approx(2 / 12)
+    assert kpi["cache_hit_rate"] == pytest.approx(hits / (hits + misses))
+    # Four turns are in progress at 12 s, but two of them are A's: three leads.
+    assert kpi["peak_concurrent_leads"] == peak_by_brute_force(KNOWN) == 3
+    assert kpi["turns"] == 12
+    assert kpi["messages_per_turn"] == pytest.approx(sum(t.messages for t in KNOWN) / 12)
+
+    # 10 500 ms > 10 s; 2/12 > 10 %; the hit rate and the peak are within their targets.
+    assert [k.key for k in r.missed] == ["response_p95_ms", "timeout_rate"]
+    assert {k.key: k.met for k in r.kpis} == {
+        "response_p95_ms": False, "timeout_rate": False, "cache_hit_rate": True,
+        "peak_concurrent_leads": True, "turns": None, "messages_per_turn": None,
+    }  # fmt: skip
+
+    assert [s.stage for s in r.stages] == ["context", "knowledge", "agent", "store", "send"]
+    for s in r.stages:
+        values = [t.stages[s.stage] for t in KNOWN if s.stage in t.stages]
+        assert s.turns == len(values)
+        if values:
+            assert (s.p50_ms, s.p95_ms, s.p99_ms) == pytest.approx(
+                tuple(percentile_cont(values, q) for q in (0.5, 0.95, 0.99)), rel=1e-12)
+        assert s.timeouts == sum(s.stage in t.timeouts for t in KNOWN)
+        assert s.failures == sum(s.stage in t.failures for t in KNOWN)
+    send = r.stages[-1]  # failed, never timed: listed with its failure, no times
+    assert (send.turns, send.p95_ms, send.failures) == (0, None, 1)
+
+    assert r.outcomes == {"fallback": 1, "ok": 11}
+    assert [(t.phone, t.response_ms) for t in r.slowest] == [
+        ("5511900000002", 12000), ("5511900000001", 9000), ("5511900000003", 6000)]
+    assert r.slowest[1].timeouts == ["agent"] and list(r.slowest[1].stages) == ["context", "agent", "store"]
+    assert sum(b.turns for b in r.histogram) == 11
+    assert sum(p.turns for p in r.timeline) == 12
+
+
+async def test_json_has_stable_keys_and_check_exits_1_only_on_a_miss(clean: Endpoints) -> None:
+    await insert_known(clean)
+    env = {"SDR_DATABASE_URL": clean.database_url}
+    code, out, err = await sdrctl("report", *SPAN, "--json", "--check", env=env)
+    assert code == 1, err
+    doc = json.loads(out)
+    assert set(doc) == {"from", "to", "empty", "turns", "slo_met", "missed", "kpis", "response_ms",
+                        "stages", "outcomes", "slowest", "timeline", "histogram"}  # fmt: skip
+    assert (doc["from"], doc["to"], doc["turns"], doc["empty"]) == ("2026-03-01T12:00:00Z", "2026-03-01T13:00:00Z", 12, False)
+    assert list(doc["kpis"]) == ["response_p95_ms", "timeout_rate", "cache_hit_rate",
+                                 "peak_concurrent_leads", "turns", "messages_per_turn"]  # fmt: skip
+    p95 = doc["kpis"]["response_p95_ms"]
+    assert p95 == {"label": "P95 response time", "value": 10500.0, "unit": "ms", "target": 5000.0,
+                   "objective": "max", "met": False}  # sdr.toml: 5 s
+    assert doc["kpis"]["timeout_rate"]["unit"] == "ratio" and doc["kpis"]["timeout_rate"]["target"] == 0.01
+    assert doc["slo_met"] is False and doc["missed"] == ["response_p95_ms", "timeout_rate", "cache_hit_rate"]
+    assert set(doc["stages"][0]) == {"stage", "turns", "p50_ms", "p95_ms", "p99_ms", "timeouts", "failures"}
+    assert set(doc["slowest"][0]) == {"turn_id", "phone", "name", "finished_at", "response_ms", "outcome",
+                                      "stages", "timeouts"}  # fmt: skip
+    assert doc["timeline"]["bucket_s"] == 300 and set(doc["timeline"]["points"][0]) == {
+        "at", "turns", "response_p95_ms", "cache_hit_rate", "timeout_rate"}
+    assert set(doc["histogram"][0]) == {"low_ms", "high_ms", "turns"}
+    assert "SLO missed: P95 response time 10,500 ms, target ≤ 5,000 ms" in err
+    assert "SLO missed: timeout rate" in err and "peak concurrent" not in err
+
+    loose = {**env, "SDR_SLO_RESPONSE_P95": "11", "SDR_SLO_TIMEOUT_RATE": "0.2", "SDR_SLO_CACHE_HIT_RATE": "0.5"}
+    code, out, err = await sdrctl("report", *SPAN, "--check", env=loose)
+    assert code == 0, err
+    assert "every SLO met" in out and "10,500 ms" in out and "≤ 11,000 ms" in out
+    assert "5511900000002" in out  # the slowest turns name their lead
+
+
+async def test_an_empty_window_says_so_and_is_not_a_miss(clean: Endpoints) -> None:
+    env = {"SDR_DATABASE_URL": clean.database_url}
+    code, out, err = await sdrctl("report", "--check", env=env)
+    assert code == 0, err
+    assert "nothing to report between" in " ".join(out.split())
+    code, out, _ = await sdrctl("report", *SPAN, "--json", env=env)
+    doc = json.loads(out)
+    assert code == 0 and doc["empty"] is True and doc["turns"] == 0 and doc["slo_met"] is True
+    assert doc["kpis"]["response_p95_ms"]["value"] is None and doc["stages"] == []
+
+
+async def test_bad_windows_exit_2_saying_what_is_allowed() -> None:
+    code, _, err = await sdrctl("report", "--since", "5x")
+    assert code == 2 and "--since '5x'" in err and "30m, 24h, 7d" in err, err
+    code, _, err = await sdrctl("report", "--since", "24h", "--from", "2026-03-01")
+    assert code == 2 and "not both" in err
+    code, _, err = await sdrctl("report", "--from", "yesterday")
+    assert code == 2 and "ISO 8601" in err
+    code, _, err = await sdrctl("report", "--from", "2026-03-02", "--to", "2026-03-01")
+    assert code == 2 and "must be before" in err
+    assert "Traceback" not in err
+
+
+# --- the HTML page -----------------------------------------------------------------------
+
+
+def png_pixels(path: Path) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """Decodes an 8-bit RGB or RGBA PNG (what Chromium writes) with the standard library."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", 0
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour = struct.unpack(">IIBB", chunk[:10])
+            assert depth == 8 and colour in (2, 6), (depth, colour)
+            bpp = 3 if colour == 2 else 4
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    raw, stride = zlib.decompress(idat), width * bpp
+    rows: list[bytearray] = []
+    prev = bytearray(stride)
+    for y in range(height):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(line)
+        prev = line
+    pixels = [(r[i], r[i + 1], r[i + 2]) for r in rows for i in range(0, stride, bpp)]
+    return width, height, pixels
+
+
+def near(pixel: tuple[int, int, int], colour: str, tolerance: int = 12) -> bool:
+    want = (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16))
+    return all(abs(p - w) <= tolerance for p, w in zip(pixel, want))
+
+
+async def chromium(*args: str, tmp: Path) -> str:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("headless Chromium is needed to check the HTML report: apt-get install chromium")
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp / 'chromium'}", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_html_is_self_contained_escaped_and_renders_in_chromium(clean: Endpoints, tmp_path: Path) -> None:
+    await insert_known(clean)
+    page = tmp_path / "report.html"
+    code, _, err = await sdrctl("report", *SPAN, "--html", str(page), env={"SDR_DATABASE_URL": clean.database_url})
+    assert code == 0, err
+    text = page.read_text()
+    # Nothing fetched: no URL at all, no script, no stylesheet link; a viewport for phones.
+    assert "http://" not in text and "https://" not in text and "//" not in re.sub(r"<style>.*?</style>", "", text, flags=re.DOTALL)
+    assert not re.search(r"<(script|link|img|iframe)\b", text, re.IGNORECASE) and "src=" not in text and "href=" not in text
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
+    assert text.count("<svg viewBox=") == 4
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; Bia" in text and EVIL not in text
+
+    dom = await chromium("--dump-dom", page.as_uri(), tmp=tmp_path)
+    assert dom.count("<svg") == 4 and dom.count("<rect") >= 10 and "<polyline" in dom
+    assert "<script" not in dom  # the lead's name stayed text
+
+    for size, name in (("400,900", "phone.png"), ("1280,1000", "desktop.png")):
+        shot = tmp_path / name
+        await chromium(f"--screenshot={shot}", f"--window-size={size}", page.as_uri(), tmp=tmp_path)
+        width, height, pixels = png_pixels(shot)
+        assert (width, height) == tuple(int(v) for v in size.split(","))
+        non_white = sum(1 for p in pixels if min(p) < 240)
+        assert non_white > len(pixels) * 0.05 and len(set(pixels)) > 50, (name, non_white, len(set(pixels)))
+        # The charts are drawn: the bars' blue and the missed-SLO red are on screen.
+        assert sum(1 for p in pixels if near(p, "#2563eb")) > 200, name
+        assert sum(1 for p in pixels if near(p, "#dc2626")) > 100, name
+
+
+# --- scale ---------------------------------------------------------------------------------
+
+SCALE_TURNS = 200_000
+SCALE_LEADS = 1000
+# Turn i ends at T0 + i s and began 2.5 s before; leads take turns, so three are in progress at once.
+SCALE_SQL = f"""
+INSERT INTO leads (phone_number) SELECT '55119' || lpad(i::text, 8, '0') FROM generate_series(1, {SCALE_LEADS}) i;
+INSERT INTO conversations (lead_id, phone_number) SELECT id, phone_number FROM leads;
+INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at, last_message_at,
+                   started_at, finished_at, buffer_wait_ms, response_ms, stages, timeouts,
+                   cache_hits, cache_misses, agent_backend, outcome)
+SELECT 1 + i % {SCALE_LEADS}, 1 + i % {SCALE_LEADS}, 1 + i % 2, f - interval '2.5 s', f - interval '1 s', f - interval '0.5 s', f, 500,
+       1 + i % 1000,
+       CASE WHEN i % 3 = 0 THEN jsonb_build_object('context', i % 10, 'knowledge', i % 7, 'agent', (1 + i % 1000) / 2.0)
+            ELSE jsonb_build_object('context', i % 10, 'agent', (1 + i % 1000) / 2.0) END,
+       CASE WHEN i % 50 = 0 THEN '{{agent}}'::text[] ELSE '{{}}' END,
+       i % 4, 1, 'simulated', CASE WHEN i % 50 = 0 THEN 'fallback' ELSE 'ok' END
+  FROM generate_series(1, {SCALE_TURNS}) i, LATERAL (SELECT '{T0.isoformat()}'::timestamptz + i * interval '1 s' AS f) x;
+ANALYZE turns;
+"""
+
+
+async def test_a_report_on_200k_turns_is_quick_and_right(clean: Endpoints) -> None:
+    conn = await connect(clean)
+    try:
+        await conn.execute(SCALE_SQL)
+        started = time.perf_counter()
+        window = Window(T0, T0 + timedelta(seconds=SCALE_TURNS + 1))
+        r = await build_report(conn, window, SloSettings())
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    assert elapsed < 10, f"the report took {elapsed:.1f}s on {SCALE_TURNS} turns"
+    n = SCALE_TURNS
+    responses = [1 + i % 1000 for i in range(1, n + 1)]
+    kpi = {k.key: k.value for k in r.kpis}
+    assert r.turns == n and kpi["turns"] == n
+    assert kpi["response_p95_ms"] == pytest.approx(percentile_cont(responses, 0.95), rel=1e-12)
+    assert kpi["timeout_rate"] == pytest.approx(0.02)
+    assert kpi["cache_hit_rate"] == pytest.approx((n // 4) * 6 / ((n // 4) * 6 + n))
+    assert kpi["peak_concurrent_leads"] == 3
+    assert kpi["messages_per_turn"] == pytest.approx(1.5)
+    assert r.outcomes == {"fallback": n // 50, "ok": n - n // 50}
+    stages = {s.stage: s for s in r.stages}
+    assert (stages["context"].turns, stages["knowledge"].turns, stages["agent"].turns) == (n, n // 3, n)
+    assert stages["agent"].timeouts == n // 50
+    assert stages["agent"].p99_ms == pytest.approx(percentile_cont([v / 2 for v in responses], 0.99), rel=1e-12)
+    assert sum(p.turns for p in r.timeline) == n and len(r.timeline) <= 48
+    assert len(r.slowest) == 10 and r.slowest[0].response_ms == 1000
