@@ -215,7 +215,7 @@ def format_value(value: float | None, unit: str) -> str:
     if unit == "ms":
         return f"{value:,.0f} ms"
     if unit == "percent":
-        return f"{value:.1%}".replace("%", " %")
+        return f"{value:.2%}".replace("%", " %")  # 2 decimals: 1.00 % vs a 1 % target must read right
     return f"{value:,.0f}" if unit == "count" else f"{value:,.2f}"
 
 

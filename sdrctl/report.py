@@ -22,7 +22,7 @@ STATUS = {True: Text("met", style="bold green"), False: Text("missed", style="bo
 
 
 def kpi_table(r: Report) -> Table:
-    table = Table(title=f"KPIs: {r.window.describe()}")
+    table = Table(title=f"KPIs from {r.window.describe().replace(' and ', ' to ')}")
     for col in ("KPI", "value", "target", "status"):
         table.add_column(col, justify="left" if col in ("KPI", "status") else "right")
     for k in r.kpis:
