@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 .PHONY: serve test install clean system-deps
 
 serve: $(VENV)/.installed
+	@./scripts/system-deps media
 	$(BIN)/sdrctl serve
 
 test: $(VENV)/.installed-dev system-deps
@@ -14,7 +15,7 @@ test: $(VENV)/.installed-dev system-deps
 
 install: $(VENV)/.installed
 
-# Debian packages (chromium for the report's render test): installed when missing and we
+# Debian packages (chromium, ffmpeg, tesseract-ocr-por): installed when missing and we
 # are root with apt-get; otherwise the script says what to install.
 system-deps:
 	@./scripts/system-deps

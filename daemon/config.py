@@ -97,6 +97,14 @@ class AgentSettings:
     api_key_env: str = knob("OPENAI_API_KEY", "openai backend: environment variable holding the key")
     temperature: float = knob(0.3, "openai backend: sampling temperature", min=0, max=2)
     max_tokens: int = knob(400, "openai backend: longest reply", unit="tokens", min=16, max=8192)
+    transcription_url: str = knob(
+        "", "voice notes: an OpenAI-compatible API base URL for /audio/transcriptions; empty = "
+        "no transcription (the agent asks the lead to type)",
+    )  # fmt: skip
+    transcription_model: str = knob("whisper-1", "voice notes: the transcription model")
+    vision_model: str = knob(
+        "", "openai backend: a vision-capable model that also gets the lead's photos; empty = text only"
+    )
     simulated_latency: str = knob(
         "lognormal:median=1.5,p95=4", "simulated backend: latency distribution",
         check=parse_latency, describe=SPEC_HELP,
@@ -214,6 +222,27 @@ class Cache:
     kb_size: int = knob(2000, "knowledge-base search results: most entries in process", min=1, max=10**7)
 
 
+@dataclass(frozen=True)
+class Media:
+    max_image_bytes: int = knob(
+        10 * 1024 * 1024, "largest image accepted, estimated from the base64 length before decoding",
+        unit="bytes", min=1024, max=100 * 1024 * 1024,
+    )  # fmt: skip
+    max_pixels: int = knob(
+        40_000_000, "largest image accepted, width x height, read from the header before decoding",
+        unit="pixels", min=10_000, max=500_000_000,
+    )  # fmt: skip
+    max_dimension: int = knob(1920, "images are downscaled to fit this many pixels a side", unit="px", min=64, max=8192)
+    jpeg_quality: int = knob(85, "quality of the prepared JPEG (OCR and vision models)", min=30, max=95)
+    workers: int = knob(2, "media worker threads (image decoding off the event loop)", min=1, max=64)
+    ocr: bool = knob(True, "read electricity bills with Tesseract when it is installed")
+    max_audio_seconds: float = knob(
+        120.0, "longest voice note accepted; longer ones get a polite answer", unit="s", min=1, max=3600
+    )
+    result_ttl: float = knob(86400.0, "cached analysis of an image or note, by content hash", unit="s", min=1, max=30 * 86400)
+    result_size: int = knob(1000, "cached media analyses: most entries in process", min=1, max=10**6)
+
+
 PROFILE_SECTIONS: dict[str, type] = {
     "timeouts": Timeouts,
     "buffer": Buffer,
@@ -221,6 +250,7 @@ PROFILE_SECTIONS: dict[str, type] = {
     "limits": Limits,
     "features": Features,
     "cache": Cache,
+    "media": Media,
 }
 SETTINGS_SECTIONS: dict[str, type] = {
     "daemon": DaemonSettings,
@@ -243,6 +273,7 @@ class Profile:
     limits: Limits = field(default_factory=Limits)
     features: Features = field(default_factory=Features)
     cache: Cache = field(default_factory=Cache)
+    media: Media = field(default_factory=Media)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,13 @@
+"""The one exception media code raises for input it will not process."""
+
+from __future__ import annotations
+
+
+class MediaRefused(Exception):
+    """Input we refuse on purpose: too big, not an image, a voice note too long...
+    `reason` is a short code (metrics labels, the turn record); the message says what is
+    wrong and what is allowed, for logs."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
