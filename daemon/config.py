@@ -79,7 +79,7 @@ class WebhookSettings:
         "environment variable holding the webhook's bearer token; unset = loopback only",
     )
     max_body_bytes: int = knob(
-        8 * 1024 * 1024, "largest webhook body accepted", unit="bytes", min=1024, max=64 * 1024 * 1024
+        16 * 1024 * 1024, "largest webhook body accepted", unit="bytes", min=1024, max=64 * 1024 * 1024
     )
 
 
@@ -234,7 +234,7 @@ class Media:
     )  # fmt: skip
     max_dimension: int = knob(1920, "images are downscaled to fit this many pixels a side", unit="px", min=64, max=8192)
     jpeg_quality: int = knob(85, "quality of the prepared JPEG (OCR and vision models)", min=30, max=95)
-    workers: int = knob(2, "media worker threads (image decoding off the event loop)", min=1, max=64)
+    workers: int = knob(2, "media worker processes (image decoding off the event loop and its GIL)", min=1, max=64)
     ocr: bool = knob(True, "read electricity bills with Tesseract when it is installed")
     max_audio_seconds: float = knob(
         120.0, "longest voice note accepted; longer ones get a polite answer", unit="s", min=1, max=3600

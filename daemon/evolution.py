@@ -107,7 +107,7 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
     try:
         if event == PRESENCE:
             return _to_typing(_presence.decode(env.data))
-        return _to_inbound(_message.decode(env.data))
+        return _to_inbound(_message.decode(env.data), env.instance)
     except msgspec.ValidationError as exc:
         raise BadPayload(422, f"invalid event: {exc} (in `data`)") from None
 
@@ -126,7 +126,7 @@ def _to_typing(data: PresenceData) -> Typing | Ignored:
     return Typing(phone) if states & TYPING else Ignored("presence")
 
 
-def _to_inbound(data: MessageData) -> Inbound | Ignored:
+def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Ignored:
     jid = data.key.remoteJid
     if data.key.fromMe:
         return Ignored("from_me")
@@ -140,6 +140,9 @@ def _to_inbound(data: MessageData) -> Inbound | Ignored:
     kind, body, media = _content(data.message or {})
     if kind is None:
         return Ignored("no_content")
+    if media is not None:  # what fetching the bytes later needs, when the event has none
+        media["key"] = {"id": data.key.id, "remoteJid": jid, "fromMe": False}
+        media["instance"] = instance
     return Inbound(
         phone=phone,
         push_name=data.pushName,
@@ -162,6 +165,10 @@ def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] |
         if isinstance(part, dict):
             caption = part.get("caption") if isinstance(part.get("caption"), str) else ""
             media = {k: part[k] for k in ("mimetype", "fileLength", "seconds") if k in part}
+            # With "webhook base64" on, Evolution puts the decrypted file here. Never the
+            # part's `url`: that is WhatsApp's encrypted CDN file.
+            if isinstance(message.get("base64"), str):
+                media["base64"] = message["base64"]
             return kind, caption or "", media
     return None, "", None
 
@@ -189,6 +196,10 @@ class SendFailed(Exception):
         self.retryable = retryable
 
 
+class MediaUnavailable(Exception):
+    """The Evolution API could not give us a media file."""
+
+
 class EvolutionClient:
     def __init__(self, config: Config) -> None:
         p = config.profile
@@ -205,6 +216,26 @@ class EvolutionClient:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+    async def get_media(self, key: dict[str, Any], instance: str | None, timeout: float) -> str:
+        """A media message's file, as base64, from the Evolution API (it decrypts it)."""
+        try:
+            resp = await self.http.post(
+                f"/chat/getBase64FromMediaMessage/{instance or self.instance}",
+                json={"message": {"key": key}, "convertToMp4": False},
+                timeout=timeout,
+            )
+        except httpx.TimeoutException:
+            raise TimeoutError(f"getBase64FromMediaMessage took more than {timeout:g}s") from None
+        if resp.status_code >= 400:
+            raise MediaUnavailable(f"getBase64FromMediaMessage: HTTP {resp.status_code}: {resp.text[:200]}")
+        try:
+            b64 = resp.json().get("base64")
+        except (ValueError, AttributeError):
+            b64 = None
+        if not isinstance(b64, str) or not b64:
+            raise MediaUnavailable("getBase64FromMediaMessage answered without a base64 field")
+        return b64
 
     async def send_presence(self, number: str, delay_ms: int) -> None:
         """Shows "typing..." to the lead (best effort: one try, errors raised to the caller)."""
@@ -279,6 +310,29 @@ def text_event(
         "server_url": "",
         "apikey": "",
     }
+
+
+def media_event(
+    phone: str, kind: str, *, message_id: str, instance: str, b64: str | None, mimetype: str,
+    caption: str = "", seconds: int | None = None, timestamp: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """An image or voice-note `messages.upsert` as Evolution API v2 posts it; with `b64`,
+    as it does when the instance has "webhook base64" on."""
+    event = text_event(phone, "", message_id=message_id, instance=instance, timestamp=timestamp)
+    field = {"image": "imageMessage", "audio": "audioMessage"}[kind]
+    part: dict[str, Any] = {
+        "url": "https://mmg.whatsapp.net/o1/v/t62.7118-24/encrypted.enc", "mimetype": mimetype,
+        "fileLength": str(len(b64) * 3 // 4) if b64 else "0", "mediaKey": "aGVsbG8=",
+    }  # fmt: skip
+    if kind == "image":
+        part["caption"] = caption
+    else:
+        part.update(seconds=seconds or 0, ptt=True)
+    message: dict[str, Any] = {field: part}
+    if b64 is not None:
+        message["base64"] = b64
+    event["data"].update(message=message, messageType=field)
+    return event
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")

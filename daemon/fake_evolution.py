@@ -55,6 +55,9 @@ class FakeEvolution:
     answers: list[int] = field(default_factory=list)
     arrivals: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     url: str = ""
+    # Media the fake can hand out by message id, as base64 (getBase64FromMediaMessage).
+    media: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (base64, mimetype)
+    media_requests: list[dict[str, Any]] = field(default_factory=list)
     _signals: dict[str, asyncio.Event] = field(default_factory=dict)
     _count: int = 0
 
@@ -116,8 +119,22 @@ class FakeEvolution:
                 self.presences.append({**body, "at": time.time()})
             return JSONResponse({"presence": body.get("presence")}, status_code=201)
 
+        async def get_base64(request: Request) -> Response:
+            body = await request.json()
+            self.media_requests.append({"instance": request.path_params["instance"], **body})
+            key = (body.get("message") or {}).get("key") or {}
+            found = self.media.get(str(key.get("id")))
+            if found is None:
+                return JSONResponse({"status": 400, "error": "Bad Request",
+                                     "response": {"message": ["Message not found"]}}, status_code=400)  # fmt: skip
+            b64, mimetype = found
+            return JSONResponse({"mediaType": mimetype.split("/")[0] + "Message", "fileName": None,
+                                 "caption": None, "size": {}, "mimetype": mimetype, "base64": b64},
+                                status_code=201)  # fmt: skip
+
         return Starlette(
             routes=[
+                Route("/chat/getBase64FromMediaMessage/{instance}", get_base64, methods=["POST"]),
                 Route("/message/sendText/{instance}", send_text, methods=["POST"]),
                 Route("/chat/sendPresence/{instance}", send_presence, methods=["POST"]),
             ]

@@ -21,6 +21,7 @@ from daemon import migrations
 from daemon.agents import make_agent
 from daemon.buffer import MessageBuffer, member, parse_member
 from daemon.intake import IngestBatcher
+from daemon.media.processor import MediaProcessor
 from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import Config
 from daemon.embedded import Endpoints
@@ -113,9 +114,15 @@ class Runtime:
         if cfg.evolution.base_url:
             self._sender = EvolutionClient(cfg)
         self.agent = make_agent(cfg)
+        media_cache: TwoTierCache[dict[str, Any]] = TwoTierCache(
+            "media", self.redis, dict[str, Any], ttl=p.media.result_ttl, local_ttl=c.local_ttl,
+            size=p.media.result_size, enabled=c.enabled, metrics=self.metrics,
+        )  # fmt: skip
+        self.media = MediaProcessor(cfg, self._sender, media_cache, self.metrics)
         self.runner = TurnRunner(
             store=self.store, locks=locks, agent=self.agent, sender=self._sender,
             metrics=self.metrics, profile=p, leads=self.leads, knowledge=self.knowledge,
+            media=self.media,
         )  # fmt: skip
         # Bursts a previous run accepted but never answered are answered now.
         recovered = await self.store.unanswered()
@@ -177,6 +184,7 @@ class Runtime:
         if self._sender is not None:
             await self._sender.close()
         await self.agent.close()
+        await self.media.close()
         await self._close_pools()
 
     async def _close_pools(self) -> None:

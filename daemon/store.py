@@ -37,7 +37,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 # The hot path's read queries, named so `sdrctl migrate verify` explains exactly these.
 PENDING_MESSAGES = """
-SELECT m.id, m.lead_id, m.conversation_id, m.kind, m.body, m.provider_ts, m.received_at
+SELECT m.id, m.lead_id, m.conversation_id, m.kind, m.body, m.media, m.provider_ts, m.received_at
   FROM messages m JOIN leads l ON l.id = m.lead_id
  WHERE l.phone_number = $1 AND m.direction = 'in' AND m.turn_id IS NULL
    AND ($2::bigint IS NULL OR m.id = $2)
@@ -92,6 +92,7 @@ class PendingMessage:
     body: str
     provider_ts: datetime
     received_at: datetime
+    media: dict[str, Any] | None = None  # image/audio: mimetype, seconds, key, base64 when sent
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from daemon.agents import Agent, AgentReply, TurnInput
@@ -22,6 +23,8 @@ from daemon.cache import TwoTierCache
 from daemon.config import Profile
 from daemon.evolution import EvolutionClient, split_message
 from daemon.locks import LeadLocks
+from daemon.media.processor import MediaProcessor
+from daemon.media.result import MediaResult
 from daemon.metrics import Metrics
 from daemon.store import KbEntry, PendingMessage, Store, TurnRecord, tsquery_any
 from daemon.tasks import cancel_and_wait
@@ -89,6 +92,7 @@ class TurnRunner:
         profile: Profile,
         leads: TwoTierCache[dict[str, Any]],
         knowledge: TwoTierCache[list[KbEntry]],
+        media: MediaProcessor | None = None,
     ) -> None:
         self.store = store
         self.locks = locks
@@ -98,6 +102,7 @@ class TurnRunner:
         self.profile = profile
         self.leads = leads
         self.knowledge = knowledge
+        self.media = media
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
     async def run(
@@ -126,7 +131,14 @@ class TurnRunner:
         if not p.buffer.coalesce:
             burst = burst[:1]
         first, last = burst[0], burst[-1]
-        texts = [m.body for m in burst if m.body.strip()]
+        media_task: asyncio.Task[list[MediaResult]] | None = None
+        if self.media is not None and any(m.kind in MEDIA_KINDS for m in burst):
+            # First: a voice note's transcript is part of what the knowledge search and the
+            # agent read. Never raises: a failed photo still leaves the burst's text.
+            media_task = asyncio.create_task(self._media(burst, clock), name=f"media:{phone[-4:]}")
+            await asyncio.wait({media_task})
+        media = media_task.result() if media_task is not None else []
+        texts = _texts(burst, media)
 
         presence = self._show_typing(phone)
         kb_task: asyncio.Task[list[KbEntry]] | None = None
@@ -150,9 +162,10 @@ class TurnRunner:
             lead, history = await clock.run("context", self._context(phone, first, clock), t.personalization)
             async with self.agent_slots:
                 reply: AgentReply = await clock.run(
-                    "agent", self.agent.respond(TurnInput(lead, texts, history, knowledge)), t.agent
+                    "agent", self.agent.respond(TurnInput(lead, texts, history, knowledge, media)), t.agent
                 )
-            text, updates = reply.text, reply.lead_updates
+            # What a bill photo showed goes on the lead, unless the agent learnt better.
+            text, updates = reply.text, {**bill_updates(media), **reply.lead_updates}
             if not text.strip():
                 clock.failures.append("agent")
                 raise StageFailed("agent")
@@ -205,6 +218,23 @@ class TurnRunner:
         else:
             await self._deliver(phone, record.parts, done.turn_id, done.outbox_ids, last.received_at, clock)
         return True
+
+    async def _media(self, burst: list[PendingMessage], clock: StageClock) -> list[MediaResult]:
+        """Every photo and voice note of the burst, concurrently, within the multimodal
+        budget; a timeout or failure is recorded on the turn and answered gracefully."""
+        assert self.media is not None
+        items = [m for m in burst if m.kind in MEDIA_KINDS]
+        work = asyncio.gather(*(self.media.analyse(m) for m in items))
+        try:
+            results: list[MediaResult] = await clock.run("media", work, self.profile.timeouts.multimodal)
+        except StageFailed:  # over the whole budget: clock.run recorded the timeout
+            return [MediaResult(m.id, m.kind, "timeout", "timeout") for m in items]
+        if any(r.outcome in ("failed", "timeout") for r in results):
+            clock.failures.append("media")
+            self.metrics.failures.labels("media").inc()
+        for r in results:
+            clock.cache_use(r.cached)
+        return results
 
     def _window(self, first: PendingMessage, last: PendingMessage) -> float:
         """The window the buffer gave the burst's last message, within the cap."""
@@ -297,3 +327,29 @@ class TurnRunner:
                 self.metrics.response_time.observe(response)
             else:
                 await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
+
+
+MEDIA_KINDS = ("image", "audio")
+
+
+def _texts(burst: list[PendingMessage], media: list[MediaResult]) -> list[str]:
+    """The burst as the agent reads it, in order: texts, captions and transcripts."""
+    transcripts = {r.message_id: r.transcript for r in media if r.transcript}
+    texts = []
+    for m in burst:
+        if m.body.strip():
+            texts.append(m.body)
+        if m.id in transcripts:
+            texts.append(transcripts[m.id] or "")
+    return texts
+
+
+def bill_updates(media: list[MediaResult]) -> dict[str, Any]:
+    """The lead's bill value and consumption, from the last bill photo that showed them."""
+    updates: dict[str, Any] = {}
+    for r in media:
+        if r.bill and r.bill.get("amount"):
+            updates["bill_value"] = Decimal(r.bill["amount"])
+        if r.bill and r.bill.get("kwh"):
+            updates["consumption_kwh"] = int(r.bill["kwh"])
+    return updates

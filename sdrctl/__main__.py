@@ -1,3 +1,5 @@
 from sdrctl.main import app
 
-app(prog_name="sdrctl")
+# The guard matters: media worker processes are spawned, and import the main module again.
+if __name__ == "__main__":
+    app(prog_name="sdrctl")

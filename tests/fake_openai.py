@@ -1,11 +1,12 @@
-"""A fake OpenAI-compatible chat-completions API: a real HTTP server (Starlette behind
-uvicorn on a free loopback port) that answers in OpenAI's wire format and records what it
-received."""
+"""A fake OpenAI-compatible API (chat completions and audio transcriptions): a real HTTP
+server (Starlette behind uvicorn on a free loopback port) that answers in OpenAI's wire
+format and records what it received."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.parser
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +27,9 @@ _ids = itertools.count(1)
 @dataclass
 class FakeOpenAI:
     """Knobs: `status` (>= 400 answers an OpenAI-style error), `delay` (seconds before
-    answering), `content` (the reply; None sends `null` like a tool call) and `raw` (sent
-    verbatim instead of a completion, for malformed answers)."""
+    answering), `content` (the reply; None sends `null` like a tool call), `transcript`
+    (the text of every voice note) and `raw` (sent verbatim instead of a completion or a
+    transcription, for malformed answers). `status`, `delay` and `raw` apply to both routes."""
 
     url: str = ""  # base URL, ending in /v1
     requests: list[dict[str, Any]] = field(default_factory=list)  # {"body", "authorization"}
@@ -35,6 +37,10 @@ class FakeOpenAI:
     delay: float = 0.0
     content: str | None = "Olá! Eu sou a Sol ☀️ Como posso te chamar?"
     raw: str | None = None
+    # /audio/transcriptions: {"model", "language", "response_format", "file_bytes",
+    # "filename", "content_type", "authorization"}
+    transcriptions: list[dict[str, Any]] = field(default_factory=list)
+    transcript: str = "Oi, minha conta de luz vem uns 400 reais por mês"
 
     def app(self) -> Starlette:
         async def completions(request: Request) -> Response:
@@ -44,14 +50,37 @@ class FakeOpenAI:
             )
             if self.delay:
                 await _wait_or_disconnect(request, self.delay)
-            if self.status >= 400:
-                error = {"message": "fake failure", "type": "server_error", "param": None, "code": None}
-                return JSONResponse({"error": error}, status_code=self.status)
-            if self.raw is not None:
-                return Response(self.raw, media_type="application/json")
+            if (canned := self.canned()) is not None:
+                return canned
             return JSONResponse(self.completion(body))
 
-        return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+        async def transcriptions(request: Request) -> Response:
+            form = _multipart(await request.body(), request.headers.get("content-type", ""))
+            filename, file_type, file_bytes = form.get("file", (None, None, b""))
+            self.transcriptions.append({
+                **{k: form[k][2].decode() for k in ("model", "language", "response_format") if k in form},
+                "file_bytes": file_bytes, "filename": filename, "content_type": file_type,
+                "authorization": request.headers.get("authorization"),
+            })  # fmt: skip
+            if self.delay:
+                await _wait_or_disconnect(request, self.delay)
+            if (canned := self.canned()) is not None:
+                return canned
+            return JSONResponse({"text": self.transcript})
+
+        return Starlette(routes=[
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        ])  # fmt: skip
+
+    def canned(self) -> Response | None:
+        """The error or malformed answer the knobs ask for, if any."""
+        if self.status >= 400:
+            error = {"message": "fake failure", "type": "server_error", "param": None, "code": None}
+            return JSONResponse({"error": error}, status_code=self.status)
+        if self.raw is not None:
+            return Response(self.raw, media_type="application/json")
+        return None
 
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt = sum(len(str(m.get("content") or "").split()) for m in body.get("messages", []))
@@ -67,6 +96,24 @@ class FakeOpenAI:
             ],
             "usage": {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer},
         }  # fmt: skip
+
+
+def _multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, str | None, bytes]]:
+    """name -> (filename, content type, bytes) of a multipart/form-data body. Starlette's
+    request.form() needs python-multipart, which the project does not depend on; httpx's
+    bodies are simple enough to split on the boundary (binary-safe, unlike text parsers)."""
+    header = email.parser.HeaderParser().parsestr(f"Content-Type: {content_type}\n\n")
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str):
+        return {}
+    form: dict[str, tuple[str | None, str | None, bytes]] = {}
+    for part in body.split(b"--" + boundary.encode())[1:-1]:  # drop the preamble and the "--" end
+        head, _, content = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        headers = email.parser.BytesHeaderParser().parsebytes(head)
+        name = headers.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            form[name] = (headers.get_filename(), headers.get("content-type"), content.removesuffix(b"\r\n"))
+    return form
 
 
 async def _wait_or_disconnect(request: Request, seconds: float) -> None:

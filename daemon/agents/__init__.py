@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from daemon.config import Config
 from daemon.errors import ConfigError
+from daemon.media.result import MediaResult
 from daemon.store import KbEntry
 
 
@@ -21,6 +22,7 @@ class TurnInput:
     texts: list[str]  # the burst, in the order the lead wrote it
     history: list[dict[str, Any]]
     knowledge: Callable[[], Awaitable[list[KbEntry]]]
+    media: list[MediaResult] = field(default_factory=list)  # the burst's photos and voice notes
 
 
 @dataclass(frozen=True)

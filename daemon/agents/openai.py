@@ -6,6 +6,7 @@ playbook's strict extractors, so qualification data does not depend on the model
 
 from __future__ import annotations
 
+import base64
 import logging
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -16,6 +17,7 @@ from daemon.agents import AgentReply, TurnInput
 from daemon.agents.playbook import brl, extract_money, extract_name
 from daemon.config import Config
 from daemon.errors import AgentError
+from daemon.media.result import MediaResult
 from daemon.store import KbEntry
 
 log = logging.getLogger("sdr.agent")
@@ -46,6 +48,7 @@ class OpenAIAgent:
     def __init__(self, config: Config) -> None:
         p = config.profile
         self.model = config.agent.model
+        self.vision_model = config.agent.vision_model  # "" = photos are described, not sent
         self.temperature = config.agent.temperature
         self.max_tokens = config.agent.max_tokens
         self.timeout = p.timeouts.agent
@@ -70,9 +73,10 @@ class OpenAIAgent:
     async def respond(self, turn: TurnInput) -> AgentReply:
         burst = "\n".join(turn.texts)
         entries = await turn.knowledge()
+        photos = [r.jpeg for r in turn.media if r.jpeg] if self.vision_model else []
         body = {
-            "model": self.model,
-            "messages": self.messages(turn, burst, entries),
+            "model": self.vision_model if photos else self.model,
+            "messages": self.messages(turn, burst, entries, photos),
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
@@ -84,8 +88,10 @@ class OpenAIAgent:
             updates["bill_value"] = value
         return AgentReply(text, updates)
 
-    def messages(self, turn: TurnInput, burst: str, entries: list[KbEntry]) -> list[dict[str, str]]:
-        out = [
+    def messages(
+        self, turn: TurnInput, burst: str, entries: list[KbEntry], photos: list[bytes] | None = None
+    ) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [
             {"role": "system", "content": self.system_prompt},
             {"role": "system", "content": context(turn.lead, entries)},
         ]
@@ -93,7 +99,15 @@ class OpenAIAgent:
             if msg.get("body"):  # media without a caption has no text to show
                 role = "user" if msg.get("direction") == "in" else "assistant"
                 out.append({"role": role, "content": msg["body"]})
-        out.append({"role": "user", "content": burst})
+        notes = media_notes(turn.media)
+        text = "\n".join(x for x in (burst, notes) if x)
+        if photos:  # the prepared (downscaled) JPEG, as OpenAI's image content part
+            parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+            parts += [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," +
+                       base64.b64encode(jpeg).decode()}} for jpeg in photos]  # fmt: skip
+            out.append({"role": "user", "content": parts})
+        else:
+            out.append({"role": "user", "content": text})
         return out
 
     async def _post(self, body: dict[str, Any]) -> Any:
@@ -159,3 +173,23 @@ def context(lead: dict[str, Any], entries: list[KbEntry]) -> str:
     kb = "\n\n".join(f"## {e.title}\n{e.content}" for e in entries)
     kb_part = "Base de conhecimento:\n" + kb if kb else "Base de conhecimento: nada relevante para esta mensagem."
     return f"{lead_part}\n\n{kb_part}"
+
+
+def media_notes(media: list[MediaResult]) -> str:
+    """What the burst's photos and voice notes told us, for the model (pt-BR, like the prompt)."""
+    notes = []
+    for r in media:
+        if r.kind == "image" and r.bill:
+            b = r.bill
+            found = [f"valor a pagar {brl(Decimal(b['amount']))}" if b.get("amount") else "",
+                     f"consumo {b['kwh']} kWh" if b.get("kwh") else "",
+                     f"distribuidora {b['distributor']}" if b.get("distributor") else "",
+                     f"vencimento {b['due_date']}" if b.get("due_date") else ""]  # fmt: skip
+            notes.append("[O lead enviou a foto da conta de luz; lemos: " + ", ".join(x for x in found if x)
+                         + ". Confirme o valor com o lead.]")  # fmt: skip
+        elif r.kind == "image":
+            notes.append("[O lead enviou uma imagem que não conseguimos ler; peça o valor da conta de luz.]")
+        elif r.kind == "audio" and not r.transcript:
+            why = "longo demais" if r.reason == "too_long" else "que não conseguimos ouvir"
+            notes.append(f"[O lead enviou um áudio {why}; peça gentilmente que escreva a mensagem.]")
+    return "\n".join(notes)

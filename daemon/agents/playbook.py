@@ -12,6 +12,7 @@ from typing import Any
 
 from daemon.agents import AgentReply, TurnInput
 from daemon.config import AgentSettings
+from daemon.media.result import MediaResult
 
 # Leads often skip the "?"; these openings make a question anyway. Ambiguous ones ("pode",
 # "tem") are left out: "pode ser amanhã" is an answer, not a question.
@@ -187,13 +188,64 @@ class Playbook:
             ))  # fmt: skip
             t.answered = True
         stage = turn.lead.get("stage") or "new"
+        if self._media(t, turn.media, stage):
+            return AgentReply("\n\n".join(t.parts), t.updates)
         handler = {
             "new": self._new, "ask_name": self._ask_name, "ask_bill": self._ask_bill,
             "ask_property": self._ask_property, "ask_decision": self._ask_decision,
-            "offer_meeting": self._offer_meeting,
+            "offer_meeting": self._offer_meeting, "confirm_bill": self._confirm_bill,
         }.get(stage, self._after)  # fmt: skip
         handler(t)
         return AgentReply("\n\n".join(t.parts), t.updates)
+
+    # --- photos and voice notes -----------------------------------------------------------
+
+    def _media(self, t: _Turn, results: list[MediaResult], stage: str) -> bool:
+        """Answers what the burst's media needs; True when that is the whole reply."""
+        early = stage in ("new", "ask_name", "ask_bill", "confirm_bill")
+        for r in results:
+            if r.kind == "image" and r.bill and r.bill.get("amount"):
+                value = Decimal(r.bill["amount"])
+                t.updates["bill_value"] = value
+                if r.bill.get("kwh"):
+                    t.updates["consumption_kwh"] = int(r.bill["kwh"])
+                kwh = f" ({r.bill['kwh']} kWh)" if r.bill.get("kwh") else ""
+                if stage == "new":
+                    name = extract_name(t.text, loose=False)
+                    if name:
+                        t.updates["name"] = name
+                    t.say(f"Olá{', ' + name if name else ''}! Eu sou a {self.persona}, da {self.company} ☀️")
+                self._to(t, "confirm_bill", f"Recebi a foto da sua conta 📄 Vi aqui que sua conta veio {brl(value)}{kwh}, certo?")
+                return True
+            if r.kind == "image":
+                if r.outcome == "refused":
+                    t.say("Não consegui abrir essa imagem 😕")
+                else:
+                    t.say("Recebi a foto, obrigada!")
+                if early and not t.text:
+                    self._to(t, "ask_bill", "Não consegui ler o valor da conta por aqui: quanto veio a sua conta de luz no último mês?")
+                    return True
+            elif r.kind == "audio" and not r.transcript:
+                if r.reason == "too_long":
+                    t.say("Seu áudio ficou um pouco longo para mim 😅 Consegue me mandar um áudio mais curto, ou escrever por aqui?")
+                else:
+                    t.say("Não consigo ouvir áudios por aqui 😅 Pode me escrever a sua mensagem?")
+                if not t.text:
+                    return True
+        return False
+
+    def _confirm_bill(self, t: _Turn) -> None:
+        f = fold(t.text)
+        value = extract_money(t.text, loose=True)
+        if value:  # "não, veio 520" or just the right value: take it
+            self._got_bill(t, value)
+        elif NO.search(f):
+            self._to(t, "ask_bill", "Sem problemas! Qual é o valor certo da sua conta de luz?")
+        elif YES.search(f) or "certo" in f or "isso" in f:
+            self._got_bill(t, Decimal(str(t.lead.get("bill_value") or 0)))
+        else:
+            value = Decimal(str(t.lead.get("bill_value") or 0))
+            t.say(f"Só para confirmar: sua conta de luz veio {brl(value)}?")
 
     # --- stages -------------------------------------------------------------------------
 

@@ -11,3 +11,7 @@ class MediaRefused(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[MediaRefused], tuple[str, str]]:
+        # Raised in worker processes: must survive pickling back to the daemon.
+        return (MediaRefused, (self.reason, str(self)))
