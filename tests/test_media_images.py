@@ -315,7 +315,7 @@ def test_other_formats_are_refused(fmt: str) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(buf, fmt)
     error = refused("unsupported_format", prepare, buf.getvalue(), MEDIA)
-    assert str(error).endswith("allowed: JPEG, PNG, WEBP")
+    assert str(error).endswith("allowed: JPEG, PNG, WEBP, HEIF")
 
 
 def test_truncated_image_is_refused() -> None:
@@ -406,3 +406,16 @@ def test_worker_threads_get_the_same_answers() -> None:
         got = list(pool.map(outcome, inputs))
     assert got == ["300", "decompression_bomb", "not_an_image"] * 4
     assert warnings.filters == filters
+
+
+def test_an_iphone_heic_photo_is_accepted_and_prepared_as_jpeg() -> None:
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    page = Image.open(io.BytesIO(bill_image(size=(2480, 3508))))
+    buf = io.BytesIO()
+    page.save(buf, "HEIF", quality=60)
+    prepared = prepare(buf.getvalue(), MEDIA)
+    assert prepared.source_format == "HEIF"
+    assert (prepared.width, prepared.height) == (1357, 1920)
+    assert Image.open(io.BytesIO(prepared.jpeg)).format == "JPEG"
