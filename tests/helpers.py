@@ -124,7 +124,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start_serve(env: dict[str, str], log_path: Path, profile: str = FAST_PROFILE) -> ServeProcess:
+async def start_serve(
+    env: dict[str, str], log_path: Path, profile: str = FAST_PROFILE, *, own_group: bool = False
+) -> ServeProcess:
+    """`own_group`: the daemon leads its own process group, as in a terminal (Ctrl-C
+    signals the whole group)."""
     port = free_port()
     full = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
     full.update(env, SDR_DAEMON_PORT=str(port))
@@ -132,6 +136,7 @@ async def start_serve(env: dict[str, str], log_path: Path, profile: str = FAST_P
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sdrctl", "serve", "--profile", profile,
             cwd=REPO, env=full, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=own_group,
         )  # fmt: skip
     return ServeProcess(proc, f"http://127.0.0.1:{port}", log_path)
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import signal
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +27,9 @@ from daemon.metrics import Metrics
 from daemon.store import PendingMessage
 from tests.bills import bill_image
 from tests.fake_openai import run_fake_openai
-from tests.helpers import event, fetch, make_config, metric, run_daemon, run_fake_evolution, wait_for
+from tests.helpers import (
+    event, fetch, make_config, metric, run_daemon, run_fake_evolution, start_serve, wait_for,
+)  # fmt: skip
 from tests.voice import voice_note
 
 PHONE = "5511966665555"
@@ -240,3 +245,45 @@ async def test_the_openai_backend_sends_the_prepared_photo_to_a_vision_model(cle
     assert photo.startswith("data:image/jpeg;base64,")
     prepared = Image.open(io.BytesIO(base64.b64decode(photo.split(",", 1)[1])))
     assert prepared.format == "JPEG" and max(prepared.size) == 1920  # downscaled from 3508
+
+
+async def test_serve_with_media_workers_stops_cleanly_on_ctrl_c(clean: Endpoints, tmp_path: Path) -> None:
+    """`python -m sdrctl serve` spawns media worker processes; Ctrl-C reaches the whole
+    process group, and only the daemon may decide when they stop."""
+    env = {"SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url}
+    serve = await start_serve(env, tmp_path / "serve.log", own_group=True)
+    try:
+        await serve.wait_ready()
+        await post(serve.url, image(PHONE, bill_image(amount="222,22"), "IMG10"))
+        [reply] = await replies(clean)
+        workers = _children(serve.proc.pid)
+        os.killpg(serve.proc.pid, signal.SIGINT)
+        code = await asyncio.wait_for(serve.proc.wait(), timeout=60)
+    finally:
+        if serve.proc.returncode is None:
+            serve.proc.kill()
+            await serve.proc.wait()
+    assert "R$ 222,22" in reply
+    assert len(workers) >= 1  # the media worker processes existed...
+    assert code == 0 and "Traceback" not in serve.log, serve.log
+    # ...and are gone (multiprocessing's resource tracker leaves when its pipe closes).
+    await wait_for(lambda: asyncio.sleep(0, not [pid for pid in workers if _alive(pid)]), timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in text:
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False

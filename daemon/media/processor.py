@@ -18,13 +18,14 @@ import hashlib
 import logging
 from collections.abc import Callable
 import multiprocessing
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
 
 from daemon.cache import TwoTierCache
-from daemon.config import Config
+from daemon.config import Config, Media
 from daemon.evolution import EvolutionClient, MediaUnavailable
 from daemon.media import audio, bill, images
 from daemon.media.refusal import MediaRefused
@@ -53,7 +54,7 @@ class MediaProcessor:
         # Each worker warms Pillow up (its lazy plugin imports) when it starts.
         self.pool = ProcessPoolExecutor(
             max_workers=self.media.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=images.warm_up, initargs=(self.media,),
+            initializer=_worker_start, initargs=(self.media,),
         )  # fmt: skip
         # OCR and ffmpeg subprocesses, as many at once as worker threads: more would only
         # fight for the same cores (and the event loop's).
@@ -163,6 +164,15 @@ class MediaProcessor:
             wav = await audio.to_wav(data, t)
         doc["transcript"] = await self.transcriber.transcribe(wav)
         return doc
+
+
+def _worker_start(media: Media) -> None:
+    """In each worker: Ctrl-C or a service manager's SIGTERM reaches the whole process
+    group, but only the daemon decides when workers stop (it shuts the pool down; a worker
+    whose daemon died exits when its pipe closes). Then Pillow's lazy imports, paid now."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    images.warm_up(media)
 
 
 def _decode_and_hash(b64: str, limit: int) -> tuple[bytes, str]:
