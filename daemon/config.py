@@ -119,6 +119,98 @@ class SloSettings:
     concurrent_leads: int = knob(100, "concurrent leads the SLO must hold for", min=1, max=10**6)
 
 
+def parse_durations(text: str) -> list[float]:
+    """ "30m, 24h" -> [1800.0, 86400.0]: delays as people write them (s, m, h, d)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        unit = part[-1]
+        if unit not in units or not part[:-1].replace(".", "", 1).isdigit():
+            raise ValueError(part)
+        out.append(float(part[:-1]) * units[unit])
+    return out
+
+
+def parse_clock(text: str) -> tuple[int, int]:
+    hour, _, minute = text.partition(":")
+    h, m = int(hour), int(minute or 0)
+    if not (0 <= h <= 24 and 0 <= m < 60) or (h == 24 and m):
+        raise ValueError(text)
+    return h, m
+
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def parse_days(text: str) -> set[int]:
+    days = {d.strip().lower() for d in text.split(",") if d.strip()}
+    if not days or days - set(WEEKDAYS):
+        raise ValueError(text)
+    return {WEEKDAYS.index(d) for d in days}
+
+
+def _timezone(name: str) -> object:
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(name)
+
+
+@dataclass(frozen=True)
+class FollowUpSettings:
+    enabled: bool = knob(True, "send follow-ups (re-engagement, nurturing, meeting reminders)")
+    timezone: str = knob(
+        "America/Sao_Paulo", "the business's time zone (IANA name)", check=_timezone,
+        describe="an IANA time zone such as America/Sao_Paulo",
+    )  # fmt: skip
+    business_days: str = knob(
+        "mon,tue,wed,thu,fri,sat", "days follow-ups may be sent", check=parse_days,
+        describe="comma-separated mon,tue,wed,thu,fri,sat,sun",
+    )  # fmt: skip
+    business_start: str = knob("08:00", "opening time (HH:MM, local)", check=parse_clock, describe="HH:MM")
+    business_end: str = knob("20:00", "closing time (HH:MM, local)", check=parse_clock, describe="HH:MM")
+    reengage_after: str = knob(
+        "30m, 24h", "silence after our last reply before each re-engagement (mid-qualification)",
+        check=parse_durations, describe="comma-separated durations such as 30m, 24h (s, m, h, d)",
+    )  # fmt: skip
+    nurture_every: str = knob(
+        "24h", "interval of nurturing messages after the re-engagements (and for leads who said 'not now')",
+        check=parse_durations, describe="a duration such as 24h",
+    )  # fmt: skip
+    nurture_count: int = knob(3, "nurturing messages at most", min=0, max=100)
+    meeting_confirm_after: str = knob(
+        "2m", "delay of the meeting confirmation after a meeting is booked", check=parse_durations,
+        describe="a duration such as 2m",
+    )  # fmt: skip
+    meeting_reminders: str = knob(
+        "24h, 2h", "reminders this long before a meeting", check=parse_durations,
+        describe="comma-separated durations such as 24h, 2h",
+    )  # fmt: skip
+    savings_rate: float = knob(0.9, "share of the bill a lead saves (for {savings})", min=0, max=1)
+    reengage_template: str = knob(
+        "Oi{name_comma}! Ficou alguma dúvida sobre a energia solar? Com uma conta de {bill_value}, "
+        "dá para economizar cerca de {savings} por mês. Posso te ajudar a continuar?",
+        "re-engagement message ({name}, {name_comma}, {bill_value}, {savings})",
+    )  # fmt: skip
+    nurture_template: str = knob(
+        "Oi{name_comma}! Passando para lembrar que a energia solar pode reduzir sua conta de luz "
+        "em até 90%. Quando quiser conversar, é só me chamar por aqui ☀️",
+        "nurturing message (same placeholders)",
+    )  # fmt: skip
+    meeting_confirmation_template: str = knob(
+        "Confirmado{name_comma}! Sua conversa com um consultor está marcada para {meeting}. "
+        "Qualquer mudança, é só me avisar por aqui.",
+        "meeting confirmation ({meeting} too)",
+    )  # fmt: skip
+    meeting_reminder_template: str = knob(
+        "Oi{name_comma}! Lembrete: sua conversa com um consultor é {meeting}. Até lá! ☀️",
+        "meeting reminder ({meeting} too)",
+    )  # fmt: skip
+    crm_url: str = knob("", "POST lead changes as JSON batches here; empty = no CRM push")
+
+
 # --- profiles/NAME.toml: the tuning knobs ---------------------------------------------
 
 
@@ -243,6 +335,25 @@ class Media:
     result_size: int = knob(1000, "cached media analyses: most entries in process", min=1, max=10**6)
 
 
+@dataclass(frozen=True)
+class FollowUps:
+    poll_interval: float = knob(5.0, "how often the scheduler claims due follow-ups", unit="s", min=0.01, max=3600)
+    claim_batch: int = knob(50, "due follow-ups claimed at most per poll", min=1, max=10000)
+    concurrency: int = knob(3, "follow-ups being sent at once", min=1, max=1000)
+    max_attempts: int = knob(3, "sends of one follow-up before it is marked failed", min=1, max=100)
+    retry_backoff: float = knob(60.0, "first retry delay (doubles each time)", unit="s", min=0, max=86400)
+    stuck_after: float = knob(
+        300.0, "a follow-up 'executing' this long is reclaimed (its daemon died)", unit="s", min=1, max=86400
+    )
+    busy_delay: float = knob(30.0, "retry delay when the lead is in a live turn", unit="s", min=0, max=3600)
+    kb_refresh_interval: float = knob(600.0, "knowledge-base cache refresh", unit="s", min=1, max=86400)
+    crm_interval: float = knob(60.0, "CRM push interval", unit="s", min=1, max=86400)
+    crm_batch: int = knob(100, "leads per CRM push request", min=1, max=10000)
+    crm_concurrency: int = knob(2, "CRM push requests at once", min=1, max=100)
+    crm_attempts: int = knob(3, "tries of one CRM push request", min=1, max=100)
+    crm_timeout: float = knob(10.0, "one CRM push request", unit="s", min=0.1, max=300)
+
+
 PROFILE_SECTIONS: dict[str, type] = {
     "timeouts": Timeouts,
     "buffer": Buffer,
@@ -251,6 +362,7 @@ PROFILE_SECTIONS: dict[str, type] = {
     "features": Features,
     "cache": Cache,
     "media": Media,
+    "followups": FollowUps,
 }
 SETTINGS_SECTIONS: dict[str, type] = {
     "daemon": DaemonSettings,
@@ -260,6 +372,7 @@ SETTINGS_SECTIONS: dict[str, type] = {
     "webhook": WebhookSettings,
     "agent": AgentSettings,
     "slo": SloSettings,
+    "followups": FollowUpSettings,
 }
 
 
@@ -274,6 +387,7 @@ class Profile:
     features: Features = field(default_factory=Features)
     cache: Cache = field(default_factory=Cache)
     media: Media = field(default_factory=Media)
+    followups: FollowUps = field(default_factory=FollowUps)
 
 
 @dataclass(frozen=True)
@@ -287,6 +401,7 @@ class Config:
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     slo: SloSettings = field(default_factory=SloSettings)
+    followups: FollowUpSettings = field(default_factory=FollowUpSettings)
     # Secrets are read from the variables the file names; never printed.
     webhook_token: str | None = field(default=None, repr=False)
     evolution_api_key: str | None = field(default=None, repr=False)
@@ -479,6 +594,7 @@ def load_config(
         for sec, cls in SETTINGS_SECTIONS.items()
     }
     _refuse_unknown_env(env, settings)
+    _check_settings(settings, where)
     chosen = profile or settings["daemon"].profile
     token_env = settings["webhook"].token_env
     key_env = settings["evolution"].api_key_env
@@ -491,6 +607,15 @@ def load_config(
         agent_api_key=env.get(agent_key_env) or None,
         **settings,
     )
+
+
+def _check_settings(settings: Mapping[str, Any], where: str) -> None:
+    f = settings["followups"]
+    if parse_clock(f.business_start) >= parse_clock(f.business_end):
+        raise ConfigError(
+            f"{where}: [followups] business_start = {f.business_start!r} must be before "
+            f"business_end = {f.business_end!r}"
+        )
 
 
 def _refuse_unknown_env(env: Mapping[str, str], settings: Mapping[str, Any]) -> None:

@@ -18,7 +18,7 @@ from daemon.config import Config
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, Endpoints
 from tests.helpers import make_config
 
-TABLES = "leads, conversations, messages, turns, outbox, follow_ups"
+TABLES = "leads, conversations, messages, turns, outbox, follow_ups, crm_sync"
 
 
 @pytest.fixture(scope="session")
