@@ -27,6 +27,7 @@ T = TypeVar("T")
 CHANNEL = "sdr:cache:invalidate"
 SEP = "\x1f"
 RECONNECT_DELAY = 0.5  # seconds between attempts to resubscribe after a Redis error
+ALL = "\x00all"  # an invalidation of every key of a cache
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -169,6 +170,18 @@ class TwoTierCache(Generic[T]):
         except REDIS_ERRORS as exc:
             self._redis_failed("invalidation", exc)
 
+    async def invalidate_all(self) -> None:
+        """Drops every entry, here, in Redis and in every other daemon's local tier (the
+        source changed as a whole, e.g. the knowledge base was edited)."""
+        self.clear_local()
+        try:
+            async for keys in _batches(self.redis.scan_iter(match=self.redis_key("*"), count=500), 500):
+                await self.redis.unlink(*keys)
+            await self.redis.publish(CHANNEL, f"{self.name}{SEP}{ALL}")
+            self._redis_ok()
+        except REDIS_ERRORS as exc:
+            self._redis_failed("invalidation", exc)
+
     def drop_local(self, key: str) -> None:
         self._local.pop(key, None)
         self._forget(key)
@@ -252,6 +265,17 @@ class TwoTierCache(Generic[T]):
             log.info("cache %s: Redis is back", self.name)
 
 
+async def _batches(items: Any, size: int) -> Any:
+    batch: list[Any] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class CacheInvalidations:
     """Listens on a Redis pub/sub channel and drops invalidated keys from the local tiers
     of the caches registered with it, so several daemons sharing Redis never serve a lead
@@ -296,7 +320,10 @@ class CacheInvalidations:
         name, sep, key = text.partition(SEP)
         cache = self.caches.get(name)
         if sep and cache is not None:
-            cache.drop_local(key)
+            if key == ALL:
+                cache.clear_local()
+            else:
+                cache.drop_local(key)
 
     def _clear(self) -> None:
         for cache in self.caches.values():

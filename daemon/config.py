@@ -352,6 +352,7 @@ class FollowUps:
     crm_concurrency: int = knob(2, "CRM push requests at once", min=1, max=100)
     crm_attempts: int = knob(3, "tries of one CRM push request", min=1, max=100)
     crm_timeout: float = knob(10.0, "one CRM push request", unit="s", min=0.1, max=300)
+    crm_backoff: float = knob(1.0, "first retry delay of a CRM push request (doubles)", unit="s", min=0, max=3600)
 
 
 PROFILE_SECTIONS: dict[str, type] = {

@@ -26,3 +26,7 @@ class EmbeddedError(SdrError):
 
 class AgentError(SdrError):
     """The agent backend failed to produce a reply (HTTP error, bad answer)."""
+
+
+class NotFoundError(SdrError):
+    """What a command names (a follow-up, a lead) is not in the database."""

@@ -33,6 +33,10 @@ class Metrics:
         self.active_leads = Gauge("sdr_active_leads", "Leads with a burst waiting in the buffer", registry=r)
         self.cache_hits = Counter("sdr_cache_hits", "Cache hits", ["cache", "tier"], registry=r)
         self.cache_misses = Counter("sdr_cache_misses", "Cache misses", ["cache"], registry=r)
+        self.followups = Counter(
+            "sdr_followups_total", "Follow-ups handled, by kind and outcome", ["kind", "outcome"], registry=r
+        )
+        self.jobs = Counter("sdr_jobs_total", "Scheduled job runs, by job and outcome", ["job", "outcome"], registry=r)
         self.media = Counter("sdr_media_total", "Photos and voice notes, by outcome", ["kind", "outcome"], registry=r)
 
     def render(self) -> bytes:

@@ -3,7 +3,10 @@
 Every figure is aggregated inside PostgreSQL (percentile_cont, FILTER, window sums), so a
 month of a million turns is read in seconds without pulling rows into Python. All the
 queries run in one read-only REPEATABLE READ transaction: the figures share one snapshot
-and agree with each other. A turn belongs to the window [start, end) by its finished_at."""
+and agree with each other. A turn belongs to the window [start, end) by its finished_at.
+
+Follow-ups are counted apart from the turns (a window may hold follow-ups and no turn): see
+FOLLOW_UPS."""
 
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ MAX_POINTS = 48
 HISTOGRAM_BINS = 20
 # Sorts of a million rows fit in memory instead of spilling; SET LOCAL, this report only.
 WORK_MEM = "64MB"
+
+# Listed (zeros included) in this order, so the JSON keeps its keys; other kinds follow by name.
+FOLLOW_UP_KINDS = ("reengage", "nurture", "meeting_confirmation", "meeting_reminder")
+REPLY_WITHIN = timedelta(hours=24)  # a lead's message this soon after a follow-up is its reply
 
 SINCE = re.compile(r"^(\d+)\s*([mhdw])$")
 UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -156,6 +163,30 @@ class Bin:
 
 
 @dataclass(frozen=True)
+class FollowUpStats:
+    """One kind's follow-ups: sent, failed and cancelled in the window, pending now, and the
+    sent ones the lead answered within REPLY_WITHIN."""
+
+    kind: str
+    sent: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    pending: int = 0
+    replied: int = 0
+
+    @property
+    def reply_rate(self) -> float | None:
+        return self.replied / self.sent if self.sent else None
+
+    @property
+    def active(self) -> bool:
+        return any((self.sent, self.failed, self.cancelled, self.pending))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "kind"}, "reply_rate": self.reply_rate}
+
+
+@dataclass(frozen=True)
 class Report:
     window: Window
     turns: int
@@ -169,6 +200,7 @@ class Report:
     step: timedelta = STEPS[0]
     timeline: list[Point] = field(default_factory=list)
     histogram: list[Bin] = field(default_factory=list)
+    followups: list[FollowUpStats] = field(default_factory=list)  # per kind
 
     @property
     def empty(self) -> bool:
@@ -180,6 +212,12 @@ class Report:
 
     def kpi(self, key: str) -> Kpi:
         return next(k for k in self.kpis if k.key == key)
+
+    @property
+    def followups_total(self) -> FollowUpStats:
+        f = self.followups
+        return FollowUpStats("total", sum(s.sent for s in f), sum(s.failed for s in f), sum(s.cancelled for s in f),
+                             sum(s.pending for s in f), sum(s.replied for s in f))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Stable keys for machines: times in ms, rates as ratios 0..1, instants in ISO 8601."""
@@ -205,6 +243,11 @@ class Report:
                 "points": [{**asdict(p), "at": _iso(p.at)} for p in self.timeline],
             },
             "histogram": [asdict(b) for b in self.histogram],
+            "followups": {
+                "reply_within_s": int(REPLY_WITHIN.total_seconds()),
+                "kinds": {s.kind: s.to_dict() for s in self.followups},
+                "total": self.followups_total.to_dict(),
+            },
         }
 
 
@@ -314,6 +357,33 @@ SELECT width_bucket(response_ms, $3::float8[]) AS bin, count(*) AS n
  GROUP BY 1 ORDER BY 1
 """
 
+# Sent: sent_at in the window. Failed, cancelled: their last change (updated_at) in it.
+# Pending: now, i.e. at the report's snapshot, whatever the window. A reply: an inbound
+# message received within $3 after sent_at; received_at, like sent_at, is our own clock
+# (provider_ts is the phone's, in whole seconds). EXISTS in a WHERE becomes one semi-join
+# over the messages of the window (plus $3), not a lookup per follow-up.
+FOLLOW_UPS = """
+WITH f AS (
+    SELECT id, lead_id, kind, status, sent_at
+      FROM follow_ups
+     WHERE status = 'pending' OR (status = 'sent' AND sent_at >= $1 AND sent_at < $2)
+        OR (status IN ('failed', 'cancelled') AND updated_at >= $1 AND updated_at < $2)),
+replied AS (
+    SELECT f.id FROM f
+     WHERE f.status = 'sent' AND EXISTS (
+           SELECT 1 FROM messages m
+            WHERE m.lead_id = f.lead_id AND m.direction = 'in'
+              AND m.received_at > f.sent_at AND m.received_at <= f.sent_at + $3::interval
+              AND m.received_at > $1 AND m.received_at <= $2 + $3::interval))
+SELECT f.kind, count(*) FILTER (WHERE f.status = 'sent') AS sent,
+       count(*) FILTER (WHERE f.status = 'failed') AS failed,
+       count(*) FILTER (WHERE f.status = 'cancelled') AS cancelled,
+       count(*) FILTER (WHERE f.status = 'pending') AS pending,
+       count(r.id) AS replied
+  FROM f LEFT JOIN replied r ON r.id = f.id
+ GROUP BY f.kind
+"""
+
 
 def stage_sort_key(name: str) -> tuple[int, str]:
     return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
@@ -345,12 +415,13 @@ async def build_report(
     args = (window.start, window.end)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
+        followups = await _followups(conn, args)
         keys = sorted((r["k"] for r in await conn.fetch(STAGE_KEYS, *args)), key=stage_sort_key)
         columns = "".join(STAGE_COLUMNS.format(n=i + 3, i=i) for i in range(len(keys)))
         row = await conn.fetchrow(TOTALS.format(stages=columns), *args, *keys)
         assert row is not None
         if row["turns"] == 0:
-            return Report(window, 0, kpis(slo))
+            return Report(window, 0, kpis(slo), followups=followups)
         p50, p95, p99 = row["response"] if row["responded"] else (None, None, None)
         peak = await conn.fetchval(PEAK, *args)
         stages = _stages(keys, row, await conn.fetch(INCIDENTS, *args))
@@ -373,6 +444,7 @@ async def build_report(
              misses=row["misses"], peak=peak, messages=row["messages"]),
         response_p50_ms=p50, response_p99_ms=p99, responded=row["responded"], stages=stages,
         outcomes=outcomes, slowest=slow, step=step, timeline=timeline, histogram=histogram,
+        followups=followups,
     )  # fmt: skip
 
 
@@ -391,3 +463,9 @@ async def _histogram(conn: asyncpg.Connection, args: tuple[datetime, datetime], 
     counts = {r["bin"]: r["n"] for r in await conn.fetch(HISTOGRAM, *args, edges)}
     highs: list[float | None] = [*edges[1:], None]
     return [Bin(lo, hi, counts.get(i + 1, 0)) for i, (lo, hi) in enumerate(zip(edges, highs))]
+
+
+async def _followups(conn: asyncpg.Connection, args: tuple[datetime, datetime]) -> list[FollowUpStats]:
+    counted = {r["kind"]: FollowUpStats(**dict(r)) for r in await conn.fetch(FOLLOW_UPS, *args, REPLY_WITHIN)}
+    kinds = [*FOLLOW_UP_KINDS, *sorted(set(counted) - set(FOLLOW_UP_KINDS))]
+    return [counted.get(k, FollowUpStats(k)) for k in kinds]

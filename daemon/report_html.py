@@ -10,7 +10,16 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from daemon.report import Bin, Point, Report, StageStats, format_target, format_value
+from daemon.report import (
+    REPLY_WITHIN,
+    Bin,
+    FollowUpStats,
+    Point,
+    Report,
+    StageStats,
+    format_target,
+    format_value,
+)
 
 W, H = 480, 220  # the charts' coordinate space; the page scales it (narrow: legible on a phone)
 LEFT, RIGHT, TOP, BOTTOM = 58, 14, 14, 36  # plot margins for the axis labels
@@ -63,6 +72,9 @@ def render(report: Report) -> str:
     else:
         body = "".join((_cards(report), _charts(report), _stage_table(report.stages),
                         _outcomes(report), _slowest(report)))  # fmt: skip
+    # Follow-ups go out on their own schedule: shown even in a window without turns.
+    if report.followups_total.active:
+        body += _followups(report)
     return head + body + "</main></body></html>\n"
 
 
@@ -131,6 +143,21 @@ def _slowest(report: Report) -> str:
     )
     head = '<tr><th>turn</th><th class="l">phone</th><th class="l">name</th><th>response</th><th class="l">outcome</th><th class="l">stages (ms)</th></tr>'
     return f'<h2>Slowest turns</h2><div class="scroll"><table>{head}{rows}</table></div>'
+
+
+def _followups(report: Report) -> str:
+    def row(s: FollowUpStats, tag: str = "td") -> str:
+        cells = (s.sent, s.failed, s.cancelled, s.pending, s.replied)
+        return (f'<tr><{tag} class="l">{e(s.kind)}</{tag}>' + "".join(f"<{tag}>{n:,}</{tag}>" for n in cells)
+                + f"<{tag}>{e(format_value(s.reply_rate, 'percent'))}</{tag}></tr>")  # fmt: skip
+
+    hours = int(REPLY_WITHIN.total_seconds() // 3600)
+    head = ('<tr><th class="l">kind</th><th>sent</th><th>failed</th><th>cancelled</th><th>pending now</th>'
+            f"<th>replied ≤ {hours} h</th><th>reply rate</th></tr>")  # fmt: skip
+    rows = "".join(row(s) for s in report.followups) + row(report.followups_total, "th")
+    return (f'<h2>Follow-ups</h2><p class="sub">sent, failed and cancelled in the window; pending now; '
+            f'a reply is a message from the lead within {hours} h of the follow-up</p>'
+            f'<div class="scroll"><table>{head}{rows}</table></div>')  # fmt: skip
 
 
 def _stages_text(stages: dict[str, float], timeouts: Sequence[str]) -> str:

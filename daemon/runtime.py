@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 from collections.abc import Coroutine
 from typing import Any
 
@@ -20,6 +21,10 @@ from redis.retry import Retry
 from daemon import migrations
 from daemon.agents import make_agent
 from daemon.buffer import MessageBuffer, member, parse_member
+from daemon.followups.executor import FollowUpExecutor
+from daemon.followups.jobs import CrmPush, Jobs, KnowledgeRefresh
+from daemon.followups.planner import Planner
+from daemon.followups.store import FollowUpStore
 from daemon.intake import IngestBatcher
 from daemon.media.processor import MediaProcessor
 from daemon.cache import CacheInvalidations, TwoTierCache
@@ -119,11 +124,17 @@ class Runtime:
             size=p.media.result_size, enabled=c.enabled, metrics=self.metrics,
         )  # fmt: skip
         self.media = MediaProcessor(cfg, self._sender, media_cache, self.metrics)
+        self.planner = Planner(cfg.followups)
+        self.followup_store = FollowUpStore(self.pool, p.timeouts.database)
         self.runner = TurnRunner(
             store=self.store, locks=locks, agent=self.agent, sender=self._sender,
             metrics=self.metrics, profile=p, leads=self.leads, knowledge=self.knowledge,
-            media=self.media,
+            media=self.media, after_turn=self._plan_follow_ups,
         )  # fmt: skip
+        self.followups = FollowUpExecutor(
+            cfg, self.followup_store, locks, self._sender, self.metrics, on_handoff=self._hand_back,
+        )  # fmt: skip
+        self.jobs = self._schedule()
         # Bursts a previous run accepted but never answered are answered now.
         recovered = await self.store.unanswered()
         for phone, message_id in recovered:
@@ -135,9 +146,9 @@ class Runtime:
         )
         self._background = [
             asyncio.create_task(self._flush_loop(), name="buffer-flush"),
-            asyncio.create_task(self._sweep_loop(), name="unanswered-sweep"),
             asyncio.create_task(invalidations.run(), name="cache-invalidations"),
         ]
+        self.jobs.start()
         self.accepting = True
 
     async def _check_schema(self) -> None:
@@ -169,6 +180,7 @@ class Runtime:
                 await cancel_and_wait(flusher, p.timeouts.redis, "shutdown")
         for task in others:
             await cancel_and_wait(task, p.timeouts.redis, "shutdown")
+        await self.jobs.stop()  # scheduled jobs: no new runs; running ones cancelled
         # 2. Let in-flight turns finish within the grace period; cancel the rest (their
         #    messages stay unanswered in Postgres and are answered on the next start).
         if self._tasks:
@@ -185,6 +197,8 @@ class Runtime:
             await self._sender.close()
         await self.agent.close()
         await self.media.close()
+        if self.crm is not None:
+            await self.crm.close()
         await self._close_pools()
 
     async def _close_pools(self) -> None:
@@ -217,24 +231,44 @@ class Runtime:
             if len(due) < self.buffer.claim_batch:
                 await asyncio.sleep(interval)
 
-    async def _sweep_loop(self) -> None:
+    def _schedule(self) -> Jobs:
+        cfg, p = self.config, self.config.profile
+        f = p.followups
+        jobs = Jobs(self.metrics)
+        if cfg.followups.enabled:
+            jobs.every("followups", f.poll_interval, self.followups.run_due)
+        jobs.every("knowledge-refresh", f.kb_refresh_interval, KnowledgeRefresh(self.pool, self.knowledge.invalidate_all))
+        jobs.every("unanswered-sweep", p.buffer.sweep_interval, self._sweep)
+        self.crm: CrmPush | None = None
+        if cfg.followups.crm_url:
+            self.crm = CrmPush(
+                self.pool, cfg.followups.crm_url, batch=f.crm_batch, concurrency=f.crm_concurrency,
+                attempts=f.crm_attempts, timeout=f.crm_timeout, backoff=f.crm_backoff,
+            )  # fmt: skip
+            jobs.every("crm-push", f.crm_interval, self.crm)
+        return jobs
+
+    async def _sweep(self) -> None:
         """The safety net behind the buffer: a message still unanswered after longer than a
         whole turn can take (window cap, agent, sends) lost its buffer entry somewhere (a
         Redis restart without persistence, a crash between steps); re-queue its lead."""
         p = self.config.profile
         t = p.timeouts
         age = t.message_buffer + t.redis_lock_ttl + t.agent + t.evolution_send * p.limits.send_attempts
-        while not self._stopping:
-            await asyncio.sleep(p.buffer.sweep_interval)
-            try:
-                stale = await self.store.stale_unanswered(age)
-                for phone, message_id in stale:
-                    await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
-            except OUTAGE as exc:
-                log.warning("sweep for unanswered messages failed: %s", exc)
-                continue
-            if stale:
-                log.warning("re-queued %d message(s) left unanswered past %.0fs", len(stale), age)
+        stale = await self.store.stale_unanswered(age)
+        for phone, message_id in stale:
+            await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
+        if stale:
+            log.warning("re-queued %d message(s) left unanswered past %.0fs", len(stale), age)
+
+    async def _plan_follow_ups(self, lead: dict[str, Any], replied_at: datetime, updates: dict[str, Any]) -> None:
+        """After a turn: the lead's next follow-ups replace its pending silence ones."""
+        planned = self.planner.after_turn(lead, replied_at, meeting_changed="meeting_at" in updates)
+        await self.followup_store.plan(int(lead["id"]), planned, replied_at, "the lead wrote again")
+
+    async def _hand_back(self, phone: str) -> None:
+        """Messages arrived while a follow-up held the lead: answer them now."""
+        await self.buffer.add(phone, window=0)
 
     async def _answer(self, value: str) -> None:
         phone, only = parse_member(value)

@@ -93,6 +93,7 @@ class TurnRunner:
         leads: TwoTierCache[dict[str, Any]],
         knowledge: TwoTierCache[list[KbEntry]],
         media: MediaProcessor | None = None,
+        after_turn: Callable[[dict[str, Any], datetime, dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.locks = locks
@@ -103,6 +104,7 @@ class TurnRunner:
         self.leads = leads
         self.knowledge = knowledge
         self.media = media
+        self.after_turn = after_turn  # plans the lead's follow-ups
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
     async def run(
@@ -202,6 +204,11 @@ class TurnRunner:
             cache_misses=clock.cache_misses,
         )
         done = await clock.run("store", self.store.finish_turn(record), t.database)
+        if self.after_turn is not None:
+            try:
+                await self.after_turn(done.lead, finished, updates)
+            except Exception as exc:  # the reply matters more; the next turn plans them again
+                log.warning("could not plan follow-ups: %s: %s", exc.__class__.__name__, exc)
         if updates:  # write through, and drop stale copies in other daemons
             await self.leads.invalidate(phone)
             await self.leads.set(phone, done.lead)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from sdrctl import bench, chat, migrate, profile, serve
-from sdrctl import export, replay, report, tune
+from sdrctl import export, followups, replay, report, tune
 from sdrctl.common import ConfigOpt, ProfileOpt
 
 app = typer.Typer(
@@ -32,3 +32,4 @@ app.command("export")(export.export)
 app.command("profile")(profile.profile)
 app.command("report")(report.report)
 app.add_typer(tune.app, name="tune")
+app.add_typer(followups.app, name="followups")

@@ -13,7 +13,15 @@ from rich.table import Table
 from rich.text import Text
 
 from daemon.errors import ConfigError
-from daemon.report import Report, build_report, format_target, format_value, resolve_window
+from daemon.report import (
+    REPLY_WITHIN,
+    FollowUpStats,
+    Report,
+    build_report,
+    format_target,
+    format_value,
+    resolve_window,
+)
 from daemon.report_html import render
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 from sdrctl.migrate import with_connection
@@ -53,6 +61,24 @@ def slowest_table(r: Report) -> Table:
     return table
 
 
+def followup_table(r: Report) -> Table:
+    hours = int(REPLY_WITHIN.total_seconds() // 3600)
+    table = Table(title="follow-ups (sent, failed, cancelled in the window; pending now)")
+    for col in ("kind", "sent", "failed", "cancelled", "pending now", f"replied ≤ {hours} h", "reply rate"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+
+    def row(s: FollowUpStats, style: str = "") -> None:
+        table.add_row(Text(s.kind), f"{s.sent:,}", Text(f"{s.failed:,}", style="red" if s.failed else ""),
+                      f"{s.cancelled:,}", f"{s.pending:,}", f"{s.replied:,}", format_value(s.reply_rate, "percent"),
+                      style=style)  # fmt: skip
+
+    for s in r.followups:
+        row(s)
+    table.add_section()
+    row(r.followups_total, "bold")
+    return table
+
+
 def print_report(r: Report) -> None:
     out.print(kpi_table(r))
     out.print(f"response time: P50 {format_value(r.response_p50_ms, 'ms')}, "
@@ -80,7 +106,8 @@ def report(
     profile: ProfileOpt = None,
 ) -> None:  # fmt: skip
     """KPIs of the turns in a window against the SLOs in sdr.toml: P95 response time, timeout
-    rate, cache hit rate, peak concurrent leads; latency per stage, outcomes, slowest turns."""
+    rate, cache hit rate, peak concurrent leads; latency per stage, outcomes, slowest turns;
+    follow-ups per kind (sent, failed, cancelled, pending, replies within 24 h)."""
     cfg = load(ctx, config, profile)
     window = resolve_window(since, start, end)
     r = with_connection(cfg, lambda conn: build_report(conn, window, cfg.slo, slowest))
@@ -97,10 +124,12 @@ def report(
     if r.empty:
         talk.print(f"nothing to report between {r.window.describe()}: no turns finished in this window"
                    + (" (no SLO checked)" if check else ""))  # fmt: skip
-        return
-    if not as_json:
+    elif not as_json:
         print_report(r)
-    if not check:
+    # Follow-ups go out on their own schedule: shown even in a window without turns.
+    if not as_json and r.followups_total.active:
+        out.print(followup_table(r))
+    if r.empty or not check:
         return
     for k in r.missed:
         talk.print(f"[red]SLO missed:[/] {k.label} {k.text()}, target {format_target(k)}")

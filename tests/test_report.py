@@ -1,6 +1,6 @@
 """`sdrctl report`: KPIs from known turns, computed here independently of the SQL; the
-JSON, --check, the empty window, bad input; the HTML page rendered by a real headless
-Chromium; and a scale run on 200k turns."""
+JSON, --check, the empty window, bad input; the follow-up KPIs from known follow-ups and
+replies; the HTML page rendered by a real headless Chromium; and a scale run on 200k turns."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ async def test_json_has_stable_keys_and_check_exits_1_only_on_a_miss(clean: Endp
     assert code == 1, err
     doc = json.loads(out)
     assert set(doc) == {"from", "to", "empty", "turns", "slo_met", "missed", "kpis", "response_ms",
-                        "stages", "outcomes", "slowest", "timeline", "histogram"}  # fmt: skip
+                        "stages", "outcomes", "slowest", "timeline", "histogram", "followups"}  # fmt: skip
     assert (doc["from"], doc["to"], doc["turns"], doc["empty"]) == ("2026-03-01T12:00:00Z", "2026-03-01T13:00:00Z", 12, False)
     assert list(doc["kpis"]) == ["response_p95_ms", "timeout_rate", "cache_hit_rate",
                                  "peak_concurrent_leads", "turns", "messages_per_turn"]  # fmt: skip
@@ -213,6 +213,159 @@ async def test_bad_windows_exit_2_saying_what_is_allowed() -> None:
     code, _, err = await sdrctl("report", "--from", "2026-03-02", "--to", "2026-03-01")
     assert code == 2 and "must be before" in err
     assert "Traceback" not in err
+
+
+# --- follow-ups ----------------------------------------------------------------------------
+
+
+@dataclass
+class F:
+    """A follow-up of the known set: `at` is minutes after T0 of its sent_at (sent) or its
+    updated_at (failed, cancelled), or of its due_at (pending, executing)."""
+
+    lead: str
+    kind: str
+    status: str
+    at: float
+
+
+FOLLOW_UPS = [
+    F("A", "reengage", "sent", 10),  # A writes at 20: a reply
+    F("B", "reengage", "sent", 15),  # B wrote at 14 (before), we wrote at 16, B again 25 h later: none
+    F("C", "reengage", "sent", 30),  # C writes 23 h 59 min later (after the window ends): a reply
+    F("A", "nurture", "sent", 40),  # A's only message was before it
+    F("C", "meeting_confirmation", "sent", 45),  # the same message of C, 23 h 44 min later: a reply
+    F("C", "winback", "sent", 5),  # a kind the report does not know: listed after the others; C's message is 24 h 24 min later
+    F("A", "nurture", "sent", -120),  # sent before the window: A's message is a reply, but not counted
+    F("B", "reengage", "sent", 120),  # after the window
+    F("B", "nurture", "failed", 5),
+    F("A", "meeting_reminder", "failed", -60),  # failed before the window
+    F("C", "nurture", "cancelled", 50),
+    F("B", "reengage", "cancelled", 180),  # cancelled after the window
+    F("A", "meeting_reminder", "pending", 24 * 60),  # pending: counted now, whenever due
+    F("B", "reengage", "pending", 30),
+    F("C", "meeting_reminder", "executing", 0),  # being sent: in no column
+]
+# Minutes after T0 each lead's messages were received; "out" ones are ours and never a reply.
+MESSAGES = [("A", "in", 20), ("B", "in", 14), ("B", "out", 16), ("B", "in", 15 + 25 * 60), ("C", "in", 30 + 23 * 60 + 59)]
+
+
+def expected_followups() -> dict[str, dict[str, float | int | None]]:
+    """The figures computed here from FOLLOW_UPS and MESSAGES, independently of the SQL."""
+    end = (WINDOW.end - T0).total_seconds() / 60
+    kinds: dict[str, dict[str, float | int | None]] = {}
+    for k in ("reengage", "nurture", "meeting_confirmation", "meeting_reminder", "winback"):
+        mine = [f for f in FOLLOW_UPS if f.kind == k]
+        in_window = [f for f in mine if 0 <= f.at < end]
+        sent = [f for f in in_window if f.status == "sent"]
+        replied = sum(any(lead == f.lead and d == "in" and f.at < at <= f.at + 24 * 60 for lead, d, at in MESSAGES)
+                      for f in sent)  # fmt: skip
+        kinds[k] = {"sent": len(sent), "failed": sum(f.status == "failed" for f in in_window),
+                    "cancelled": sum(f.status == "cancelled" for f in in_window),
+                    "pending": sum(f.status == "pending" for f in mine), "replied": replied,
+                    "reply_rate": replied / len(sent) if sent else None}  # fmt: skip
+    return kinds
+
+
+async def insert_followups(endpoints: Endpoints) -> None:
+    """FOLLOW_UPS and MESSAGES for the leads of LEADS (creating them when insert_known did not)."""
+    conn = await connect(endpoints)
+    try:
+        ids = {}
+        for key, (phone, name) in LEADS.items():
+            lead = await conn.fetchval(
+                """INSERT INTO leads (phone_number, push_name) VALUES ($1, $2)
+                   ON CONFLICT (phone_number) DO UPDATE SET updated_at = now() RETURNING id""", phone, name)
+            conv = await conn.fetchval("SELECT id FROM conversations WHERE lead_id = $1", lead) or await conn.fetchval(
+                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone)
+            ids[key] = (lead, conv)
+        for f in FOLLOW_UPS:
+            at = T0 + timedelta(minutes=f.at)
+            await conn.execute(
+                """INSERT INTO follow_ups (lead_id, kind, status, due_at, sent_at, updated_at)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
+                ids[f.lead][0], f.kind, f.status, at if f.status in ("pending", "executing") else at - timedelta(minutes=1),
+                at if f.status == "sent" else None, T0 - timedelta(days=2) if f.status in ("pending", "executing") else at,
+            )  # fmt: skip
+        for lead, direction, minutes in MESSAGES:
+            at = T0 + timedelta(minutes=minutes)
+            await conn.execute(
+                """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
+                   VALUES ($1, $2, $3, 'oi', $4, $4)""", ids[lead][1], ids[lead][0], direction, at)  # fmt: skip
+    finally:
+        await conn.close()
+
+
+async def test_followup_kpis_from_known_rows_are_exact(clean: Endpoints) -> None:
+    await insert_known(clean)
+    await insert_followups(clean)
+    conn = await connect(clean)
+    try:
+        r = await build_report(conn, WINDOW, SloSettings())
+    finally:
+        await conn.close()
+    got = {s.kind: s.to_dict() for s in r.followups}
+    assert list(got) == ["reengage", "nurture", "meeting_confirmation", "meeting_reminder", "winback"]
+    assert got == expected_followups()
+    assert got["reengage"] == {"sent": 3, "failed": 0, "cancelled": 0, "pending": 1, "replied": 2,
+                               "reply_rate": pytest.approx(2 / 3)}  # fmt: skip
+    assert got["nurture"] == {"sent": 1, "failed": 1, "cancelled": 1, "pending": 0, "replied": 0, "reply_rate": 0.0}
+    assert got["meeting_confirmation"]["reply_rate"] == 1.0 and got["meeting_reminder"]["reply_rate"] is None
+    total = r.followups_total
+    assert (total.sent, total.failed, total.cancelled, total.pending, total.replied) == (6, 1, 1, 2, 3)
+    assert total.reply_rate == 0.5
+
+
+async def test_followups_in_the_table_json_and_html(clean: Endpoints, tmp_path: Path) -> None:
+    await insert_known(clean)
+    await insert_followups(clean)
+    env = {"SDR_DATABASE_URL": clean.database_url, "COLUMNS": "200"}
+    page = tmp_path / "report.html"
+    code, out, err = await sdrctl("report", *SPAN, "--json", "--html", str(page), env=env)
+    assert code == 0, err
+    doc = json.loads(out)["followups"]
+    assert doc["reply_within_s"] == 86400 and doc["kinds"] == expected_followups()
+    assert doc["total"] == {"sent": 6, "failed": 1, "cancelled": 1, "pending": 2, "replied": 3, "reply_rate": 0.5}
+
+    code, out, err = await sdrctl("report", *SPAN, env=env)
+    assert code == 0, err
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.splitlines() if line.count("│") == 8}  # fmt: skip
+    assert rows["reengage"] == ["3", "0", "0", "1", "2", "66.67 %"]
+    assert rows["meeting_reminder"] == ["0", "0", "0", "1", "0", "n/a"]
+    assert rows["total"] == ["6", "1", "1", "2", "3", "50.00 %"]
+    assert "replied ≤ 24 h" in out
+
+    text = page.read_text()
+    section = text[text.index("<h2>Follow-ups</h2>"):]
+    assert '<tr><th class="l">total</th><th>6</th><th>1</th><th>1</th><th>2</th><th>3</th><th>50.00 %</th></tr>' in section
+    assert '<tr><td class="l">reengage</td><td>3</td><td>0</td><td>0</td><td>1</td><td>2</td><td>66.67 %</td></tr>' in section
+
+
+async def test_followups_show_in_a_window_without_turns(clean: Endpoints, tmp_path: Path) -> None:
+    await insert_followups(clean)  # follow-ups and messages, no turn
+    env = {"SDR_DATABASE_URL": clean.database_url, "COLUMNS": "200"}
+    page = tmp_path / "report.html"
+    code, out, err = await sdrctl("report", *SPAN, "--check", "--html", str(page), env=env)
+    assert code == 0, err
+    assert "nothing to report between" in " ".join(out.split()) and "follow-ups" in out and "50.00 %" in out
+    assert "<h2>Follow-ups</h2>" in page.read_text()
+    code, out, _ = await sdrctl("report", *SPAN, "--json", env=env)
+    doc = json.loads(out)
+    assert doc["empty"] is True and doc["followups"]["total"]["sent"] == 6
+
+
+async def test_no_followups_no_section(clean: Endpoints, tmp_path: Path) -> None:
+    await insert_known(clean)
+    env = {"SDR_DATABASE_URL": clean.database_url}
+    page = tmp_path / "report.html"
+    code, out, err = await sdrctl("report", *SPAN, "--html", str(page), env=env)
+    assert code == 0, err
+    assert "follow-ups" not in out and "Follow-ups" not in page.read_text()
+    code, out, _ = await sdrctl("report", *SPAN, "--json", env=env)
+    doc = json.loads(out)["followups"]
+    assert doc["total"] == {"sent": 0, "failed": 0, "cancelled": 0, "pending": 0, "replied": 0, "reply_rate": None}
+    assert list(doc["kinds"]) == ["reengage", "nurture", "meeting_confirmation", "meeting_reminder"]
 
 
 # --- the HTML page -----------------------------------------------------------------------

@@ -50,7 +50,9 @@ def make_agent(config: Config) -> Agent:
     if backend == "playbook":
         from daemon.agents.playbook import Playbook
 
-        return Playbook(config.agent)
+        from daemon.followups.calendar import BusinessHours
+
+        return Playbook(config.agent, BusinessHours.from_settings(config.followups))
     if backend == "openai":
         from daemon.agents.openai import OpenAIAgent
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from daemon.agents import AgentReply, TurnInput
 from daemon.config import AgentSettings
+from daemon.text import brl, fold
+from daemon.followups.calendar import BusinessHours
+from daemon.followups.meeting import parse_meeting
 from daemon.media.result import MediaResult
 
 # Leads often skip the "?"; these openings make a question anyway. Ambiguous ones ("pode",
@@ -39,12 +43,6 @@ WHEN = re.compile(
     r"\b(hoje|amanha|segunda|terca|quarta|quinta|sexta|sabado|domingo|manha|tarde|noite"
     r"|\d{1,2}\s*(?:h|hs|horas|:\d{2})|\d{1,2}/\d{1,2})\b"
 )
-
-
-def fold(text: str) -> str:
-    """Lower case without accents: how we compare what leads type."""
-    norm = unicodedata.normalize("NFKD", text.lower())
-    return "".join(c for c in norm if not unicodedata.combining(c)).strip()
 
 
 def is_question(text: str) -> bool:
@@ -112,12 +110,6 @@ def extract_money(text: str, *, loose: bool) -> Decimal | None:
     return None
 
 
-def brl(value: Decimal | float) -> str:
-    """R$ 1.234,56 as Brazilians write it."""
-    text = f"{Decimal(value):,.2f}"
-    return "R$ " + text.replace(",", "X").replace(".", ",").replace("X", ".")
-
-
 PROPERTY_WORDS = (
     ("apartamento", ("apartamento", "apto", "ap ", "condominio", "predio")),
     ("rural", ("sitio", "fazenda", "chacara", "rural", "roca")),
@@ -168,9 +160,10 @@ class Playbook:
 
     name = "playbook"
 
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, hours: BusinessHours | None = None) -> None:
         self.persona = settings.persona
         self.company = settings.company
+        self.hours = hours  # to read a meeting time ("sexta às 15h") in the business's zone
 
     async def close(self) -> None:
         """Nothing to release: the playbook holds no connections."""
@@ -355,6 +348,9 @@ class Playbook:
         f = fold(t.text)
         if WHEN.search(f) or (YES.search(f) and not NO.search(f)):
             when = f" ({t.text.strip()[:80]})" if WHEN.search(f) else ""
+            meeting = parse_meeting(t.text, datetime.now(UTC), self.hours) if self.hours else None
+            if meeting is not None:  # a day and an hour: reminders can be planned for it
+                t.updates["meeting_at"] = meeting
             self._to(
                 t, "booked",
                 f"Combinado{', ' + t.name if t.name else ''}! Anotei sua preferência{when}. Um "

@@ -1,0 +1,142 @@
+"""Sends due follow-ups exactly once, whichever daemon claims them.
+
+One pass (`run_due`): claim due rows (SKIP LOCKED, so concurrent daemons split them),
+then per row, at most `concurrency` at a time:
+- still relevant? (a lead who wrote since, a changed meeting: cancelled);
+- within business hours? (else back to pending at the next opening);
+- under the lead's lock, like a live turn (a lead mid-turn: retried a little later);
+- the outbox row first, then the send; sent -> the next of the sequence is planned;
+  failed -> retried with backoff up to max_attempts, then failed.
+A row reclaimed from a dead daemon whose send had started is not sent again: a follow-up
+arriving twice is worse than one lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from daemon.config import Config
+from daemon.evolution import EvolutionClient, SendFailed
+from daemon.followups.calendar import BusinessHours
+from daemon.followups.planner import QUALIFYING, SILENCE_KINDS, Planner
+from daemon.followups.store import Claimed, FollowUpStore
+from daemon.followups.templates import render, values_for
+from daemon.locks import LeadLocks
+from daemon.metrics import Metrics
+
+log = logging.getLogger("sdr.followups")
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class FollowUpExecutor:
+    def __init__(
+        self, config: Config, store: FollowUpStore, locks: LeadLocks, sender: EvolutionClient | None,
+        metrics: Metrics, on_handoff: Callable[[str], Awaitable[None]], clock: Clock = utc_now,
+    ) -> None:  # fmt: skip
+        self.settings = config.followups
+        self.knobs = config.profile.followups
+        self.store = store
+        self.locks = locks
+        self.sender = sender
+        self.metrics = metrics
+        self.on_handoff = on_handoff  # messages arrived while we held the lead: answer them
+        self.clock = clock
+        self.planner = Planner(config.followups)
+        self.hours = BusinessHours.from_settings(config.followups)
+        self.templates = {
+            "reengage": config.followups.reengage_template,
+            "nurture": config.followups.nurture_template,
+            "meeting_confirmation": config.followups.meeting_confirmation_template,
+            "meeting_reminder": config.followups.meeting_reminder_template,
+        }
+        self.slots = asyncio.Semaphore(self.knobs.concurrency)
+
+    async def run_due(self) -> int:
+        """One pass; returns how many follow-ups it claimed."""
+        claimed = await self.store.claim(self.clock(), self.knobs.claim_batch, self.knobs.stuck_after)
+        await asyncio.gather(*(self._one(f) for f in claimed))
+        return len(claimed)
+
+    async def _one(self, f: Claimed) -> None:
+        async with self.slots:
+            try:
+                outcome = await self._execute(f)
+            except Exception as exc:  # a database or Redis error: the row is reclaimed later
+                log.warning("follow-up %d: %s: %s", f.id, exc.__class__.__name__, exc)
+                outcome = "error"
+        self.metrics.followups.labels(f.kind, outcome).inc()
+
+    async def _execute(self, f: Claimed) -> str:
+        now = self.clock()
+        if f.last_send is not None and f.last_send != "failed":
+            # Reclaimed from a daemon that died after starting the send: never twice.
+            await self.store.finish(f, "failed", now, f"interrupted during its send ({f.last_send}); not sent again")
+            return "interrupted"
+        lead, wrote_at = await self.store.lead(f.lead_id)
+        why_not = self._irrelevant(f, lead, wrote_at)
+        if why_not:
+            await self.store.finish(f, "cancelled", now, why_not)
+            return "cancelled"
+        if not self.hours.is_open(now):
+            await self.store.retry_at(f, self.hours.next_opening(now), now, None, attempt=False)
+            return "deferred"
+        async with self.locks.held(f.phone, lambda: self.on_handoff(f.phone)) as got:
+            if not got:  # a live turn holds the lead: its reply may change everything
+                await self.store.retry_at(f, now + timedelta(seconds=self.knobs.busy_delay), now, None, attempt=False)
+                return "busy"
+            return await self._send(f, lead)
+
+    def _irrelevant(self, f: Claimed, lead: dict[str, Any], wrote_at: datetime | None) -> str | None:
+        if f.kind in SILENCE_KINDS:
+            if wrote_at is not None and wrote_at > f.created_at:
+                return "the lead wrote again"
+            if f.kind == "reengage" and (lead.get("stage") or "new") not in QUALIFYING:
+                return f"the lead is past qualification ({lead.get('stage')})"
+        else:
+            meeting = lead.get("meeting_at")
+            planned_for = f.payload.get("meeting_at")
+            if not meeting or (planned_for and _instant(meeting) != _instant(planned_for)):
+                return "the meeting changed"
+            if _instant(meeting) <= self.clock():
+                return "the meeting is past"
+        return None
+
+    async def _send(self, f: Claimed, lead: dict[str, Any]) -> str:
+        now = self.clock()
+        meeting = lead.get("meeting_at")
+        text = render(self.templates[f.kind], values_for(lead, self.settings, _instant(meeting) if meeting else None, self.hours))
+        if not text:
+            await self.store.finish(f, "cancelled", now, "the template left nothing to say")
+            return "cancelled"
+        local = self.sender is None
+        outbox_id = await self.store.start_send(f, text, "local" if local else "sending", now)
+        provider_id = None
+        if not local:
+            assert self.sender is not None
+            try:
+                provider_id = await self.sender.send_text(f.phone, text)
+            except SendFailed as exc:
+                await self.store.send_failed(outbox_id, str(exc))
+                return await self._failed(f, str(exc))
+        await self.store.sent(f, outbox_id, provider_id, self.clock(), self.planner.after_sent(f.kind, f.step, now))
+        return "sent"
+
+    async def _failed(self, f: Claimed, error: str) -> str:
+        now = self.clock()
+        if f.attempts >= self.knobs.max_attempts:
+            await self.store.finish(f, "failed", now, f"{error} (after {f.attempts} attempts)")
+            return "failed"
+        delay = self.knobs.retry_backoff * 2 ** (f.attempts - 1)
+        await self.store.retry_at(f, now + timedelta(seconds=delay), now, error, attempt=True)
+        return "retry"
+
+
+def _instant(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))

@@ -1,0 +1,155 @@
+"""Follow-ups in PostgreSQL, the source of truth: planned, claimed exactly once, finished.
+
+Every statement takes `now` from the caller, so the scheduler runs on any clock (tests
+drive it with a fake one) and every daemon agrees on what is due."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from daemon.followups.planner import SILENCE_KINDS, Planned
+
+# Replace the lead's pending silence follow-ups by what was planned (one statement). The
+# lead wrote or we replied: the old sequence no longer applies. Meeting follow-ups are
+# kept unless a planned one replaces the same kind and step.
+PLAN = """
+WITH gone AS (
+    UPDATE follow_ups SET status = 'cancelled', last_error = $4, updated_at = $3
+     WHERE lead_id = $1 AND status = 'pending'
+       AND (kind = ANY($5::text[])
+            OR (kind, step) IN (SELECT p.kind, p.step FROM jsonb_to_recordset($2::jsonb) AS p(kind text, step int)))
+)
+INSERT INTO follow_ups (lead_id, kind, step, due_at, payload, created_at, updated_at)
+SELECT $1, p.kind, p.step, p.due_at, coalesce(p.payload, '{}'), $3, $3
+  FROM jsonb_to_recordset($2::jsonb) AS p(kind text, step int, due_at timestamptz, payload jsonb)
+"""
+
+# Due follow-ups, and those whose daemon died mid-send, claimed by one daemon only.
+CLAIM = """
+UPDATE follow_ups f
+   SET status = 'executing', claimed_at = $1, attempts = f.attempts + 1, updated_at = $1
+  FROM leads l
+ WHERE l.id = f.lead_id AND f.id IN (
+       SELECT id FROM follow_ups
+        WHERE (status = 'pending' AND due_at <= $1)
+           OR (status = 'executing' AND claimed_at < $1 - make_interval(secs => $3))
+        ORDER BY due_at
+        LIMIT $2
+          FOR UPDATE SKIP LOCKED)
+RETURNING f.id, f.lead_id, f.kind, f.step, f.due_at, f.payload, f.attempts, f.created_at, l.phone_number,
+          (SELECT o.status FROM outbox o WHERE o.follow_up_id = f.id ORDER BY o.id DESC LIMIT 1) AS last_send
+"""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    lead_id: int
+    kind: str
+    step: int
+    due_at: datetime
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+    phone: str
+    last_send: str | None  # the outbox status of a previous attempt, if any
+
+
+class FollowUpStore:
+    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    async def plan(self, lead_id: int, planned: list[Planned], now: datetime, reason: str) -> None:
+        await self.pool.execute(
+            PLAN, lead_id, [p.as_json() for p in planned], now, reason, list(SILENCE_KINDS),
+            timeout=self.timeout,
+        )  # fmt: skip
+
+    async def cancel_silence(self, lead_id: int, now: datetime, reason: str) -> None:
+        await self.plan(lead_id, [], now, reason)
+
+    async def claim(self, now: datetime, limit: int, stuck_after: float) -> list[Claimed]:
+        rows = await self.pool.fetch(CLAIM, now, limit, stuck_after, timeout=self.timeout)
+        return [
+            Claimed(r["id"], r["lead_id"], r["kind"], r["step"], r["due_at"], _obj(r["payload"]),
+                    r["attempts"], r["created_at"], r["phone_number"], r["last_send"])
+            for r in rows
+        ]  # fmt: skip
+
+    async def lead(self, lead_id: int) -> tuple[dict[str, Any], datetime | None]:
+        """The lead and when it last wrote to us."""
+        row = await self.pool.fetchrow(
+            """SELECT to_jsonb(l) AS lead,
+                      (SELECT max(received_at) FROM messages m WHERE m.lead_id = l.id AND m.direction = 'in') AS wrote
+                 FROM leads l WHERE l.id = $1""",
+            lead_id, timeout=self.timeout,
+        )  # fmt: skip
+        assert row is not None
+        return _obj(row["lead"]), row["wrote"]
+
+    async def start_send(self, f: Claimed, text: str, status: str, now: datetime) -> int:
+        """The outbox row (and the conversation's message) before the send is attempted,
+        so a daemon dying mid-send leaves a trace, never a second message."""
+        return int(await self.pool.fetchval(
+            """WITH msg AS (
+                   INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
+                   SELECT c.id, $1, 'out', $3, $5 FROM conversations c
+                    WHERE c.lead_id = $1 AND c.status = 'open')
+               INSERT INTO outbox (lead_id, phone_number, body, status, attempts, follow_up_id, sent_at)
+               VALUES ($1, $2, $3, $4, CASE WHEN $4 = 'sending' THEN 1 ELSE 0 END, $6,
+                       CASE WHEN $4 = 'local' THEN $5 END)
+               RETURNING id""",
+            f.lead_id, f.phone, text, status, now, f.id, timeout=self.timeout,
+        ))  # fmt: skip
+
+    async def sent(self, f: Claimed, outbox_id: int, provider_id: str | None, now: datetime, nxt: list[Planned]) -> None:
+        """Done: the follow-up, its outbox row, and the next of its sequence, at once."""
+        await self.pool.execute(
+            """WITH f AS (
+                   UPDATE follow_ups SET status = 'sent', sent_at = $3, updated_at = $3, last_error = NULL
+                    WHERE id = $1),
+               o AS (
+                   UPDATE outbox SET status = CASE WHEN status = 'local' THEN 'local' ELSE 'sent' END,
+                          provider_id = $4, sent_at = $3
+                    WHERE id = $2)
+               INSERT INTO follow_ups (lead_id, kind, step, due_at, payload, created_at, updated_at)
+               SELECT $5, p.kind, p.step, p.due_at, coalesce(p.payload, '{}'), $3, $3
+                 FROM jsonb_to_recordset($6::jsonb) AS p(kind text, step int, due_at timestamptz, payload jsonb)""",
+            f.id, outbox_id, now, provider_id, f.lead_id, [p.as_json() for p in nxt], timeout=self.timeout,
+        )  # fmt: skip
+
+    async def send_failed(self, outbox_id: int, error: str) -> None:
+        await self.pool.execute(
+            "UPDATE outbox SET status = 'failed', last_error = $2 WHERE id = $1", outbox_id, error[:500],
+            timeout=self.timeout,
+        )  # fmt: skip
+
+    async def retry_at(self, f: Claimed, due_at: datetime, now: datetime, error: str | None, *, attempt: bool) -> None:
+        """Back to pending; `attempt` False when nothing was tried (closed hours, a live
+        turn), so it does not count against max_attempts."""
+        await self.pool.execute(
+            """UPDATE follow_ups SET status = 'pending', due_at = $2, updated_at = $3,
+                      last_error = coalesce($4, last_error),
+                      attempts = attempts - CASE WHEN $5 THEN 0 ELSE 1 END
+                WHERE id = $1""",
+            f.id, due_at, now, error, attempt, timeout=self.timeout,
+        )  # fmt: skip
+
+    async def finish(self, f: Claimed, status: str, now: datetime, error: str | None) -> None:
+        """failed or cancelled, with why."""
+        await self.pool.execute(
+            "UPDATE follow_ups SET status = $2, updated_at = $3, last_error = $4 WHERE id = $1",
+            f.id, status, now, error, timeout=self.timeout,
+        )  # fmt: skip
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        return dict(json.loads(value))
+    return dict(value or {})
