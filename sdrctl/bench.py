@@ -15,6 +15,8 @@ from daemon.bench import (
     CapacityStep, ProfileResult, Tally, Workload, capacity, compare, find_capacity, load_scenario,
     percentile, run_bench, run_intake,
 )  # fmt: skip
+from daemon.bench_followups import run_followups
+from daemon.config import Config
 from daemon.tasks import run_fast
 from sdrctl.workload import DurationOpt, LatencyOpt, LeadsOpt, RampOpt, ScaleOpt, SeedOpt, given
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
@@ -90,6 +92,9 @@ def bench(
     ] = False,
     connections: Annotated[int, typer.Option(help="--intake: keep-alive connections", min=1, max=1000)] = 50,
     max_leads: Annotated[int, typer.Option(help="--find-capacity: stop doubling past this", min=1)] = 5000,
+    followups: Annotated[
+        int | None, typer.Option("--followups", help="send N due follow-ups; report follow-ups/s", min=1, max=1_000_000)
+    ] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
@@ -106,6 +111,9 @@ def bench(
         workload = Workload(**overrides).validated()
     profiles = [cfg.profile.source] + ([vs] if vs else [])
     config_path = str(config or ctx.find_root().params.get("config") or "") or None
+    if followups is not None:
+        _followups(cfg, followups, json_file)
+        return
     if intake:
         _intake(cfg.profile.source, workload, connections, config_path, json_file)
         return
@@ -139,6 +147,19 @@ def bench(
         out.print(f"[yellow]time-scale {workload.time_scale:g}: response times are scaled; overhead is not[/]")
     if json_file is not None:
         json_file.write_text(json.dumps(report, indent=2, default=str))
+        err.print(f"wrote {json_file}")
+
+
+def _followups(cfg: Config, count: int, json_file: Path | None) -> None:
+    err.print(f"bench --followups: {count} due follow-ups, one daemon, fake Evolution API over HTTP")
+    r = run_fast(run_followups(cfg, count))
+    out.print(
+        f"{r.sent:,} of {r.count:,} follow-ups claimed and sent in {r.seconds:.2f}s: "
+        f"[bold]{r.rate:,.0f} follow-ups/s[/] ({r.passes} passes of up to {r.batch}, {r.concurrency} at a time)"
+    )
+    if json_file is not None:
+        json_file.write_text(json.dumps({"count": r.count, "sent": r.sent, "seconds": r.seconds, "rate": r.rate,
+                                         "concurrency": r.concurrency, "batch": r.batch}, indent=2))  # fmt: skip
         err.print(f"wrote {json_file}")
 
 

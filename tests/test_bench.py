@@ -47,6 +47,15 @@ async def test_bench_intake_measures_both_endpoints_side_by_side(tmp_path: Path)
     assert "webhook / bare" in out
 
 
+async def test_bench_followups_sends_every_due_follow_up_once_and_reports_the_rate(tmp_path: Path) -> None:
+    report = tmp_path / "followups.json"
+    code, out, err = await sdrctl("bench", "--followups", "40", "--json", str(report))
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["count"] == doc["sent"] == 40 and doc["rate"] > 0 and doc["concurrency"] == 3
+    assert "40 of 40 follow-ups claimed and sent" in out and "follow-ups/s" in out
+
+
 async def test_bench_find_capacity_reports_the_largest_count_that_held(tmp_path: Path) -> None:
     report = tmp_path / "capacity.json"
     code, out, err = await sdrctl(
