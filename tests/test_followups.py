@@ -276,3 +276,23 @@ async def _set_due(endpoints: Endpoints, when: datetime) -> None:
 async def _when(rows: Any, ok: Any) -> Any:
     found = await rows
     return found if found and ok(found) else None
+
+
+async def test_a_follow_up_waits_while_a_live_turn_holds_the_lead(clean: Endpoints) -> None:
+    async with run_fake_evolution() as fake:
+        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_ENABLED="false",
+                          SDR_FOLLOWUPS_BUSY_DELAY="30")  # fmt: skip
+        async with run_daemon(cfg) as d:
+            await a_silent_lead(d, clean, fake)
+            now = datetime(2026, 11, 25, 10, 0, tzinfo=SP)
+            await _set_due(clean, now)
+            token = await d.runtime.runner.locks.try_acquire(PHONE)  # a turn is running
+            assert token is not None
+            await executor(d.runtime, Clock(now)).run_due()
+            [waiting] = await follow_ups(clean)
+            await d.runtime.runner.locks.release(PHONE, token)
+            await executor(d.runtime, Clock(now + timedelta(seconds=31))).run_due()
+            [row, *_] = await follow_ups(clean)
+    assert waiting["status"] == "pending" and waiting["attempts"] == 0
+    assert waiting["due_at"] == now + timedelta(seconds=30)
+    assert row["status"] == "sent" and len(fake.sent) == 2
