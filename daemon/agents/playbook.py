@@ -6,7 +6,6 @@ any stage are answered from the knowledge base first, then the flow goes on."""
 from __future__ import annotations
 
 import re
-import unicodedata
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
