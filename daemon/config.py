@@ -288,6 +288,14 @@ class Limits:
     max_message_length: int = knob(
         1000, "longer replies are split on sentence boundaries", unit="chars", min=50, max=65536
     )
+    lead_rate: float = knob(
+        5.0, "webhooks per second one lead may sustain (per daemon); more get 429; 0 = no limit",
+        unit="1/s", min=0, max=100000,
+    )  # fmt: skip
+    lead_burst: int = knob(30, "webhooks one lead may send at once before lead_rate applies", min=1, max=100000)
+    rate_tracked_leads: int = knob(
+        100_000, "leads the rate limiter remembers (least recently seen forgotten first)", min=100, max=10**7
+    )
 
 
 @dataclass(frozen=True)
