@@ -12,8 +12,10 @@ from redis.asyncio import Redis
 
 from daemon.config import Buffer
 
-DUE = "sdr:buffer:due"  # zset: member -> deadline (unix seconds)
-FIRST = "sdr:buffer:first"  # zset: member -> arrival of the burst's first message
+# One hash tag for both: the scripts touch them together, so in Redis Cluster they must
+# live in one slot. (Per-lead keys, like locks, are tagged with the lead's phone instead.)
+DUE = "sdr:{buffer}:due"  # zset: member -> deadline (unix seconds)
+FIRST = "sdr:{buffer}:first"  # zset: member -> arrival of the burst's first message
 
 # A member is a lead's phone (its whole burst becomes one turn) or, without coalescing,
 # "phone|message id" (one turn per message, as the old system did).

@@ -62,7 +62,8 @@ class TwoTierCache(Generic[T]):
         return len(self._local)
 
     def redis_key(self, key: str) -> str:
-        return f"sdr:cache:{self.name}:{key}"
+        # The key as a hash tag: a lead's entries share its slot with its lock in Redis Cluster.
+        return f"sdr:cache:{self.name}:{{{key}}}"
 
     # --- reads ----------------------------------------------------------------------
 

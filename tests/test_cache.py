@@ -89,7 +89,7 @@ async def test_miss_then_local_hit_then_redis_hit_in_another_daemon(rds: Redis) 
 
     assert await a.get_or_load("5511999990001", load) == {"id": 7, "name": "Ana"}
     assert (load.calls, a.misses, a.hits, misses(a, ma)) == (1, 1, 0, 1)
-    assert 0 < await rds.pttl("sdr:cache:lead:5511999990001") <= 60_000
+    assert 0 < await rds.pttl("sdr:cache:lead:{5511999990001}") <= 60_000
 
     assert await a.get_or_load("5511999990001", load) == {"id": 7, "name": "Ana"}
     assert (load.calls, a.hits, hits(a, ma, "local")) == (1, 1, 1)
@@ -145,7 +145,7 @@ async def test_redis_entries_expire_after_ttl_and_local_ttl_zero_disables_tier_o
     assert len(cache) == 0
     assert await cache.get_or_load("k", load) == ["a", "b"] and cache.hits == 1  # from Redis
     await asyncio.sleep(0.2)
-    assert await rds.exists("sdr:cache:lead:k") == 0
+    assert await rds.exists("sdr:cache:lead:{k}") == 0
     assert await cache.get_or_load("k", load) == ["a", "b"]
     assert load.calls == 2
 
@@ -163,7 +163,7 @@ async def test_invalidate_drops_the_key_in_another_daemons_local_tier(rds: Redis
         assert len(b) == 1 and len(other) == 1
 
         await a.invalidate("5511")  # daemon A changed the lead
-        assert len(a) == 0 and await rds.exists("sdr:cache:lead:5511") == 0
+        assert len(a) == 0 and await rds.exists("sdr:cache:lead:{5511}") == 0
         await until(lambda: len(b) == 0)
         assert len(other) == 1  # only the named cache is touched
         fresh = Loader({"stage": "qualified"})
@@ -285,7 +285,7 @@ async def test_a_load_dropped_midway_is_not_stored(rds: Redis) -> None:
     cache.drop_local("k")  # an invalidation arrives while the old value is being read
     load.release.set()
     assert await task == {"stage": "old"}  # the caller that asked before still gets it
-    assert len(cache) == 0 and await rds.exists("sdr:cache:lead:k") == 0
+    assert len(cache) == 0 and await rds.exists("sdr:cache:lead:{k}") == 0
 
 
 async def test_values_decode_into_the_declared_type(rds: Redis) -> None:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.buffer import DUE, window_for
+from daemon.buffer import DUE, FIRST, window_for
 from daemon.config import load_config, load_profile
 from daemon.embedded import Endpoints
 from daemon.turn import FALLBACK
@@ -152,7 +152,7 @@ async def test_a_message_whose_buffer_entry_was_lost_is_still_answered(clean: En
     )  # fmt: skip
     async with run_daemon(cfg) as d:
         await post_all(d.url, [event(PHONE, "Olá")])
-        await d.runtime.redis.delete(DUE, "sdr:buffer:first")  # e.g. Redis restarted without its data
+        await d.runtime.redis.delete(DUE, FIRST)  # e.g. Redis restarted without its data
         [reply] = await wait_for(lambda: rows(clean, "SELECT body FROM outbox"))
     assert "Sol Nascente" in reply["body"]
 
@@ -237,7 +237,7 @@ async def test_typing_extends_a_pending_burst_but_never_past_the_cap(clean: Endp
         before = await d.runtime.redis.zscore(DUE, PHONE)
         typing = (await post_all(d.url, [presence]))[0].json()
         after = await d.runtime.redis.zscore(DUE, PHONE)
-        first = await d.runtime.redis.zscore("sdr:buffer:first", PHONE)
+        first = await d.runtime.redis.zscore(FIRST, PHONE)
         await wait_for(lambda: rows(clean, "SELECT * FROM outbox"))
     assert idle == {"status": "presence", "buffer": "ignored"}  # nothing pending: nothing to wait for
     assert typing == {"status": "presence", "buffer": "extended"}
