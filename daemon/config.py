@@ -53,6 +53,7 @@ class DaemonSettings:
     log_level: str = knob(
         "info", "log verbosity", choices=("debug", "info", "warning", "error")
     )
+    log_phones: bool = knob(False, "show leads' phone numbers in logs (debugging only; masked otherwise)")
 
 
 @dataclass(frozen=True)

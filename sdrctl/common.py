@@ -36,13 +36,11 @@ def load(ctx: typer.Context, config: Path | None, profile: str | None) -> Config
     return load_config(config or top.get("config"), profile or top.get("profile"))
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)-14s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, *, log_phones: bool = False) -> None:
+    """Logs to stderr; leads' phone numbers masked unless `log_phones`."""
+    from daemon.logs import setup_logging as setup
+
+    setup(level, log_phones=log_phones)
 
 
 def fail(message: str) -> None:

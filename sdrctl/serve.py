@@ -15,5 +15,5 @@ def serve(ctx: typer.Context, config: ConfigOpt = None, profile: ProfileOpt = No
     With no database/redis URL configured, starts the embedded PostgreSQL and Redis under
     [daemon] data_dir, migrates and seeds them."""
     cfg = load(ctx, config, profile)
-    setup_logging(cfg.daemon.log_level)
+    setup_logging(cfg.daemon.log_level, log_phones=cfg.daemon.log_phones)
     run_server(cfg)
