@@ -96,6 +96,8 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
         raise BadPayload(422, f"invalid event: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadPayload(400, f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # msgspec's answer to very deep nesting; no event nests deeply
+        raise BadPayload(400, "body nests too deeply to be an event") from None
     name = env.event or path_event
     if not name:
         raise BadPayload(422, "invalid event: Object missing required field `event`")
@@ -110,11 +112,29 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
         return _to_inbound(_message.decode(env.data), env.instance)
     except msgspec.ValidationError as exc:
         raise BadPayload(422, f"invalid event: {exc} (in `data`)") from None
+    except RecursionError:
+        raise BadPayload(400, "body nests too deeply to be an event") from None
 
 
 def _phone(jid: str) -> str | None:
     phone = jid.split("@", 1)[0].split(":", 1)[0]
-    return phone if phone.isdigit() and 8 <= len(phone) <= 15 else None
+    # isascii: str.isdigit() also takes other scripts' digits ("٥٥١١..."), not a number
+    return phone if phone.isascii() and phone.isdigit() and 8 <= len(phone) <= 15 else None
+
+
+MAX_ID_CHARS = 256  # WhatsApp ids are ~20-32; provider_id's unique index takes ~2.7 KB at most
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL: a `\\u0000` would fail the insert (and
+    every message sharing its group commit), so it is dropped from what we store."""
+    if isinstance(value, str):
+        return value.replace("\x00", "") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
 
 
 def _to_typing(data: PresenceData) -> Typing | Ignored:
@@ -137,15 +157,18 @@ def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Ignored:
     phone = _phone(jid)
     if phone is None:
         return Ignored("not_a_phone")
+    if len(data.key.id) > MAX_ID_CHARS or "\x00" in data.key.id:
+        raise BadPayload(422, f"invalid event: `key.id` must be at most {MAX_ID_CHARS} characters, without NUL")
     kind, body, media = _content(data.message or {})
     if kind is None:
         return Ignored("no_content")
     if media is not None:  # what fetching the bytes later needs, when the event has none
         media["key"] = {"id": data.key.id, "remoteJid": jid, "fromMe": False}
         media["instance"] = instance
+        media = _no_nul(media)
     return Inbound(
         phone=phone,
-        push_name=data.pushName,
+        push_name=_no_nul(data.pushName),
         provider_id=data.key.id,
         kind=kind,
         body=body,
@@ -158,13 +181,17 @@ def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] |
     text = message.get("conversation")
     if not text and isinstance(message.get("extendedTextMessage"), dict):
         text = message["extendedTextMessage"].get("text")
-    if isinstance(text, str) and text.strip():
+    if isinstance(text, str) and (text := _no_nul(text)).strip():
         return "text", text, None
     for field, kind in MEDIA_KINDS.items():
         part = message.get(field)
         if isinstance(part, dict):
-            caption = part.get("caption") if isinstance(part.get("caption"), str) else ""
-            media = {k: part[k] for k in ("mimetype", "fileLength", "seconds") if k in part}
+            caption = _no_nul(part["caption"]) if isinstance(part.get("caption"), str) else ""
+            # Scalars only: a nested value here would be stored as is, however deep.
+            media = {
+                k: part[k] for k in ("mimetype", "fileLength", "seconds")
+                if isinstance(part.get(k), (str, int, float))
+            }  # fmt: skip
             # With "webhook base64" on, Evolution puts the decrypted file here. Never the
             # part's `url`: that is WhatsApp's encrypted CDN file.
             if isinstance(message.get("base64"), str):
@@ -176,24 +203,29 @@ def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] |
 def _timestamp(value: int | float | str | None) -> datetime:
     try:
         seconds = float(value) if value is not None else None
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or an integer beyond any float
         seconds = None
     if seconds is None or seconds <= 0:
         return datetime.now(UTC)
     if seconds > 1e11:  # some senders use milliseconds
         seconds /= 1000
-    return datetime.fromtimestamp(seconds, UTC)
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (ValueError, OverflowError, OSError):  # NaN, infinity, past year 9999
+        return datetime.now(UTC)
 
 
 # --- sending ----------------------------------------------------------------------------
 
 
 class SendFailed(Exception):
-    """A send did not go through; `retryable` only when it certainly did not arrive."""
+    """A send did not go through; `retryable` only when it certainly did not arrive;
+    `final` when trying later cannot help (the API refused the request itself: a 4xx)."""
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, final: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.final = final
 
 
 class MediaUnavailable(Exception):
@@ -276,7 +308,8 @@ class EvolutionClient:
         if resp.status_code in (502, 503, 504):
             raise SendFailed(f"HTTP {resp.status_code}", retryable=True)
         if resp.status_code >= 400:
-            raise SendFailed(f"HTTP {resp.status_code}: {resp.text[:200]}", retryable=False)
+            final = resp.status_code < 500 and resp.status_code not in (408, 429)
+            raise SendFailed(f"HTTP {resp.status_code}: {resp.text[:200]}", retryable=False, final=final)
         try:
             key = resp.json().get("key") or {}
             return str(key["id"]) if "id" in key else None

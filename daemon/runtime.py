@@ -31,7 +31,7 @@ from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import Config
 from daemon.embedded import Endpoints
 from daemon.errors import MigrationError, UnavailableError
-from daemon.evolution import EvolutionClient
+from daemon.evolution import EvolutionClient, SendFailed
 from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
 from daemon.store import Inbound, KbEntry, Store, connect
@@ -239,6 +239,8 @@ class Runtime:
             jobs.every("followups", f.poll_interval, self.followups.run_due)
         jobs.every("knowledge-refresh", f.kb_refresh_interval, KnowledgeRefresh(self.pool, self.knowledge.invalidate_all))
         jobs.every("unanswered-sweep", p.buffer.sweep_interval, self._sweep)
+        if self._sender is not None:
+            jobs.every("outbox-redelivery", p.limits.redeliver_interval, self._redeliver)
         self.crm: CrmPush | None = None
         if cfg.followups.crm_url:
             self.crm = CrmPush(
@@ -260,6 +262,33 @@ class Runtime:
             await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
         if stale:
             log.warning("re-queued %d message(s) left unanswered past %.0fs", len(stale), age)
+
+    async def _redeliver(self) -> None:
+        """Replies that did not go out are sent again, in order, under each lead's lock
+        (never interleaved with a live turn's replies). A reply left 'sending' by a dead
+        daemon may have arrived: re-sending it risks a duplicate, which beats silence."""
+        p = self.config.profile
+        assert self._sender is not None
+        stale = p.timeouts.evolution_send * p.limits.send_attempts + p.timeouts.redis_lock_ttl
+        rows = await self.store.undelivered(stale, p.limits.redeliver_attempts, p.buffer.claim_batch)
+        by_lead: dict[str, list[tuple[int, str]]] = {}
+        for outbox_id, phone, body in rows:
+            by_lead.setdefault(phone, []).append((outbox_id, body))
+        for phone, replies in by_lead.items():
+            async with self.runner.locks.held(phone, lambda phone=phone: self._hand_back(phone)) as got:
+                if not got:
+                    continue  # a live turn is sending: next pass
+                for outbox_id, body in replies:
+                    await self.store.record_send_attempt(outbox_id)
+                    try:
+                        provider_id = await self._sender.send_text(phone, body)
+                    except SendFailed as exc:
+                        status = "failed" if exc.final else "undelivered"
+                        await self.store.record_delivery([outbox_id], status=status, error=str(exc)[:500])
+                        self.metrics.sends.labels("redelivery_failed").inc()
+                        break  # keep the lead's replies in order
+                    await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
+                    self.metrics.sends.labels("redelivered").inc()
 
     async def _plan_follow_ups(self, lead: dict[str, Any], replied_at: datetime, updates: dict[str, Any]) -> None:
         """After a turn: the lead's next follow-ups replace its pending silence ones."""

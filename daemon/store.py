@@ -286,6 +286,27 @@ class Store:
             outbox_ids, status, provider_id, error, turn_id, response_ms, timeout=self.timeout,
         )  # fmt: skip
 
+    async def undelivered(self, stale_after: float, max_attempts: int, limit: int) -> list[tuple[int, str, str]]:
+        """(outbox id, phone, body) of replies to send again, oldest first: those whose
+        send failed in a way a later try can fix, and those left 'sending' by a daemon
+        that died (older than any send can take). Gives up on the ones out of attempts."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE outbox SET status = 'failed', last_error = coalesce(last_error, '') || ' (gave up)'
+                    WHERE status IN ('undelivered', 'sending') AND attempts >= $1
+                      AND (status = 'undelivered' OR created_at < clock_timestamp() - make_interval(secs => $2))""",
+                max_attempts, stale_after, timeout=self.timeout,
+            )  # fmt: skip
+            rows = await conn.fetch(
+                """SELECT id, phone_number, body FROM outbox
+                    WHERE (status = 'undelivered'
+                           OR (status = 'sending' AND created_at < clock_timestamp() - make_interval(secs => $1)))
+                      AND attempts < $2
+                    ORDER BY id LIMIT $3""",
+                stale_after, max_attempts, limit, timeout=self.timeout,
+            )  # fmt: skip
+        return [(r["id"], r["phone_number"], r["body"]) for r in rows]
+
     async def stale_unanswered(self, older_than: float) -> list[tuple[str, int]]:
         """(phone, message id) of messages still unanswered `older_than` seconds after
         they arrived: more than any turn takes, so their buffer entry was lost."""

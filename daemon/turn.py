@@ -321,7 +321,10 @@ class TurnRunner:
                 provider_id = await clock.run("send", sender.send_text(phone, part, record_attempt), None)
             except StageFailed as exc:
                 error = str(exc.__cause__ or exc)[:500]
-                await self.store.record_delivery(outbox_ids[i:], status="failed", error=error)
+                # A refused request is final; anything else (5xx, timeout, no connection)
+                # is re-delivered later by the scheduler's outbox job.
+                status = "failed" if getattr(exc.__cause__, "final", False) else "undelivered"
+                await self.store.record_delivery(outbox_ids[i:], status=status, error=error)
                 self.metrics.sends.labels("failed").inc(len(outbox_ids) - i)
                 return
             self.metrics.sends.labels("sent").inc()

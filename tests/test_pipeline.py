@@ -85,15 +85,16 @@ async def test_replies_go_to_the_evolution_api_when_configured(clean: Endpoints)
 
 
 @pytest.mark.parametrize(("answers", "status", "attempts", "delivered"), [
-    ([503, 502], "sent", 3, 1),   # did not arrive: retried, each attempt recorded
-    ([500], "failed", 1, 0),      # may have arrived: never retried blindly
+    ([503, 502], "sent", 3, 1),   # did not arrive: retried at once, each attempt recorded
+    ([500], "sent", 2, 1),        # not retried at once; re-sent by the outbox job later
+    ([400], "failed", 1, 0),      # refused: final, never re-sent
 ])  # fmt: skip
 async def test_sends_are_retried_only_when_they_certainly_did_not_arrive(
     clean: Endpoints, answers: list[int], status: str, attempts: int, delivered: int
 ) -> None:
     async with run_fake_evolution() as evo:
         evo.answers.extend(answers)
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url)
+        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_REDELIVER_INTERVAL="0.2")
         async with run_daemon(cfg) as d:
             await send_burst(d.url, ["Olá!"])
 
@@ -108,12 +109,13 @@ async def test_sends_are_retried_only_when_they_certainly_did_not_arrive(
     assert evo.answers == []  # every queued failure was consumed: the retries happened
 
 
-async def test_unreachable_evolution_api_is_recorded_as_failed(clean: Endpoints) -> None:
-    cfg = make_config(clean, SDR_EVOLUTION_BASE_URL="http://127.0.0.1:9")  # nothing listens there
+async def test_unreachable_evolution_api_is_re_sent_then_recorded_as_failed(clean: Endpoints) -> None:
+    cfg = make_config(clean, SDR_EVOLUTION_BASE_URL="http://127.0.0.1:9",  # nothing listens there
+                      SDR_LIMITS_REDELIVER_INTERVAL="0.1", SDR_LIMITS_REDELIVER_ATTEMPTS="5")  # fmt: skip
     async with run_daemon(cfg) as d:
         await send_burst(d.url, ["Olá!"])
         [row] = await wait_for(lambda: fetch(clean.database_url, "SELECT * FROM outbox WHERE status = 'failed'"))
-    assert "connect" in row["last_error"]
+    assert "connect" in row["last_error"] and "(gave up)" in row["last_error"] and row["attempts"] == 5
 
 
 async def test_a_question_is_answered_from_the_knowledge_base(clean: Endpoints) -> None:
