@@ -1,7 +1,8 @@
 """HTTP routes (bare Starlette: the intake is on the hot path).
 
-The webhook authenticates, bounds the body, parses the Evolution event, stores the
-message durably and answers at once; it never waits for the agent."""
+The webhook authenticates, bounds the body, parses the Evolution event, holds each lead
+to its rate limit, stores the message durably and answers at once; it never waits for the
+agent. GET /openapi.json describes every route and answer."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemon.evolution import BadPayload, Ignored, Typing, parse_event
+from daemon.openapi import openapi
+from daemon.ratelimit import LeadRateLimiter, retry_after
 from daemon.runtime import OUTAGE, Runtime
 
 log = logging.getLogger("sdr.intake")
@@ -50,12 +53,16 @@ def create_app(rt: Runtime) -> Starlette:
     limit = cfg.webhook.max_body_bytes
     webhook_timeout = cfg.profile.timeouts.webhook
     count = rt.metrics.webhooks
+    lim = cfg.profile.limits
+    limiter = LeadRateLimiter(lim.lead_rate, lim.lead_burst, lim.rate_tracked_leads)
+    document = openapi(cfg)
 
     async def webhook(request: Request) -> Response:
         if token is not None:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, token):
                 count.labels("unauthorized").inc()
+                # The address only: a token, even a wrong one, never goes to the log.
                 log.warning("webhook refused: missing or wrong bearer token from %s",
                             request.client.host if request.client else "?")
                 return error(401, "missing or invalid bearer token (Authorization: Bearer <token>)")
@@ -76,6 +83,15 @@ def create_app(rt: Runtime) -> Starlette:
             count.labels("ignored").inc()
             rt.metrics.ignored.labels(event.reason).inc()
             return JSONResponse({"status": "ignored", "reason": event.reason})
+        # After parsing: the limit is per lead, so only a lead's messages and typing count.
+        wait = limiter.wait(event.phone)
+        if wait:
+            count.labels("rate_limited").inc()
+            return JSONResponse(
+                {"error": f"too many webhooks for this lead: the limit is {limiter.rate:g}/s "
+                 f"(bursts of {limiter.burst}) per lead; retry later"},
+                status_code=429, headers={"Retry-After": retry_after(wait)},
+            )  # fmt: skip
         try:
             async with asyncio.timeout(webhook_timeout):
                 if isinstance(event, Typing):
@@ -106,17 +122,26 @@ def create_app(rt: Runtime) -> Starlette:
             rt.metrics.active_leads.set(await rt.buffer.pending())
         return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
 
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(document)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return error(exc.status_code, exc.detail)
 
+    async def crash(request: Request, exc: Exception) -> Response:
+        # A bug, never the sender's fault: JSON like every other answer; Starlette still
+        # logs the traceback.
+        return error(500, "internal error; the message may not be stored, retry")
+
     return Starlette(
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: crash},
         routes=[
             Route("/webhook/evolution", webhook, methods=["POST"]),
             Route("/webhook/evolution/{event}", webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
         ]
     )

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -148,8 +148,9 @@ class DaemonUnderTest:
 
 @contextlib.asynccontextmanager
 async def start_daemon(
-    profile: Profile, evolution_url: str, workload: Workload, config_path: str | None, ready_timeout: float
-) -> AsyncIterator[DaemonUnderTest]:
+    profile: Profile, evolution_url: str, workload: Workload, config_path: str | None, ready_timeout: float,
+    *, extra_env: Mapping[str, str] | None = None,
+) -> AsyncIterator[DaemonUnderTest]:  # fmt: skip
     data_dir = Path(tempfile.mkdtemp(prefix=f"sdrctl-bench-{profile.name}-", dir="/tmp"))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
@@ -160,6 +161,7 @@ async def start_daemon(
         SDR_AGENT_SIMULATED_LATENCY=_scaled_spec(workload.agent_latency, workload.time_scale),
         **scaled_overrides(profile, workload.time_scale),
     )  # fmt: skip
+    env.update(extra_env or {})
     args = [sys.executable, "-m", "sdrctl", "serve", "--profile", profile.source]
     if config_path:
         args += ["--config", config_path]
@@ -569,7 +571,12 @@ async def run_intake(
         async with _bare_server(p.timeouts.embedded_start) as bare_url:
             await post_load(f"{bare_url}/webhook/evolution", body, connections=connections, duration=1.0)
             baseline = await post_load(f"{bare_url}/webhook/evolution", body, connections=connections, duration=duration)
-        async with start_daemon(p, fake.url, workload, config_path, p.timeouts.embedded_start * 4) as daemon:
+        # The per-lead rate limit off: this floods a few hundred leads at thousands of
+        # requests/s to measure intake capacity, not the limiter (which would answer 429).
+        no_limit = {"SDR_LIMITS_LEAD_RATE": "0"}
+        async with start_daemon(
+            p, fake.url, workload, config_path, p.timeouts.embedded_start * 4, extra_env=no_limit
+        ) as daemon:
             await post_load(f"{daemon.url}/webhook/evolution", body, connections=connections, duration=1.0)
             ours = await post_load(f"{daemon.url}/webhook/evolution", body, connections=connections, duration=duration)
     return IntakeResult(baseline, ours)

@@ -293,7 +293,11 @@ class Limits:
         5.0, "how often replies that did not go out (5xx, timeout, no connection, a dead daemon) are re-sent",
         unit="s", min=0.01, max=3600,
     )  # fmt: skip
-    redeliver_attempts: int = knob(6, "sends of one reply, in all, before it is marked failed", min=1, max=100)
+    redeliver_attempts: int = knob(10, "sends of one reply, in all, before it is marked failed", min=1, max=100)
+    redeliver_backoff: float = knob(
+        5.0, "wait before re-sending a reply that did not go out (doubles per try, at most an hour)",
+        unit="s", min=0, max=3600,
+    )  # fmt: skip
     lead_rate: float = knob(
         5.0, "webhooks per second one lead may sustain (per daemon); more get 429; 0 = no limit",
         unit="1/s", min=0, max=100000,

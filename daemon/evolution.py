@@ -96,6 +96,8 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
         raise BadPayload(422, f"invalid event: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadPayload(400, f"body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:  # what msgspec raises (not DecodeError) for a non-UTF-8 string
+        raise BadPayload(400, "body is not valid JSON: a string is not valid UTF-8") from None
     except RecursionError:  # msgspec's answer to very deep nesting; no event nests deeply
         raise BadPayload(400, "body nests too deeply to be an event") from None
     name = env.event or path_event
@@ -112,6 +114,8 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
         return _to_inbound(_message.decode(env.data), env.instance)
     except msgspec.ValidationError as exc:
         raise BadPayload(422, f"invalid event: {exc} (in `data`)") from None
+    except UnicodeDecodeError:  # `data` was kept raw above, so its strings are checked only now
+        raise BadPayload(400, "body is not valid JSON: a string is not valid UTF-8") from None
     except RecursionError:
         raise BadPayload(400, "body nests too deeply to be an event") from None
 
@@ -187,7 +191,7 @@ def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] |
         part = message.get(field)
         if isinstance(part, dict):
             caption = _no_nul(part["caption"]) if isinstance(part.get("caption"), str) else ""
-            # Scalars only: a nested value here would be stored as is, however deep.
+            # Scalars only (a type, a size, a duration): nothing nested, however deep, is kept.
             media = {
                 k: part[k] for k in ("mimetype", "fileLength", "seconds")
                 if isinstance(part.get(k), (str, int, float))
@@ -268,6 +272,24 @@ class EvolutionClient:
         if not isinstance(b64, str) or not b64:
             raise MediaUnavailable("getBase64FromMediaMessage answered without a base64 field")
         return b64
+
+    async def was_sent(self, number: str, text: str, since: datetime) -> str | None:
+        """The id of a message with this text we sent to `number` since `since`, if the
+        Evolution API has one: how a reply left 'sending' by a dead daemon is told apart
+        from one that never left (so it is not sent twice)."""
+        resp = await self.http.post(
+            f"/chat/findMessages/{self.instance}",
+            json={"where": {"key": {"remoteJid": f"{number}@s.whatsapp.net", "fromMe": True}}},
+        )
+        resp.raise_for_status()
+        found = resp.json().get("messages") or {}
+        for record in found.get("records") or []:
+            message = record.get("message") or {}
+            body = message.get("conversation") or (message.get("extendedTextMessage") or {}).get("text")
+            stamp = float(record.get("messageTimestamp") or 0)
+            if body == text and stamp >= since.timestamp() - 1 and (record.get("key") or {}).get("fromMe"):
+                return str(record["key"].get("id"))
+        return None
 
     async def send_presence(self, number: str, delay_ms: int) -> None:
         """Shows "typing..." to the lead (best effort: one try, errors raised to the caller)."""

@@ -58,6 +58,12 @@ class FakeEvolution:
     # Media the fake can hand out by message id, as base64 (getBase64FromMediaMessage).
     media: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (base64, mimetype)
     media_requests: list[dict[str, Any]] = field(default_factory=list)
+    # Fault injection (the fault suite): until `failing_until` (a time.time()), every
+    # sendText answers `failing_status`, or with 0 stalls `stall` seconds and answers 504
+    # without delivering (a timeout on the caller's side).
+    failing_until: float = 0.0
+    failing_status: int = 503
+    stall: float = 0.0
     _signals: dict[str, asyncio.Event] = field(default_factory=dict)
     _count: int = 0
 
@@ -89,22 +95,27 @@ class FakeEvolution:
         async def send_text(request: Request) -> Response:
             now = time.time()
             body = await request.json()
+            if now < self.failing_until:
+                if self.failing_status == 0:
+                    await asyncio.sleep(self.stall)
+                    return JSONResponse({"status": 504, "error": "stalled"}, status_code=504)
+                return JSONResponse({"status": self.failing_status, "error": "injected"}, status_code=self.failing_status)
             status = self.answers.pop(0) if self.answers else 201
             if status >= 400:
                 return JSONResponse({"status": status, "error": "fake failure"}, status_code=status)
             self._count += 1
             number = str(body["number"])
+            message_id = f"BAE5{self._count:012d}"
             self.arrivals[number].append(now)
             if number in self._signals:
                 self._signals[number].set()
             if self.keep_bodies:
                 self.sent.append(
                     {"instance": request.path_params["instance"], "apikey": request.headers.get("apikey"),
-                     "number": number, "text": body["text"], "at": now}
+                     "number": number, "text": body["text"], "at": now, "id": message_id}
                 )  # fmt: skip
             return JSONResponse(
-                {"key": {"remoteJid": f"{number}@s.whatsapp.net", "fromMe": True,
-                         "id": f"BAE5{self._count:012d}"},
+                {"key": {"remoteJid": f"{number}@s.whatsapp.net", "fromMe": True, "id": message_id},
                  "message": {"conversation": body["text"]}, "messageTimestamp": int(now),
                  "status": "PENDING"},
                 status_code=201,
@@ -132,8 +143,21 @@ class FakeEvolution:
                                  "caption": None, "size": {}, "mimetype": mimetype, "base64": b64},
                                 status_code=201)  # fmt: skip
 
+        async def find_messages(request: Request) -> Response:
+            # Evolution v2's message search, for what we sent to one chat (fromMe).
+            where = (await request.json()).get("where") or {}
+            jid = str((where.get("key") or {}).get("remoteJid", ""))
+            number = jid.split("@", 1)[0]
+            records = [
+                {"key": {"remoteJid": jid, "fromMe": True, "id": s["id"]},
+                 "message": {"conversation": s["text"]}, "messageTimestamp": int(s["at"])}
+                for s in self.sent if s["number"] == number
+            ]  # fmt: skip
+            return JSONResponse({"messages": {"total": len(records), "pages": 1, "currentPage": 1, "records": records}})
+
         return Starlette(
             routes=[
+                Route("/chat/findMessages/{instance}", find_messages, methods=["POST"]),
                 Route("/chat/getBase64FromMediaMessage/{instance}", get_base64, methods=["POST"]),
                 Route("/message/sendText/{instance}", send_text, methods=["POST"]),
                 Route("/chat/sendPresence/{instance}", send_presence, methods=["POST"]),

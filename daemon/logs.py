@@ -26,9 +26,22 @@ class MaskPhones(logging.Filter):
         return True
 
 
+class OutageOneLiners(logging.Filter):
+    """asyncpg's pool logs a full traceback each time it fails to reconnect while the
+    database is down; one line with the error says as much, and keeps the log readable."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncpg.pool" and record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()} ({exc.__class__.__name__}: {exc})", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def setup_logging(level: str, *, log_phones: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)-14s %(message)s", "%H:%M:%S"))
+    handler.addFilter(OutageOneLiners())
     if not log_phones:
         handler.addFilter(MaskPhones())
     root = logging.getLogger()
@@ -36,3 +49,5 @@ def setup_logging(level: str, *, log_phones: bool = False) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Every scheduled run would be two INFO lines: only its problems are worth reading.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))

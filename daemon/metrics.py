@@ -3,6 +3,9 @@ process and each /metrics shows only its own."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -38,6 +41,38 @@ class Metrics:
         )
         self.jobs = Counter("sdr_jobs_total", "Scheduled job runs, by job and outcome", ["job", "outcome"], registry=r)
         self.media = Counter("sdr_media_total", "Photos and voice notes, by outcome", ["kind", "outcome"], registry=r)
+        # Read at scrape time, for leak hunting (`sdrctl bench --soak`): what the process
+        # holds now, not a peak. NaN where it cannot be read (not Linux; no running loop).
+        Gauge("sdr_process_rss_bytes", "Resident memory of the daemon process", registry=r).set_function(rss_bytes)
+        Gauge("sdr_asyncio_tasks", "asyncio tasks alive in the daemon's loop", registry=r).set_function(tasks_alive)
+        Gauge("sdr_open_fds", "File descriptors open in the daemon process", registry=r).set_function(open_fds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> float:
+    """Current resident set size (ru_maxrss would be the peak, which hides a plateau)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return float(int(f.read().split()[1]) * _PAGE)
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def tasks_alive() -> float:
+    """Tasks of the running loop. /metrics renders in the loop's thread, so this is safe."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # rendered outside a loop (a unit test)
+        return float("nan")
+
+
+def open_fds() -> float:
+    try:
+        return float(len(os.listdir("/proc/self/fd")) - 1)  # less the one listdir holds open
+    except OSError:
+        return float("nan")

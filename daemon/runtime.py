@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import asyncpg
+import httpx
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -41,7 +42,8 @@ from daemon.turn import StageFailed, TurnRunner
 log = logging.getLogger("sdr.runtime")
 
 # What an outage of Postgres or Redis looks like from here: the intake answers 503.
-OUTAGE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError)
+# (InternalClientError: asyncpg on a connection the server dropped mid-query.)
+OUTAGE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, RedisError)
 
 
 def redis_client(url: str, config: Config) -> aioredis.Redis:
@@ -136,9 +138,12 @@ class Runtime:
         )  # fmt: skip
         self.jobs = self._schedule()
         # Bursts a previous run accepted but never answered are answered now.
+        # Only those without a buffer entry: with several daemons, a burst still being
+        # written has one (another daemon's intake armed it), and flushing it now would
+        # split it in two turns.
         recovered = await self.store.unanswered()
         for phone, message_id in recovered:
-            await self.buffer.add(member(phone, message_id, p.buffer.coalesce), window=0)
+            await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
         if recovered:
             log.info("re-queued %d unanswered message(s)", len(recovered))
         invalidations = CacheInvalidations(
@@ -266,25 +271,37 @@ class Runtime:
     async def _redeliver(self) -> None:
         """Replies that did not go out are sent again, in order, under each lead's lock
         (never interleaved with a live turn's replies). A reply left 'sending' by a dead
-        daemon may have arrived: re-sending it risks a duplicate, which beats silence."""
+        daemon may have arrived: the Evolution API is asked first (findMessages)."""
         p = self.config.profile
         assert self._sender is not None
         stale = p.timeouts.evolution_send * p.limits.send_attempts + p.timeouts.redis_lock_ttl
         rows = await self.store.undelivered(stale, p.limits.redeliver_attempts, p.buffer.claim_batch)
-        by_lead: dict[str, list[tuple[int, str]]] = {}
-        for outbox_id, phone, body in rows:
-            by_lead.setdefault(phone, []).append((outbox_id, body))
+        by_lead: dict[str, list[tuple[int, str, str, datetime]]] = {}
+        for outbox_id, phone, body, status, created in rows:
+            by_lead.setdefault(phone, []).append((outbox_id, body, status, created))
         for phone, replies in by_lead.items():
             async with self.runner.locks.held(phone, lambda phone=phone: self._hand_back(phone)) as got:
                 if not got:
                     continue  # a live turn is sending: next pass
-                for outbox_id, body in replies:
-                    await self.store.record_send_attempt(outbox_id)
+                for outbox_id, body, status, created in replies:
+                    if status == "sending":  # its daemon died mid-send: did it arrive?
+                        try:
+                            provider_id = await self._sender.was_sent(phone, body, created)
+                        except httpx.HTTPError as exc:
+                            log.warning("cannot tell whether a reply arrived (%s); trying later", exc)
+                            break
+                        if provider_id is not None:
+                            await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
+                            continue
+                    if not await self.store.claim_redelivery(outbox_id, status):
+                        continue  # another daemon's job got it first
                     try:
                         provider_id = await self._sender.send_text(phone, body)
                     except SendFailed as exc:
-                        status = "failed" if exc.final else "undelivered"
-                        await self.store.record_delivery([outbox_id], status=status, error=str(exc)[:500])
+                        if exc.final:
+                            await self.store.record_delivery([outbox_id], status="failed", error=str(exc)[:500])
+                        else:
+                            await self.store.postpone(outbox_id, str(exc), p.limits.redeliver_backoff)
                         self.metrics.sends.labels("redelivery_failed").inc()
                         break  # keep the lead's replies in order
                     await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)

@@ -286,7 +286,9 @@ class Store:
             outbox_ids, status, provider_id, error, turn_id, response_ms, timeout=self.timeout,
         )  # fmt: skip
 
-    async def undelivered(self, stale_after: float, max_attempts: int, limit: int) -> list[tuple[int, str, str]]:
+    async def undelivered(
+        self, stale_after: float, max_attempts: int, limit: int
+    ) -> list[tuple[int, str, str, str, datetime]]:
         """(outbox id, phone, body) of replies to send again, oldest first: those whose
         send failed in a way a later try can fix, and those left 'sending' by a daemon
         that died (older than any send can take). Gives up on the ones out of attempts."""
@@ -298,14 +300,32 @@ class Store:
                 max_attempts, stale_after, timeout=self.timeout,
             )  # fmt: skip
             rows = await conn.fetch(
-                """SELECT id, phone_number, body FROM outbox
-                    WHERE (status = 'undelivered'
+                """SELECT id, phone_number, body, status, created_at FROM outbox
+                    WHERE ((status = 'undelivered' AND (retry_at IS NULL OR retry_at <= clock_timestamp()))
                            OR (status = 'sending' AND created_at < clock_timestamp() - make_interval(secs => $1)))
                       AND attempts < $2
                     ORDER BY id LIMIT $3""",
                 stale_after, max_attempts, limit, timeout=self.timeout,
             )  # fmt: skip
-        return [(r["id"], r["phone_number"], r["body"]) for r in rows]
+        return [(r["id"], r["phone_number"], r["body"], r["status"], r["created_at"]) for r in rows]
+
+    async def claim_redelivery(self, outbox_id: int, status: str) -> bool:
+        """Takes one reply for a re-send if it is still in `status` (another daemon's job
+        may have sent it since it was listed); counts the attempt."""
+        return bool(await self.pool.fetchval(
+            """UPDATE outbox SET status = 'sending', attempts = attempts + 1
+                WHERE id = $1 AND status = $2 RETURNING true""",
+            outbox_id, status, timeout=self.timeout,
+        ))  # fmt: skip
+
+    async def postpone(self, outbox_id: int, error: str, backoff: float) -> None:
+        """Undelivered again: the next try waits backoff * 2^(attempts-1), at most an hour."""
+        await self.pool.execute(
+            """UPDATE outbox SET status = 'undelivered', last_error = $2,
+                      retry_at = clock_timestamp() + make_interval(secs => least(3600, $3 * 2 ^ greatest(attempts - 1, 0)))
+                WHERE id = $1""",
+            outbox_id, error[:500], backoff, timeout=self.timeout,
+        )  # fmt: skip
 
     async def stale_unanswered(self, older_than: float) -> list[tuple[str, int]]:
         """(phone, message id) of messages still unanswered `older_than` seconds after

@@ -323,8 +323,11 @@ class TurnRunner:
                 error = str(exc.__cause__ or exc)[:500]
                 # A refused request is final; anything else (5xx, timeout, no connection)
                 # is re-delivered later by the scheduler's outbox job.
-                status = "failed" if getattr(exc.__cause__, "final", False) else "undelivered"
-                await self.store.record_delivery(outbox_ids[i:], status=status, error=error)
+                if getattr(exc.__cause__, "final", False):
+                    await self.store.record_delivery(outbox_ids[i:], status="failed", error=error)
+                else:
+                    for outbox_id in outbox_ids[i:]:
+                        await self.store.postpone(outbox_id, error, self.profile.limits.redeliver_backoff)
                 self.metrics.sends.labels("failed").inc(len(outbox_ids) - i)
                 return
             self.metrics.sends.labels("sent").inc()

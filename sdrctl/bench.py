@@ -17,6 +17,8 @@ from daemon.bench import (
 )  # fmt: skip
 from daemon.bench_followups import run_followups
 from daemon.config import Config
+from daemon.errors import ConfigError
+from daemon.soak import Sample, SoakResult, parse_duration, run_soak
 from daemon.tasks import run_fast
 from sdrctl.workload import DurationOpt, LatencyOpt, LeadsOpt, RampOpt, ScaleOpt, SeedOpt, given
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
@@ -95,6 +97,10 @@ def bench(
     followups: Annotated[
         int | None, typer.Option("--followups", help="send N due follow-ups; report follow-ups/s", min=1, max=1_000_000)
     ] = None,
+    soak: Annotated[
+        str | None, typer.Option("--soak", metavar="DURATION",
+                                 help="run this long (90s, 30m, 2h) watching the daemon's RSS, tasks and fds; exit 1 if they grew")
+    ] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
@@ -111,6 +117,11 @@ def bench(
         workload = Workload(**overrides).validated()
     profiles = [cfg.profile.source] + ([vs] if vs else [])
     config_path = str(config or ctx.find_root().params.get("config") or "") or None
+    if soak is not None:
+        if vs or duration is not None:
+            raise ConfigError("--soak runs one profile for its own duration; drop --vs and --duration")
+        _soak(cfg.profile.source, workload, parse_duration(soak), config_path, json_file)
+        return
     if followups is not None:
         _followups(cfg, followups, json_file)
         return
@@ -223,3 +234,49 @@ def _capacity(
             Path(p).stem: {"capacity": capacity(s), "steps": [dataclasses.asdict(x) for x in s]}
             for p, s in found.items()
         }, indent=2))  # fmt: skip
+
+
+def _mb(value: float) -> str:
+    return f"{value / 2**20:,.1f} MB"
+
+
+def _soak(profile: str, workload: Workload, seconds: float, config_path: str | None, json_file: Path | None) -> None:
+    err.print(
+        f"bench --soak: {workload.leads} leads for {seconds:g}s (wall clock) against one daemon, its /metrics sampled"
+        + (f"; time-scale {workload.time_scale:g}" if workload.time_scale != 1 else "")
+    )
+
+    def progress(tallies: dict[str, Tally], samples: list[Sample], elapsed: float) -> None:
+        table = progress_table(tallies, elapsed)
+        s = samples[-1]
+        table.caption = f"daemon at {s.t:,.0f}s: RSS {_mb(s.rss_bytes)}, {s.tasks:g} tasks, {s.fds:g} fds"
+        live.update(table)
+
+    with Live(progress_table({}, 0), console=err, refresh_per_second=2, transient=True) as live:
+        result = run_fast(run_soak(profile, workload, seconds, config_path=config_path, progress=progress))
+    out.print(results_table([result.bench]))
+    out.print(soak_table(result))
+    if json_file is not None:
+        json_file.write_text(json.dumps({"workload": workload.__dict__, **result.summary()}, indent=2))
+        err.print(f"wrote {json_file}")
+    if result.flat:
+        out.print(f"[green]flat: RSS and tasks held steady after the {result.warmup:g}s warm-up[/]")
+    else:
+        grew = [label for name, label in (("rss_bytes", "RSS"), ("tasks", "tasks")) if not result.trends[name].flat]
+        out.print(f"[red]NOT flat: {' and '.join(grew)} kept growing after the warm-up (a leak?)[/]")
+        raise typer.Exit(1)
+
+
+def soak_table(result: SoakResult) -> Table:
+    table = Table(title=f"daemon over {result.seconds:g}s (warm-up {result.warmup:g}s, a sample every {result.every:g}s)")
+    for col in ("", "start", "after warm-up", "end", "growth", "per minute", "allowed", "verdict"):
+        table.add_column(col, justify="right")
+    for name, label in (("rss_bytes", "RSS"), ("tasks", "tasks"), ("fds", "fds")):
+        t = result.trends[name]
+        fmt = _mb if name == "rss_bytes" else (lambda v: f"{v:,.1f}")
+        verdict = "flat" if t.flat else ("climbing" if t.climbing else "grew")
+        table.add_row(label, fmt(t.start), fmt(t.warm), fmt(t.end), f"{t.growth_pct:+.1f} %",
+                      f"{'+' if t.per_minute >= 0 else '-'}{fmt(abs(t.per_minute))}", fmt(t.allowance), verdict)  # fmt: skip
+    idle = result.idle_after
+    table.caption = f"idle after the run: RSS {_mb(idle.rss_bytes)}, {idle.tasks:g} tasks, {idle.fds:g} fds"
+    return table

@@ -67,3 +67,18 @@ async def clean(endpoints: Endpoints) -> AsyncIterator[Endpoints]:
 @pytest.fixture
 def config(clean: Endpoints) -> Config:
     return make_config(clean)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's table, one row per scenario, at the end of the run."""
+    from tests.faults import SUMMARY
+
+    if not SUMMARY:
+        return
+    keys = [k for k in SUMMARY[0] if k != "scenario"]
+    terminalreporter.section("fault suite summary")
+    width = max(len(r["scenario"]) for r in SUMMARY)
+    terminalreporter.line(f"{'scenario':<{width}}  " + "  ".join(keys))
+    for row in SUMMARY:
+        cells = "  ".join(f"{row[k]:>{len(k)}}" for k in keys)
+        terminalreporter.line(f"{row['scenario']:<{width}}  {cells}")

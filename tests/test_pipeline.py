@@ -94,7 +94,8 @@ async def test_sends_are_retried_only_when_they_certainly_did_not_arrive(
 ) -> None:
     async with run_fake_evolution() as evo:
         evo.answers.extend(answers)
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_REDELIVER_INTERVAL="0.2")
+        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_REDELIVER_INTERVAL="0.2",
+                          SDR_LIMITS_REDELIVER_BACKOFF="0")  # fmt: skip
         async with run_daemon(cfg) as d:
             await send_burst(d.url, ["Olá!"])
 
@@ -111,7 +112,8 @@ async def test_sends_are_retried_only_when_they_certainly_did_not_arrive(
 
 async def test_unreachable_evolution_api_is_re_sent_then_recorded_as_failed(clean: Endpoints) -> None:
     cfg = make_config(clean, SDR_EVOLUTION_BASE_URL="http://127.0.0.1:9",  # nothing listens there
-                      SDR_LIMITS_REDELIVER_INTERVAL="0.1", SDR_LIMITS_REDELIVER_ATTEMPTS="5")  # fmt: skip
+                      SDR_LIMITS_REDELIVER_INTERVAL="0.1", SDR_LIMITS_REDELIVER_ATTEMPTS="5",
+                      SDR_LIMITS_REDELIVER_BACKOFF="0")  # fmt: skip
     async with run_daemon(cfg) as d:
         await send_burst(d.url, ["Olá!"])
         [row] = await wait_for(lambda: fetch(clean.database_url, "SELECT * FROM outbox WHERE status = 'failed'"))

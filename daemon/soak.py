@@ -1,0 +1,205 @@
+"""`sdrctl bench --soak`: the bench workload for a long while, watching the daemon for leaks.
+
+One real `sdrctl serve` (as in `run_bench`) runs the simulated leads for a wall-clock
+duration while this process scrapes its /metrics every few seconds over HTTP: resident
+memory, asyncio tasks alive, open file descriptors. After a warm-up (pools, caches and
+allocator arenas fill), a leak shows as a level that keeps rising, so we compare the level
+right after the warm-up with the level at the end of the run.
+
+Flatness, per series, on the samples taken under load after the warm-up, split by count
+into four quarters:
+- `warm` = the median of the first quarter, `end` = the median of the last quarter (a
+  median, so one scrape during a burst of turns or a GC pause does not decide);
+- `climbing` = the four quarter medians rise strictly, one after the other;
+- flat = `end - warm` within the allowance, and not (climbing and more than half the
+  allowance used) — a steady climb is a leak even when the run was too short to pass the
+  allowance. Allowances: RSS 10 % of `warm`; tasks and fds max(20, a quarter of the
+  leads), absolute, since both rise and fall with the turns in flight (at 200 leads: ~110
+  tasks, sd 16 from one scrape to the next; the quarter medians move by ~8).
+Tasks also go back to the level before the load once the leads stop (`idle_after`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.bench import ProfileResult, Tally, Workload, _drive, start_daemon
+from daemon.config import load_profile
+from daemon.errors import ConfigError, SdrError, UnavailableError
+from daemon.fake_evolution import run_fake_evolution
+from daemon.tasks import cancel_and_wait
+
+SERIES = {"rss_bytes": "sdr_process_rss_bytes", "tasks": "sdr_asyncio_tasks", "fds": "sdr_open_fds"}
+RSS_LIMIT = 0.10  # relative growth allowed after the warm-up
+MIN_SOAK, MAX_SOAK = 60.0, 24 * 3600.0
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '1.5h' -> seconds; a unit is required so '30' is never a guess."""
+    allowed = "a number and a unit s, m or h, from 1m to 24h (e.g. 90s, 30m, 2h)"
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh])\s*", text.lower())
+    if m is None:
+        raise ConfigError(f"--soak {text!r}: need {allowed}")
+    seconds = float(m[1]) * _UNITS[m[2]]
+    if not MIN_SOAK <= seconds <= MAX_SOAK:
+        raise ConfigError(f"--soak {text}: need {allowed}")
+    return seconds
+
+
+def warmup_for(seconds: float) -> float:
+    """The first 25 % of the run or 30 s, whichever is smaller."""
+    return min(0.25 * seconds, 30.0)
+
+
+def sample_every(seconds: float) -> float:
+    """About 120 samples per run (more samples, steadier quarter medians), every 1-10 s."""
+    return min(10.0, max(1.0, seconds / 120))
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float  # seconds since the load started
+    rss_bytes: float
+    tasks: float
+    fds: float
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One series after the warm-up; see the module docstring for `flat`."""
+
+    start: float  # before any load
+    warm: float  # median of the first quarter after the warm-up
+    end: float  # median of the last quarter
+    growth_pct: float
+    per_minute: float
+    allowance: float
+    climbing: bool
+    flat: bool
+
+
+def judge(samples: list[Sample], name: str, warmup: float, allowance: Callable[[float], float]) -> Trend:
+    post = [s for s in samples if s.t >= warmup]
+    if len(post) < 8:
+        raise SdrError(f"soak: only {len(post)} samples after the warm-up; need 8 (a longer run)")
+    n = len(post)
+    quarters = [post[i * n // 4:(i + 1) * n // 4] for i in range(4)]
+    medians = [statistics.median(getattr(s, name) for s in q) for q in quarters]
+    warm, end = medians[0], medians[3]
+    minutes = (statistics.median(s.t for s in quarters[3]) - statistics.median(s.t for s in quarters[0])) / 60
+    allowed = allowance(warm)
+    climbing = all(a < b for a, b in itertools.pairwise(medians))
+    growth = end - warm
+    flat = growth <= allowed and not (climbing and growth > allowed / 2)
+    return Trend(
+        start=getattr(samples[0], name), warm=warm, end=end,
+        growth_pct=100 * growth / warm if warm else 0.0, per_minute=growth / minutes if minutes > 0 else 0.0,
+        allowance=allowed, climbing=climbing, flat=flat,
+    )  # fmt: skip
+
+
+def trends(samples: list[Sample], warmup: float, leads: int) -> dict[str, Trend]:
+    slack = max(20.0, 0.25 * leads)  # tasks and fds follow the turns in flight
+    return {
+        "rss_bytes": judge(samples, "rss_bytes", warmup, lambda warm: RSS_LIMIT * warm),
+        "tasks": judge(samples, "tasks", warmup, lambda _: slack),
+        "fds": judge(samples, "fds", warmup, lambda _: slack),
+    }
+
+
+@dataclass
+class SoakResult:
+    seconds: float
+    warmup: float
+    every: float
+    samples: list[Sample]
+    idle_after: Sample  # once the leads stopped and their last replies came
+    bench: ProfileResult
+    trends: dict[str, Trend]
+
+    @property
+    def flat(self) -> bool:
+        """The verdict: RSS and tasks (fds are reported, and judged, alongside)."""
+        return self.trends["rss_bytes"].flat and self.trends["tasks"].flat
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds, "warmup_s": self.warmup, "sample_every_s": self.every,
+            "flat": self.flat, "trends": {k: dataclasses.asdict(v) for k, v in self.trends.items()},
+            "idle_after": dataclasses.asdict(self.idle_after), "bench": self.bench.summary(),
+            "samples": [dataclasses.asdict(s) for s in self.samples],
+        }  # fmt: skip
+
+
+# --- a run ------------------------------------------------------------------------------
+
+
+async def scrape(http: httpx.AsyncClient, t: float) -> Sample:
+    try:
+        response = await http.get("/metrics")
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise UnavailableError(f"soak: cannot read the daemon's /metrics at {t:.0f}s: {exc}") from None
+    text = response.text
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    missing = [m for m in SERIES.values() if m not in values or math.isnan(values[m])]
+    if missing:
+        raise SdrError(f"soak: the daemon's /metrics has no {', '.join(missing)} (needs Linux /proc)")
+    return Sample(t, **{k: values[m] for k, m in SERIES.items()})
+
+
+SoakProgress = Callable[[dict[str, Tally], list[Sample], float], None]
+
+
+async def run_soak(
+    profile: str, workload: Workload, seconds: float, *, config_path: str | None = None,
+    progress: SoakProgress | None = None,
+) -> SoakResult:  # fmt: skip
+    """The workload for `seconds` of wall-clock time (whatever the time scale) against one
+    daemon, its /metrics sampled all along."""
+    p = load_profile(profile)
+    # The workload's duration is in unscaled seconds; the soak's is on the wall clock.
+    w = dataclasses.replace(workload, duration=seconds / workload.time_scale).validated()
+    every, warmup = sample_every(seconds), warmup_for(seconds)
+    samples: list[Sample] = []
+    async with run_fake_evolution(keep_bodies=False) as fake:
+        async with start_daemon(p, fake.url, w, config_path, p.timeouts.embedded_start * 4) as daemon:
+            async with httpx.AsyncClient(base_url=daemon.url, timeout=p.timeouts.webhook) as http:
+                start = time.monotonic()
+                samples.append(await scrape(http, 0.0))  # idle, before the first lead
+
+                async def sample() -> None:
+                    # Only under load: the leads' last replies after `seconds` would pull
+                    # the last quarter down and hide a leak.
+                    while (due := samples[-1].t + every) < seconds:
+                        await asyncio.sleep(max(0.0, start + due - time.monotonic()))
+                        samples.append(await scrape(http, time.monotonic() - start))
+
+                def tick(tallies: dict[str, Tally], elapsed: float) -> None:
+                    if sampler.done() and not sampler.cancelled():
+                        sampler.result()  # a failing scrape ends the run, not a silent gap
+                    if progress is not None:
+                        progress(tallies, samples, elapsed)
+
+                sampler = asyncio.create_task(sample())
+                try:
+                    [result] = await _drive([daemon], fake, w, tick, 1.0)
+                finally:
+                    await cancel_and_wait(sampler)
+                with contextlib.suppress(asyncio.CancelledError):
+                    sampler.result()
+                idle = await scrape(http, time.monotonic() - start)
+    return SoakResult(seconds, warmup, every, samples, idle, result, trends(samples, warmup, w.leads))
