@@ -65,12 +65,14 @@ async def test_postgres_restarted_mid_run(tmp_path: Path) -> None:
     seen: dict = {}
 
     async def fault(c: Cluster) -> None:
+        down = time.time()
         await asyncio.to_thread(c.pg.stop)
         await asyncio.sleep(1)
         seen["readyz"] = await c.readyz(0)
         seen["webhook"] = await c.probe(0)
         await asyncio.sleep(1)
         await asyncio.to_thread(c.pg.start)
+        c.outages.append((down, time.time() + 3))  # + the pools' reconnection
         await c.redeliver_probes()
 
     await run(tmp_path, "restart PostgreSQL", fault)
