@@ -19,6 +19,7 @@ from daemon.config import Config
 from daemon.errors import AgentError
 from daemon.media.result import MediaResult
 from daemon.store import KbEntry
+from daemon.openai_http import error_text, one_line
 
 log = logging.getLogger("sdr.agent")
 
@@ -119,7 +120,7 @@ class OpenAIAgent:
             raise AgentError(f"openai backend: request failed: {self._one_line(exc)}") from None
         if resp.status_code >= 400:
             raise AgentError(
-                f"openai backend: HTTP {resp.status_code}: {self._one_line(_error_text(resp))}"
+                f"openai backend: HTTP {resp.status_code}: {self._one_line(error_text(resp))}"
             )
         try:
             return resp.json()
@@ -138,22 +139,7 @@ class OpenAIAgent:
         return content.strip()
 
     def _one_line(self, what: object) -> str:
-        # Error bodies can echo the request (some proxies print the key): never repeat it.
-        text = " ".join(str(what).split()) or what.__class__.__name__
-        if self._key:
-            text = text.replace(self._key, "***")
-        return text[:200]
-
-
-def _error_text(resp: httpx.Response) -> str:
-    """OpenAI's `{"error": {"message": ...}}` when present, else the body's start."""
-    try:
-        message = resp.json()["error"]["message"]
-        if isinstance(message, str):
-            return message
-    except (ValueError, KeyError, TypeError):
-        pass
-    return resp.text[:200] or resp.reason_phrase
+        return one_line(what, self._key)
 
 
 def context(lead: dict[str, Any], entries: list[KbEntry]) -> str:

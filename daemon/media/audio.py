@@ -24,6 +24,7 @@ import httpx
 from daemon.config import Config
 from daemon.errors import SdrError
 from daemon.media.refusal import MediaRefused
+from daemon.openai_http import error_text, one_line
 
 log = logging.getLogger("sdr.media")
 
@@ -209,7 +210,7 @@ class Transcriber:
         except httpx.HTTPError as exc:
             raise TranscriptionError(f"transcription: request failed: {self._one_line(exc)}") from None
         if not resp.is_success:
-            detail = self._one_line(_error_text(resp))
+            detail = self._one_line(error_text(resp))
             raise TranscriptionError(f"transcription: HTTP {resp.status_code}: {detail}")
         try:
             text = resp.json()["text"]
@@ -222,22 +223,7 @@ class Transcriber:
         return text.strip()
 
     def _one_line(self, what: object) -> str:
-        # Error bodies can echo the request (some proxies print the key): never repeat it.
-        text = " ".join(str(what).split()) or what.__class__.__name__
-        if self._key:
-            text = text.replace(self._key, "***")
-        return text[:200]
-
-
-def _error_text(resp: httpx.Response) -> str:
-    """OpenAI's `{"error": {"message": ...}}` when present, else the body's start."""
-    try:
-        message = resp.json()["error"]["message"]
-        if isinstance(message, str):
-            return message
-    except (ValueError, KeyError, TypeError):
-        pass
-    return resp.text[:200] or resp.reason_phrase
+        return one_line(what, self._key)
 
 
 def make_transcriber(config: Config) -> Transcriber | None:
