@@ -1,10 +1,15 @@
-# Two commands on a fresh machine: `make serve` and `make test`. Each installs what it
-# needs into .venv first (once; again only when pyproject.toml changes).
+# Two commands on a fresh machine: `make serve` and `make test`. Each installs into .venv
+# exactly the versions CI tested (the hash-checked locks), once and again only when a lock
+# or pyproject.toml changes.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
+# uv resolves the locks; it is only needed to refresh them (`make lock`).
+UV_VERSION := 0.13.*
+LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet
 
-.PHONY: serve test install clean system-deps
+.PHONY: serve test test-latest lock install clean system-deps
 
 serve: $(VENV)/.installed
 	@./scripts/system-deps media
@@ -13,23 +18,44 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed-dev system-deps
 	$(BIN)/python -m pytest
 
+# The suite against the newest release of every dependency (no lock), in its own venv:
+# drift shows here before it breaks a user who installs the wheel.
+test-latest: system-deps
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --disable-pip-version-check --upgrade -e '.[dev]'
+	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest
+
+# Refresh both locks from pyproject.toml's ranges (then run `make test` and commit them).
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
+	.venv-lock/bin/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements-dev.lock
+	echo 'hatchling>=1.24' | .venv-lock/bin/uv pip compile pyproject.toml - $(LOCK_FLAGS) -o requirements.lock
+
 install: $(VENV)/.installed
 
-# Debian packages (chromium, ffmpeg, tesseract-ocr-por): installed when missing and we
-# are root with apt-get; otherwise the script says what to install.
+# Debian packages (chromium, ffmpeg, tesseract-ocr-por, pgbouncer, redis-server):
+# installed when missing and we are root with apt-get; otherwise the script says what
+# to install.
 system-deps:
 	@./scripts/system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+# --require-hashes: every file must match the lock; --no-deps: nothing outside it.
+# hatchling is in both locks, so the editable install builds without fetching anything.
+$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
+	$(PIP) --require-hashes --no-deps -r requirements.lock
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml requirements-dev.lock | $(BIN)/python
+	$(PIP) --require-hashes --no-deps -r requirements-dev.lock
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@ $(VENV)/.installed
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache

@@ -8,7 +8,7 @@ each lead is due, and a restart re-arms every lead with unanswered messages."""
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from daemon.connections import Redis
 
 from daemon.config import Buffer
 

@@ -16,9 +16,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar, cast
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from daemon.connections import Redis, subscriber
 from daemon.metrics import Metrics
 
 log = logging.getLogger("sdr.cache")
@@ -163,10 +164,9 @@ class TwoTierCache(Generic[T]):
         """Drops the key here, in Redis and in the local tiers of every other daemon."""
         self.drop_local(key)
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(self.redis_key(key))
-                pipe.publish(CHANNEL, f"{self.name}{SEP}{key}")
-                await pipe.execute()
+            # Two commands, not a pipeline: a Redis Cluster refuses PUBLISH in a pipeline.
+            await self.redis.delete(self.redis_key(key))
+            await self.redis.publish(CHANNEL, f"{self.name}{SEP}{key}")
             self._redis_ok()
         except REDIS_ERRORS as exc:
             self._redis_failed("invalidation", exc)
@@ -293,8 +293,9 @@ class CacheInvalidations:
         """Runs until cancelled; reconnects after Redis errors."""
         down = False
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub: PubSub | None = None
             try:
+                pubsub = await subscriber(self.redis)
                 await pubsub.subscribe(CHANNEL)
                 if down:
                     # What was published while we were away is lost: forget every local entry.
@@ -313,7 +314,8 @@ class CacheInvalidations:
                         exc.__class__.__name__, exc, self.retry_delay,
                     )  # fmt: skip
             finally:
-                await pubsub.aclose()
+                if pubsub is not None:
+                    await pubsub.aclose()
             await asyncio.sleep(self.retry_delay)
 
     def _apply(self, data: bytes | str) -> None:

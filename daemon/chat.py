@@ -16,9 +16,12 @@ from daemon.store import Store, connect
 
 
 class ChatSession:
-    def __init__(self, config: Config, database_url: str, phone: str, name: str | None, url: str) -> None:
+    def __init__(
+        self, config: Config, database_url: str, phone: str, name: str | None, url: str, *, pooled: bool = False
+    ) -> None:
         self.config = config
         self.database_url = database_url
+        self.pooled = pooled
         self.phone = phone
         self.name = name
         self.url = url.rstrip("/")
@@ -38,7 +41,7 @@ class ChatSession:
                 f"no daemon answers at {self.url}; start one with `make serve` (or `sdrctl serve`)"
             ) from None
         try:
-            self.pool = await connect(self.database_url, self.config.profile)
+            self.pool = await connect(self.database_url, self.config.profile, pooled=self.pooled)
         except (OSError, asyncpg.PostgresError) as exc:
             await self.http.aclose()
             raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None

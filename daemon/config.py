@@ -59,11 +59,25 @@ class DaemonSettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = knob("", "PostgreSQL URL; empty = embedded PostgreSQL under data_dir")
+    migrate_url: str = knob(
+        "", "a direct (not pooled) PostgreSQL URL for `migrate` and serve's pending-migrations "
+        "check; empty = url",
+    )  # fmt: skip
+    pooler: str = knob(
+        "auto", "what `url` points at: transaction (PgBouncer pool_mode=transaction, Supabase's "
+        "port 6543: no statement cache, no session state), none (a direct connection or a "
+        "session pooler), auto (transaction for port 6543 or ?pgbouncer=true)",
+        choices=("auto", "none", "transaction"),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str = knob("", "Redis URL; empty = embedded Redis under data_dir")
+    url: str = knob(
+        "", "Redis URL (redis://, rediss://, unix://; redis+cluster:// or rediss+cluster:// "
+        "for a Redis Cluster); empty = embedded Redis under data_dir",
+    )  # fmt: skip
+    cluster: bool = knob(False, "url is a node of a Redis Cluster (same as a redis+cluster:// url)")
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,15 @@ class FollowUpSettings:
 @dataclass(frozen=True)
 class Timeouts:
     webhook: float = knob(20.0, "whole webhook request, intake to 200", unit="s", min=0.1, max=300)
+    request_read: float = knob(
+        10.0, "a request's headers and body must all arrive within this time of its first byte (or of "
+        "the connection's opening), else the connection is closed (slow clients); 0 = no limit",
+        unit="s", min=0, max=300,
+    )  # fmt: skip
+    keep_alive: float = knob(
+        5.0, "an idle keep-alive connection is closed after this long (a proxy in front should "
+        "close its idle connections to us sooner)", unit="s", min=0.1, max=300,
+    )
     message_buffer: float = knob(
         5.0, "upper bound of a lead's buffer window (first message -> turn)", unit="s", min=0.05, max=60
     )
@@ -256,6 +279,10 @@ class Buffer:
     )
     poll_interval: float = knob(0.01, "how often due bursts are looked for", unit="s", min=0.005, max=5)
     claim_batch: int = knob(64, "due leads claimed per poll", min=1, max=10000)
+    error_log_interval: float = knob(
+        30.0, "a poll that keeps failing (Redis down or refusing) is logged once per this interval",
+        unit="s", min=0.1, max=3600,
+    )  # fmt: skip
     sweep_interval: float = knob(
         30.0, "how often messages left unanswered past a whole turn's time are re-queued (a safety net)",
         unit="s", min=1, max=3600,
@@ -270,7 +297,8 @@ class Pools:
     http_max_connections: int = knob(50, "Evolution API client: most connections", min=1, max=10000)
     agent_pool_size: int = knob(256, "agent calls running at once", min=1, max=10000)
     webhooks_in_flight: int = knob(
-        2000, "webhook requests handled at once; more get 503 (Evolution retries)", min=1, max=10**6
+        2000, "webhook requests handled at once (open connections do not count); more get 503 "
+        "(Evolution retries)", min=1, max=10**6,
     )
     ingest_batch: int = knob(256, "most webhook messages stored in one round trip (group commit)", min=1, max=10000)
     ingest_flushes: int = knob(2, "group commits in flight at once, each on its own PostgreSQL connection", min=1, max=64)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import Config
+from daemon.connections import database_target, redis_target
 from daemon.errors import EmbeddedError
 
 log = logging.getLogger("sdr.embedded")
@@ -28,6 +29,18 @@ DATABASE = "sdr"
 class Endpoints:
     database_url: str
     redis_url: str
+    migrate_url: str = ""  # a direct connection for migrations; empty = database_url
+    pooled: bool = False  # database_url is a transaction pooler
+    redis_cluster: bool = False
+
+    @property
+    def direct_url(self) -> str:
+        return self.migrate_url or self.database_url
+
+    @property
+    def direct_pooled(self) -> bool:
+        """No direct URL was given and `database_url` is a transaction pooler."""
+        return self.pooled and not self.migrate_url
 
 
 class EmbeddedPostgres:
@@ -161,15 +174,18 @@ def services(config: Config, *, redis: bool = True) -> Iterator[Endpoints]:
     empty; the servers this call started are stopped when the block ends."""
     stack = contextlib.ExitStack()
     with stack:
-        db_url, redis_url = config.database.url, config.redis.url
+        db, rd = config.database, config.redis
+        db_url, pooled = database_target(db.url, db.pooler)
+        redis_url, cluster = redis_target(rd.url, rd.cluster)
+        migrate_url = database_target(db.migrate_url, "none")[0] if db.migrate_url else ""
         if not db_url:
             pg = EmbeddedPostgres(embedded_data_dir(config) / "pg")
-            db_url = pg.start()
+            db_url, pooled, migrate_url = pg.start(), False, ""
             stack.callback(pg.stop)
         if redis and not redis_url:
-            rd = EmbeddedRedis(
+            server = EmbeddedRedis(
                 embedded_data_dir(config) / "redis", config.profile.timeouts.embedded_start
             )
-            redis_url = rd.start()
-            stack.callback(rd.stop)
-        yield Endpoints(database_url=db_url, redis_url=redis_url)
+            redis_url, cluster = server.start(), False
+            stack.callback(server.stop)
+        yield Endpoints(db_url, redis_url, migrate_url, pooled, cluster)

@@ -96,7 +96,7 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
         raise BadPayload(422, f"invalid event: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadPayload(400, f"body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError:  # what msgspec raises (not DecodeError) for a non-UTF-8 string
+    except UnicodeDecodeError:  # msgspec < 0.23's answer to a non-UTF-8 string (0.23: DecodeError)
         raise BadPayload(400, "body is not valid JSON: a string is not valid UTF-8") from None
     except RecursionError:  # msgspec's answer to very deep nesting; no event nests deeply
         raise BadPayload(400, "body nests too deeply to be an event") from None
@@ -114,7 +114,9 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
         return _to_inbound(_message.decode(env.data), env.instance)
     except msgspec.ValidationError as exc:
         raise BadPayload(422, f"invalid event: {exc} (in `data`)") from None
-    except UnicodeDecodeError:  # `data` was kept raw above, so its strings are checked only now
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # `data` was kept raw above, so its strings are checked only now; msgspec 0.23
+        # raises DecodeError for invalid UTF-8, older versions UnicodeDecodeError.
         raise BadPayload(400, "body is not valid JSON: a string is not valid UTF-8") from None
     except RecursionError:
         raise BadPayload(400, "body nests too deeply to be an event") from None

@@ -15,7 +15,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from redis.asyncio import Redis
+from daemon.connections import Redis
 
 from daemon.tasks import cancel_and_wait
 

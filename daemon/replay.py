@@ -35,6 +35,7 @@ from daemon.errors import ConfigError, SdrError, UnavailableError
 from daemon.evolution import text_event
 from daemon.fake_evolution import run_fake_evolution
 from daemon.inprocess import inprocess_daemon, with_changes
+from daemon.connections import pg_options
 from daemon.store import connect, init_connection
 
 REQUIRED = ("conversation", "phone", "direction", "text", "ts")
@@ -303,6 +304,7 @@ class Target:
     url: str
     database_url: str
     name: str
+    pooled: bool = False  # database_url is a transaction pooler
 
 
 @contextlib.asynccontextmanager
@@ -311,7 +313,7 @@ async def target_for(config: Config, url: str | None) -> AsyncIterator[Target]:
         stack = contextlib.ExitStack()
         try:
             endpoints = await asyncio.to_thread(stack.enter_context, services(config, redis=False))
-            yield Target(url.rstrip("/"), endpoints.database_url, f"daemon at {url}")
+            yield Target(url.rstrip("/"), endpoints.direct_url, f"daemon at {url}", endpoints.direct_pooled)
         finally:
             await asyncio.to_thread(stack.close)
         return
@@ -375,7 +377,7 @@ class Replayer:
                 f"no daemon answers at {self.target.url}; start one with `sdrctl serve`"
             ) from None
         try:
-            self.pool = await connect(self.target.database_url, self.config.profile)
+            self.pool = await connect(self.target.database_url, self.config.profile, pooled=self.target.pooled)
         except (OSError, asyncpg.PostgresError) as exc:
             await self.http.aclose()
             raise UnavailableError(f"PostgreSQL (where the replies are read) is unreachable: {exc}") from None
@@ -582,7 +584,10 @@ async def _fetch(
     try:
         endpoints = await asyncio.to_thread(stack.enter_context, services(config, redis=False))
         try:
-            conn = await asyncpg.connect(endpoints.database_url, timeout=config.profile.timeouts.database)
+            conn = await asyncpg.connect(
+                endpoints.direct_url, timeout=config.profile.timeouts.database,
+                **pg_options(endpoints.direct_pooled),
+            )  # fmt: skip
         except (OSError, asyncpg.PostgresError) as exc:
             raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from datetime import datetime
 from collections.abc import Coroutine
@@ -14,10 +15,7 @@ from typing import Any
 
 import asyncpg
 import httpx
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from daemon import migrations
 from daemon.agents import make_agent
@@ -30,6 +28,7 @@ from daemon.intake import IngestBatcher
 from daemon.media.processor import MediaProcessor
 from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import Config
+from daemon.connections import pg_options, redis_client
 from daemon.embedded import Endpoints
 from daemon.errors import MigrationError, UnavailableError
 from daemon.evolution import EvolutionClient, SendFailed
@@ -46,22 +45,6 @@ log = logging.getLogger("sdr.runtime")
 OUTAGE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, RedisError)
 
 
-def redis_client(url: str, config: Config) -> aioredis.Redis:
-    t = config.profile.timeouts
-    # Explicit timeouts and no hidden retries: a failed connect must fail fast. A blocking
-    # pool: at its size, callers wait (up to the Redis timeout) instead of failing at once.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=config.profile.pools.redis_max_connections,
-        timeout=t.redis,
-        socket_timeout=t.redis,
-        socket_connect_timeout=t.redis,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_error=[],
-    )
-    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
-
-
 class Runtime:
     def __init__(self, config: Config, endpoints: Endpoints, *, auto_migrate: bool) -> None:
         self.config = config
@@ -73,22 +56,25 @@ class Runtime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._sender: EvolutionClient | None = None
+        self.claim_error: str | None = None  # the flush loop's last error while it lasts
 
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
         cfg, p = self.config, self.config.profile
         try:
-            self.pool = await connect(self.endpoints.database_url, p)
+            self.pool = await connect(self.endpoints.database_url, p, pooled=self.endpoints.pooled)
         except OUTAGE as exc:
             raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
         try:
             # The intake's own connections: a webhook never waits behind turns' queries.
-            self.intake_pool = await connect(self.endpoints.database_url, p, size=p.pools.ingest_flushes)
+            self.intake_pool = await connect(
+                self.endpoints.database_url, p, size=p.pools.ingest_flushes, pooled=self.endpoints.pooled
+            )
         except OUTAGE as exc:
             await self.pool.close()
             raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
-        self.redis = redis_client(self.endpoints.redis_url, cfg)
+        self.redis = redis_client(self.endpoints.redis_url, self.endpoints.redis_cluster, cfg)
         try:
             await self.redis.ping()
         except OUTAGE as exc:
@@ -157,13 +143,21 @@ class Runtime:
         self.accepting = True
 
     async def _check_schema(self) -> None:
-        async with self.pool.acquire() as conn:
+        # Over the direct connection: migrations hold a session advisory lock, which a
+        # transaction pooler would not keep.
+        ep = self.endpoints
+        conn = await asyncpg.connect(
+            ep.direct_url, timeout=self.config.profile.timeouts.database, **pg_options(ep.direct_pooled)
+        )
+        try:
             if self.auto_migrate:
                 applied = await migrations.migrate(conn)
                 for m in applied:
                     log.info("applied migration %04d_%s", m.version, m.name)
                 return
             waiting = await migrations.pending(conn)
+        finally:
+            await conn.close()
         if waiting:
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in waiting)
             raise MigrationError(
@@ -224,13 +218,24 @@ class Runtime:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     async def _flush_loop(self) -> None:
-        interval = self.config.profile.buffer.poll_interval
+        b = self.config.profile.buffer
+        interval = b.poll_interval
+        failures, logged_at = 0, -math.inf
         while not self._stopping:
             try:
                 due = await self.buffer.claim_due()
             except OUTAGE as exc:
-                log.warning("cannot claim due bursts: %s", exc)
+                # Not ready while it lasts; one line per error_log_interval, not per poll.
+                self.claim_error = f"{exc.__class__.__name__}: {exc}"
+                failures += 1
+                if time.monotonic() - logged_at >= b.error_log_interval:
+                    logged_at = time.monotonic()
+                    log.warning("cannot claim due bursts (%d failed polls): %s", failures, self.claim_error)
                 due = []
+            else:
+                if failures:
+                    log.info("claiming due bursts again after %d failed polls", failures)
+                    failures, logged_at, self.claim_error = 0, -math.inf, None
             for value in due:
                 self._spawn(self._answer(value), name=f"turn:{value[-4:]}")
             if len(due) < self.buffer.claim_batch:
@@ -374,4 +379,7 @@ class Runtime:
                 checks[name] = "ok"
             except Exception as exc:
                 checks[name] = f"down: {exc.__class__.__name__}"
+        # Redis can answer PING and still refuse the buffer's scripts (a cluster MOVED,
+        # OOM, a read-only replica): not ready while the flush loop cannot claim.
+        checks["buffer"] = f"down: {self.claim_error}" if self.claim_error else "ok"
         return checks

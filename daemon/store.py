@@ -1,7 +1,8 @@
 """PostgreSQL through asyncpg: every query the pipeline runs, each one round trip.
 
 asyncpg prepares and caches each statement per connection, so the hot queries are parsed
-once. Timeouts come from the profile."""
+once (except through a transaction pooler, where no statement outlives its transaction).
+Timeouts come from the profile."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncpg
 import msgspec
 
 from daemon.config import Profile
+from daemon.connections import pg_options
 
 
 _encoder = msgspec.json.Encoder(enc_hook=str)  # Decimal and the like as PostgreSQL reads them
@@ -55,10 +57,14 @@ SELECT id, category, title, content, ts_rank(tsv, q) AS rank
  WHERE tsv @@ q ORDER BY rank DESC, id LIMIT $2"""
 
 
-async def connect(url: str, profile: Profile, size: int | None = None) -> asyncpg.Pool:
-    """The turns' pool (sized by [pools] db_min_size..db_max_size), or a fixed `size` one."""
+async def connect(
+    url: str, profile: Profile, size: int | None = None, *, pooled: bool = False
+) -> asyncpg.Pool:
+    """The turns' pool (sized by [pools] db_min_size..db_max_size), or a fixed `size` one;
+    `pooled`: `url` is a transaction pooler (see daemon.connections)."""
     pool = await asyncpg.create_pool(
         url,
+        **pg_options(pooled),
         min_size=size or profile.pools.db_min_size,
         max_size=size or profile.pools.db_max_size,
         timeout=profile.timeouts.database,

@@ -11,15 +11,16 @@ from rich.markup import escape
 
 from daemon.chat import ChatSession
 from daemon.config import Config
-from daemon.embedded import services
+from daemon.embedded import Endpoints, services
 from sdrctl.common import ConfigOpt, ProfileOpt, err, fail, friendly_errors, load, out
 
 
-async def _chat(cfg: Config, database_url: str, phone: str, name: str | None, url: str) -> None:
+async def _chat(cfg: Config, endpoints: Endpoints, phone: str, name: str | None, url: str) -> None:
     p = cfg.profile
     # After the last line, wait for its reply at most one buffer window plus one agent call.
     patience = p.timeouts.message_buffer + p.timeouts.agent
-    async with ChatSession(cfg, database_url, phone, name, url) as chat:
+    session = ChatSession(cfg, endpoints.direct_url, phone, name, url, pooled=endpoints.direct_pooled)
+    async with session as chat:
         err.print(f"chatting with {url} as {phone}; type a message, Ctrl-D to quit")
         awaiting = False
 
@@ -68,4 +69,4 @@ def chat(
     cfg = load(ctx, config, profile)
     base = url or f"http://{cfg.daemon.host}:{cfg.daemon.port}"
     with services(cfg, redis=False) as endpoints:
-        asyncio.run(_chat(cfg, endpoints.database_url, phone, name, base))
+        asyncio.run(_chat(cfg, endpoints, phone, name, base))

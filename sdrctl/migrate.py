@@ -14,8 +14,9 @@ from rich.table import Table
 
 from daemon import migrations, verify
 from daemon.config import Config
-from daemon.embedded import services
-from daemon.errors import UnavailableError
+from daemon.connections import pg_options
+from daemon.embedded import Endpoints, services
+from daemon.errors import ConfigError, UnavailableError
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out, setup_logging
 
 app = typer.Typer(help="Apply sql/ migrations, show their status, check the hot queries' plans.",
@@ -23,10 +24,25 @@ app = typer.Typer(help="Apply sql/ migrations, show their status, check the hot 
 T = TypeVar("T")
 
 
-def with_connection(cfg: Config, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    async def run(url: str) -> T:
+def with_connection(
+    cfg: Config, work: Callable[[asyncpg.Connection], Awaitable[T]], *, session: bool = False
+) -> T:
+    """Runs `work` on one connection to the direct URL ([database] migrate_url, else url).
+    `session`: the work needs session state (migrate's advisory lock, verify's search_path),
+    which a transaction pooler does not keep."""
+
+    async def run(endpoints: Endpoints) -> T:
+        if session and endpoints.direct_pooled:
+            raise ConfigError(
+                "[database] url is a transaction pooler, which keeps no session state (the "
+                "migration lock); set [database] migrate_url (SDR_DATABASE_MIGRATE_URL) to a "
+                "direct connection, e.g. Supabase's port 5432"
+            )
         try:
-            conn = await asyncpg.connect(url, timeout=cfg.profile.timeouts.database)
+            conn = await asyncpg.connect(
+                endpoints.direct_url, timeout=cfg.profile.timeouts.database,
+                **pg_options(endpoints.direct_pooled),
+            )  # fmt: skip
         except asyncpg.InvalidPasswordError as exc:
             raise UnavailableError(f"PostgreSQL refused the credentials: {exc}") from None
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
@@ -39,7 +55,7 @@ def with_connection(cfg: Config, work: Callable[[asyncpg.Connection], Awaitable[
             await conn.close()
 
     with services(cfg, redis=False) as endpoints:
-        return asyncio.run(run(endpoints.database_url))
+        return asyncio.run(run(endpoints))
 
 
 def _version(value: str | None) -> int | None:
@@ -87,7 +103,8 @@ def up(
         err.print(f"another migrate holds the lock; waiting up to {lock_timeout:g}s")
 
     applied = with_connection(
-        cfg, lambda c: migrations.migrate(c, to=target, lock_timeout=lock_timeout, on_wait=waiting)
+        cfg, lambda c: migrations.migrate(c, to=target, lock_timeout=lock_timeout, on_wait=waiting),
+        session=True,
     )
     for m in applied:
         out.print(f"applied {m.file}")
@@ -164,7 +181,7 @@ def verify_cmd(
         args = await verify.sample_args(conn, limits)
         return await verify.explain_all(conn, args, seq_scan_rows), None
 
-    results, run = with_connection(cfg, work)
+    results, run = with_connection(cfg, work, session=True)
     if as_json:
         doc: dict[str, Any] = {"ok": all(r.ok for r in results), "plans": [r.as_dict() for r in results]}
         if run is not None:
