@@ -1,8 +1,8 @@
 """HTTP routes (bare Starlette: the intake is on the hot path).
 
-The webhook authenticates, bounds the body, parses the Evolution event, holds each lead
-to its rate limit, stores the message durably and answers at once; it never waits for the
-agent. GET /openapi.json describes every route and answer."""
+The webhook bounds the webhooks in flight, authenticates, bounds the body, parses the
+Evolution event, holds each lead to its rate limit, stores the message durably and answers
+at once; it never waits for the agent. GET /openapi.json describes every route and answer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -31,6 +32,27 @@ class TooLarge(Exception):
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+class Refusals:
+    """One warning per `[limits] error_log_interval` while webhooks are refused for being
+    too many in flight, not one per refusal: an overloaded daemon should not also flood
+    its log."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.since_warned = 0
+        self.warned_at = -self.every
+
+    def note(self, limit: int) -> None:
+        self.since_warned += 1
+        now = time.monotonic()
+        if now - self.warned_at >= self.every:
+            log.warning(
+                "webhooks refused with 503 (%d since the last such warning): %d already in flight, "
+                "the limit ([pools] webhooks_in_flight)", self.since_warned, limit,
+            )  # fmt: skip
+            self.since_warned, self.warned_at = 0, now
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -56,8 +78,26 @@ def create_app(rt: Runtime) -> Starlette:
     lim = cfg.profile.limits
     limiter = LeadRateLimiter(lim.lead_rate, lim.lead_burst, lim.rate_tracked_leads)
     document = openapi(cfg)
+    most_in_flight = cfg.profile.pools.webhooks_in_flight
+    in_flight = 0
+    refused = Refusals(lim.error_log_interval)
 
     async def webhook(request: Request) -> Response:
+        # Requests being handled, not open connections: idle or half-sent connections (a
+        # slowloris; request_read closes them) never take a real webhook's place. The bound
+        # keeps the intake's group-commit queue, and memory, finite; 503 makes Evolution retry.
+        nonlocal in_flight
+        if in_flight >= most_in_flight:
+            count.labels("overloaded").inc()
+            refused.note(most_in_flight)
+            return error(503, f"{most_in_flight} webhooks already in flight, the limit; retry")
+        in_flight += 1
+        try:
+            return await handle(request)
+        finally:
+            in_flight -= 1
+
+    async def handle(request: Request) -> Response:
         if token is not None:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, token):
@@ -74,6 +114,11 @@ def create_app(rt: Runtime) -> Starlette:
         except TooLarge:
             count.labels("too_large").inc()
             return error(413, f"body larger than the limit of {limit} bytes")
+        except ClientDisconnect:
+            # The sender hung up, or its body did not arrive within [timeouts] request_read
+            # and we closed the connection: nobody reads this answer.
+            count.labels("disconnected").inc()
+            return error(400, "the client disconnected before the whole body arrived")
         try:
             event = parse_event(body, request.path_params.get("event"))
         except BadPayload as exc:

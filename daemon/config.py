@@ -279,10 +279,6 @@ class Buffer:
     )
     poll_interval: float = knob(0.01, "how often due bursts are looked for", unit="s", min=0.005, max=5)
     claim_batch: int = knob(64, "due leads claimed per poll", min=1, max=10000)
-    error_log_interval: float = knob(
-        30.0, "a poll that keeps failing (Redis down or refusing) is logged once per this interval",
-        unit="s", min=0.1, max=3600,
-    )  # fmt: skip
     sweep_interval: float = knob(
         30.0, "how often messages left unanswered past a whole turn's time are re-queued (a safety net)",
         unit="s", min=1, max=3600,
@@ -331,6 +327,11 @@ class Limits:
         unit="1/s", min=0, max=100000,
     )  # fmt: skip
     lead_burst: int = knob(30, "webhooks one lead may send at once before lead_rate applies", min=1, max=100000)
+    error_log_interval: float = knob(
+        30.0, "a failure that lasts (due bursts that cannot be claimed, webhooks refused as too many "
+        "in flight) is logged once per this interval, not once per occurrence",
+        unit="s", min=0.1, max=3600,
+    )  # fmt: skip
     rate_tracked_leads: int = knob(
         100_000, "leads the rate limiter remembers (least recently seen forgotten first)", min=100, max=10**7
     )

@@ -43,7 +43,7 @@ class IngestBatcher:
         self.max_batch = profile.pools.ingest_batch
         self.max_flushes = profile.pools.ingest_flushes
         self.on_lead = on_lead  # a created or changed lead: write the cache through
-        self._queue: list[_Waiting] = []  # bounded by [pools] webhooks_in_flight (uvicorn)
+        self._queue: list[_Waiting] = []  # bounded by [pools] webhooks_in_flight (the app)
         self._flushers: set[asyncio.Task[None]] = set()
 
     async def ingest(self, msg: Inbound) -> str:

@@ -29,6 +29,11 @@ class Metrics:
         self.timeouts = Counter("sdr_timeouts_total", "Stages that timed out", ["stage"], registry=r)
         self.failures = Counter("sdr_stage_failures_total", "Stages that failed", ["stage"], registry=r)
         self.webhooks = Counter("sdr_webhooks_total", "Webhook requests by outcome", ["outcome"], registry=r)
+        self.read_timeouts = Counter(
+            "sdr_http_read_timeouts_total",
+            "Connections closed because a request did not arrive whole within [timeouts] request_read",
+            registry=r,
+        )  # fmt: skip
         self.ignored = Counter("sdr_ignored_total", "Events not from a lead, by reason", ["reason"], registry=r)
         self.turns = Counter("sdr_turns_total", "Turns by outcome", ["outcome"], registry=r)
         self.sends = Counter("sdr_sends_total", "Replies delivered, by status", ["status"], registry=r)

@@ -178,12 +178,11 @@ def _webhook(config: Config, with_event: bool) -> dict[str, Any]:
                 "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}},
                 "content": {_JSON: {"schema": _ref("Error")}},
             },
-            "503": {
-                "description": "not stored: the daemon is shutting down or storage is down "
-                "(JSON), or more than [pools] webhooks_in_flight requests are in flight "
-                "(plain text, from the HTTP server); retry",
-                "content": {_JSON: {"schema": _ref("Error")}, "text/plain": {"schema": {"type": "string"}}},
-            },
+            "503": _error(
+                "not stored: the daemon is shutting down, storage is down, or "
+                f"[pools] webhooks_in_flight ({config.profile.pools.webhooks_in_flight}) webhooks are "
+                "already being handled; retry"
+            ),
         },
     }
     if with_event:

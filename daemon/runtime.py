@@ -56,7 +56,6 @@ class Runtime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._sender: EvolutionClient | None = None
-        self.claim_error: str | None = None  # the flush loop's last error while it lasts
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -218,24 +217,24 @@ class Runtime:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     async def _flush_loop(self) -> None:
-        b = self.config.profile.buffer
-        interval = b.poll_interval
+        p = self.config.profile
+        interval = p.buffer.poll_interval
         failures, logged_at = 0, -math.inf
         while not self._stopping:
             try:
                 due = await self.buffer.claim_due()
             except OUTAGE as exc:
-                # Not ready while it lasts; one line per error_log_interval, not per poll.
-                self.claim_error = f"{exc.__class__.__name__}: {exc}"
+                # One line per error_log_interval while it lasts, not one per poll.
                 failures += 1
-                if time.monotonic() - logged_at >= b.error_log_interval:
+                if time.monotonic() - logged_at >= p.limits.error_log_interval:
                     logged_at = time.monotonic()
-                    log.warning("cannot claim due bursts (%d failed polls): %s", failures, self.claim_error)
+                    log.warning("cannot claim due bursts (%d failed polls): %s: %s",
+                                failures, exc.__class__.__name__, exc)  # fmt: skip
                 due = []
             else:
                 if failures:
                     log.info("claiming due bursts again after %d failed polls", failures)
-                    failures, logged_at, self.claim_error = 0, -math.inf, None
+                    failures, logged_at = 0, -math.inf
             for value in due:
                 self._spawn(self._answer(value), name=f"turn:{value[-4:]}")
             if len(due) < self.buffer.claim_batch:
@@ -372,14 +371,14 @@ class Runtime:
     async def readiness(self) -> dict[str, str]:
         checks: dict[str, str] = {}
         timeout = self.config.profile.timeouts.redis
-        for name, probe in (("database", self.store.ping), ("redis", self.redis.ping)):
+        # Redis can answer PING and still refuse the buffer's keys (a cluster's MOVED to a
+        # plain client, a read-only replica): the buffer is probed on its own key.
+        probes = (("database", self.store.ping), ("redis", self.redis.ping), ("buffer", self.buffer.pending))
+        for name, probe in probes:
             try:
                 async with asyncio.timeout(timeout):
                     await probe()
                 checks[name] = "ok"
             except Exception as exc:
-                checks[name] = f"down: {exc.__class__.__name__}"
-        # Redis can answer PING and still refuse the buffer's scripts (a cluster MOVED,
-        # OOM, a read-only replica): not ready while the flush loop cannot claim.
-        checks["buffer"] = f"down: {self.claim_error}" if self.claim_error else "ok"
+                checks[name] = f"down: {exc.__class__.__name__}: {str(exc)[:120]}"
         return checks

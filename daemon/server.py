@@ -18,6 +18,7 @@ import uvicorn
 from daemon.app import create_app
 from daemon.config import Config
 from daemon.embedded import Endpoints, services
+from daemon.httpguard import http_protocol, raise_fd_limit
 from daemon.runtime import Runtime
 from daemon.tasks import run_fast
 
@@ -52,25 +53,31 @@ def bind_host(config: Config) -> str:
 
 
 def uvicorn_server(config: Config, rt: Runtime, host: str, port: int) -> _Server:
+    """The one place uvicorn is configured (serve, the tests, the in-process daemon).
+
+    No `limit_concurrency`: uvicorn counts open connections in it, so idle and half-sent
+    connections (a slowloris) made it answer 503 to every real webhook. The app bounds
+    webhooks in flight instead ([pools] webhooks_in_flight), and a request must arrive
+    whole within [timeouts] request_read."""
+    t = config.profile.timeouts
     uv = uvicorn.Config(
         create_app(rt),
         host=host,
         port=port,
         loop="none",  # we run inside the caller's loop
-        http="httptools",
+        http=http_protocol(t.request_read, rt.metrics.read_timeouts.inc),
         ws="none",
         lifespan="off",  # the runtime is started and stopped around the server
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=config.profile.timeouts.webhook,
-        # Bounds the requests (and so the intake's group-commit queue) in memory: past
-        # it uvicorn answers 503, which Evolution retries.
-        limit_concurrency=config.profile.pools.webhooks_in_flight,
+        timeout_graceful_shutdown=t.webhook,
+        timeout_keep_alive=t.keep_alive,  # type: ignore[arg-type]  # uvicorn says int; any float works
     )
     return _Server(uv)
 
 
 async def serve_forever(config: Config, endpoints: Endpoints, *, auto_migrate: bool) -> None:
+    raise_fd_limit()  # thousands of connections, slow ones included, need as many fds
     rt = Runtime(config, endpoints, auto_migrate=auto_migrate)
     await rt.start()
     host, port = bind_host(config), config.daemon.port

@@ -181,10 +181,10 @@ def _intake(profile: str, workload: Workload, connections: int, config_path: str
         run_intake(profile, duration=duration, connections=connections, leads=workload.leads, config_path=config_path)
     )
     table = Table(title="intake throughput (same uvicorn, same client)")
-    for col in ("endpoint", "requests/s", "p50 (ms)", "p99 (ms)", "requests", "errors"):
+    for col in ("endpoint", "requests/s", "p50 (ms)", "p95 (ms)", "p99 (ms)", "requests", "errors"):
         table.add_column(col, justify="right")
     for name, r in (("bare Starlette", result.baseline), ("sdrctl webhook", result.daemon)):
-        table.add_row(name, f"{r.rate:,.0f}", _ms(percentile(r.latencies, 50)), _ms(percentile(r.latencies, 99)),
+        table.add_row(name, f"{r.rate:,.0f}", *(_ms(percentile(r.latencies, q)) for q in (50, 95, 99)),
                       f"{r.requests:,}", str(r.errors))  # fmt: skip
     out.print(table)
     out.print(f"webhook / bare = {result.ratio:.2f}")
@@ -192,9 +192,9 @@ def _intake(profile: str, workload: Workload, connections: int, config_path: str
         json_file.write_text(json.dumps({
             "connections": connections, "duration_s": duration, "ratio": result.ratio,
             "bare": {"rate": result.baseline.rate, "errors": result.baseline.errors,
-                     "p50_s": percentile(result.baseline.latencies, 50), "p99_s": percentile(result.baseline.latencies, 99)},
+                     **{f"p{q}_s": percentile(result.baseline.latencies, q) for q in (50, 95, 99)}},
             "webhook": {"rate": result.daemon.rate, "errors": result.daemon.errors,
-                        "p50_s": percentile(result.daemon.latencies, 50), "p99_s": percentile(result.daemon.latencies, 99)},
+                        **{f"p{q}_s": percentile(result.daemon.latencies, q) for q in (50, 95, 99)}},
         }, indent=2))  # fmt: skip
 
 

@@ -152,7 +152,7 @@ async def test_health_and_readiness(config: Config) -> None:
         ready = await http.get("/readyz")
     assert health.json() == {"status": "ok"}
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "database": "ok", "redis": "ok", "intake": "ok"}
+    assert ready.json() == {"ready": True, "database": "ok", "redis": "ok", "buffer": "ok", "intake": "ok"}
 
 
 async def test_a_redis_outage_gives_503_and_readiness_names_it(clean: Endpoints, tmp_path: Path) -> None:
