@@ -94,13 +94,15 @@ def _draw_page(
     def box(x0: float, y0: float, x1: float, y1: float, width: int = 2) -> None:
         d.rectangle((x0 * s, y0 * s, x1 * s, y1 * s), outline="black", width=max(1, round(width * s)))
 
-    # Header band: the distributor's name, as on every Brazilian bill.
+    # Header band: the distributor's brand, white on its colour. OCR often loses it (on a
+    # light band such as LIGHT's orange or EDP's red, always).
     colour = BRAND_COLOURS.get(distributor, (20, 60, 120))
-    d.rectangle((0, 0, w, 150 * s), fill=colour)
-    text(60, 30, distributor, 64, bold=True, fill="white")
-    text(60, 108, f"{distributor} Distribuição S.A.  CNPJ 06.981.180/0001-16", 20, fill="white")
-    text(780, 50, "CONTA DE ENERGIA ELÉTRICA", 24, bold=True, fill="white")
-    text(780, 86, "NOTA FISCAL / FATURA Nº 000.123.456", 18, fill="white")
+    d.rectangle((0, 0, w, 130 * s), fill=colour)
+    text(60, 25, distributor, 64, bold=True, fill="white")
+    text(780, 35, "CONTA DE ENERGIA ELÉTRICA", 24, bold=True, fill="white")
+    text(780, 75, "NOTA FISCAL / FATURA Nº 000.123.456", 18, fill="white")
+    # The issuer, in dark print: a bill is a nota fiscal, which names its issuer and CNPJ.
+    text(60, 142, f"{distributor} Distribuição S.A.  CNPJ 06.981.180/0001-16", 20)
 
     # Customer block.
     name = rng.choice(("MARIA DA SILVA SANTOS", "JOÃO PEREIRA LIMA", "ANA COSTA OLIVEIRA"))

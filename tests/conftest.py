@@ -4,6 +4,7 @@ once; every test starts from empty tables and an empty Redis."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -16,9 +17,20 @@ import redis.asyncio as aioredis
 from daemon import migrations
 from daemon.config import Config
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, Endpoints
-from tests.helpers import make_config
+from tests.helpers import is_shell_setting, make_config
 
 TABLES = "leads, conversations, messages, turns, outbox, follow_ups, crm_sync"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shell_settings_ignored() -> Iterator[None]:
+    """The operator's shell settings (an exported SDRCTL_WEBHOOK_TOKEN, a PGPORT, a proxy)
+    reach neither the code under test nor the processes it starts itself (`bench` starts
+    daemons from this process's environment); autouse, so before the embedded services."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if is_shell_setting(n)]:
+            mp.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")

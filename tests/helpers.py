@@ -13,16 +13,25 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 
-from daemon.config import Config, load_config
+from daemon.agents.playbook import Playbook
+from daemon.config import (
+    AgentSettings,
+    Config,
+    EvolutionSettings,
+    WebhookSettings,
+    load_config,
+)
 from daemon.embedded import Endpoints
 from daemon.evolution import text_event
 from daemon.fake_evolution import background_server, run_fake_evolution
+from daemon.followups.calendar import Clock
 
 __all__ = ["run_fake_evolution"]  # re-exported for the tests
 from daemon.runtime import Runtime
@@ -32,6 +41,64 @@ from daemon.store import init_connection
 FAST_PROFILE = str(Path(__file__).with_name("fast.toml"))
 T = TypeVar("T")
 _ids = itertools.count(1)
+
+# --- the environment the tests run in ---------------------------------------------------
+
+# What a process started by a test keeps from the shell that runs the suite: what Python,
+# ffmpeg, Tesseract and the embedded PostgreSQL need (search path, home, user, locale,
+# temporary folder, the dynamic loader: LD_PRELOAD, so `faketime` reaches them too), and
+# which Python code runs (PYTHONPATH, PYTHONHOME: the same as in the test process).
+INHERITED = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TMPDIR",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME",
+})  # fmt: skip
+INHERITED_PREFIXES = ("LC_", "XDG_", "FAKETIME", "DONT_FAKE_")  # the last two: libfaketime's
+# The secrets the config reads from the environment, by their default variable names.
+SECRETS = frozenset({WebhookSettings.token_env, EvolutionSettings.api_key_env, AgentSettings.api_key_env})
+PROXIES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
+
+
+def is_shell_setting(name: str) -> bool:
+    """A variable of the operator's shell that changes what the code under test does: the
+    daemon's settings and secrets (the README has operators export SDRCTL_WEBHOOK_TOKEN,
+    which turns every unauthenticated webhook into a 401), Python's switches
+    (PYTHONWARNINGS, PYTHONOPTIMIZE...), libpq's defaults (asyncpg reads PGPORT,
+    PGSSLMODE...) and proxies (httpx would send requests for 127.0.0.1 to them)."""
+    if name in ("PYTHONPATH", "PYTHONHOME"):
+        return False
+    return (
+        name.startswith(("SDR_", "SDRCTL_", "PYTHON", "PG"))
+        or name in SECRETS
+        or name.lower() in PROXIES
+    )
+
+
+def child_env(**env: str) -> dict[str, str]:
+    """The environment of every process a test starts: the shell's basics (INHERITED),
+    then `env`. A child never sees the shell's settings, keys or tokens, so the suite
+    gives the same results whatever the operator exported."""
+    kept = {k: v for k, v in os.environ.items() if k in INHERITED or k.startswith(INHERITED_PREFIXES)}
+    return {**kept, **env}
+
+
+def pin_clock(rt: Runtime, clock: Clock) -> None:
+    """Runs the daemon's date- and hour-dependent decisions on `clock`: the turn's time
+    (follow-ups are planned from it), the day a meeting phrase means, what is due.
+    Runtime takes no clock (yet): its parts are given it after start."""
+    rt.runner.clock = clock
+    rt.followups.clock = clock
+    if isinstance(rt.agent, Playbook):
+        rt.agent.clock = clock
+
+
+class FixedClock:
+    """A clock that shows `now` until a test moves it (`clock.now = ...`)."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
 def make_config(endpoints: Endpoints, **env: str) -> Config:
@@ -130,8 +197,7 @@ async def start_serve(
     """`own_group`: the daemon leads its own process group, as in a terminal (Ctrl-C
     signals the whole group)."""
     port = free_port()
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
-    full.update(env, SDR_DAEMON_PORT=str(port))
+    full = child_env(**{**env, "SDR_DAEMON_PORT": str(port)})
     with log_path.open("ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sdrctl", "serve", "--profile", profile,
@@ -142,11 +208,9 @@ async def start_serve(
 
 
 async def sdrctl(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Runs the CLI as a user would, without the shell's SDR_ settings; (code, stdout, stderr)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
-    full.update(env or {})
+    """Runs the CLI as a user would, in `child_env(**env)`; (code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdrctl", *args, cwd=REPO, env=full,
+        sys.executable, "-m", "sdrctl", *args, cwd=REPO, env=child_env(**(env or {})),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

@@ -135,7 +135,7 @@ async def test_openai_http_error_raises_agent_error(fake: FakeOpenAI, agent: Ope
 
 
 async def test_openai_timeout_raises_agent_error(fake: FakeOpenAI) -> None:
-    fake.delay = 1.0
+    fake.delay = 30  # far beyond the timeout, so "not waited for" needs no tight bound
     cfg = config_for(SDR_AGENT_BACKEND="openai", SDR_AGENT_BASE_URL=fake.url, SDR_TIMEOUTS_AGENT="0.2")
     bot = OpenAIAgent(cfg)
     start = time.monotonic()
@@ -144,7 +144,7 @@ async def test_openai_timeout_raises_agent_error(fake: FakeOpenAI) -> None:
             await bot.respond(Turn(["oi"]).input)
     finally:
         await bot.close()
-    assert time.monotonic() - start < 0.9
+    assert time.monotonic() - start < 10  # cut at 0.2 s, not after the 30 s answer
     assert len(fake.requests) == 1
 
 

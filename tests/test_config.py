@@ -10,6 +10,7 @@ import pytest
 
 from daemon.config import load_config, load_profile
 from daemon.errors import ConfigError
+from tests.helpers import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,8 +103,9 @@ def test_bad_environment_values_and_unknown_variables_are_refused() -> None:
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sdrctl", *args], cwd=cwd, capture_output=True, text=True, timeout=60
-    )
+        [sys.executable, "-m", "sdrctl", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+        env=child_env(),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("command", [["serve"], ["migrate"], ["migrate", "status"], ["chat", "--phone", "5511999990000"]])

@@ -10,10 +10,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from daemon.config import FollowUpSettings
-from daemon.followups.calendar import BusinessHours
+from daemon.agents import TurnInput
+from daemon.agents.playbook import Playbook
+from daemon.config import AgentSettings, FollowUpSettings
+from daemon.followups.calendar import BusinessHours, utc_now
 from daemon.followups.meeting import parse_meeting
 from daemon.followups.templates import meeting_phrase, render, values_for
+from daemon.store import KbEntry
+from tests.helpers import FixedClock
 
 SP = ZoneInfo("America/Sao_Paulo")
 NY = ZoneInfo("America/New_York")
@@ -257,3 +261,23 @@ def test_parse_meeting_reads_the_business_clock() -> None:
     ny_now = datetime(2026, 3, 7, 12, 0, tzinfo=NY)
     assert parse_meeting("segunda 15h", ny_now, NY_HOURS) == datetime(2026, 3, 9, 19, 0, tzinfo=UTC)
     assert parse_meeting("amanhã às 15h", NOW, HOURS) == NOW + timedelta(days=1, hours=5)
+
+
+@pytest.mark.parametrize("now", [
+    sp(2027, 3, 5, 10, 0),  # a Friday
+    sp(2027, 3, 6, 20, 30),  # a Saturday evening
+    sp(2027, 3, 7, 11, 0),  # a Sunday
+])  # fmt: skip
+async def test_the_playbook_reads_meeting_days_on_its_clock(now: datetime) -> None:
+    async def no_knowledge() -> list[KbEntry]:
+        return []
+
+    agent = Playbook(AgentSettings(), HOURS, FixedClock(now))
+    lead = {"stage": "offer_meeting", "name": "Rita"}
+    reply = await agent.respond(TurnInput(lead, ["Pode ser segunda às 15h"], [], no_knowledge))
+    assert reply.lead_updates["stage"] == "booked"
+    assert reply.lead_updates["meeting_at"] == sp(2027, 3, 8, 15, 0)  # the Monday after, each time
+
+
+def test_the_real_clock_is_aware_and_in_utc() -> None:
+    assert utc_now().tzinfo is UTC

@@ -3,14 +3,16 @@ no process behind) and the Transcriber against the fake OpenAI API over real HTT
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import signal
 import struct
 import tempfile
-import time
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,11 +106,25 @@ async def test_a_ten_second_note_is_probed_and_converted_to_16k_mono_wav(private
     assert list(private_tmp.iterdir()) == []  # the temporary copy is gone
 
 
-async def test_a_conversion_past_its_timeout_is_killed_and_reaped(private_tmp: Path) -> None:
-    started = time.monotonic()
+async def test_a_conversion_past_its_timeout_is_killed_and_reaped(
+    private_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    note = voice_note(10)  # made first: only the conversion is under the timeout
+    started: list[asyncio.subprocess.Process] = []
+    real_exec = asyncio.create_subprocess_exec
+
+    async def at_playback_speed(program: str, *args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        # -re: ffmpeg reads the note at its own pace, so converting it takes 10 s on any
+        # machine, idle or loaded, and the 1 s timeout always comes first.
+        started.append(await real_exec(program, "-re", *args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", at_playback_speed)
     with pytest.raises(TimeoutError):
-        await audio.to_wav(voice_note(180), timeout=0.1)  # needs ~0.2 s
-    assert time.monotonic() - started < 0.5  # killed, not waited for
+        async with asyncio.timeout(30):  # only a guard: unkilled, ffmpeg would block on its full pipe
+            await audio.to_wav(note, timeout=1)
+    # Killed and reaped at the timeout (unkilled, it would never exit: nobody reads its pipe).
+    assert [p.returncode for p in started] == [-signal.SIGKILL]
     assert ffmpeg_children() == []
     assert list(private_tmp.iterdir()) == []
 

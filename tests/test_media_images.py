@@ -10,6 +10,7 @@ import hashlib
 import io
 import statistics
 import time
+import tracemalloc
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -122,8 +123,9 @@ async def test_bills_are_read(capsys: pytest.CaptureFixture[str]) -> None:
                 print(f"  {look}: wanted {want}, read {got}")
     assert score("amount") == n
     assert score("kwh") == n
-    # White-on-colour headers are often lost; bills whose name is printed nowhere else
-    # (layout "lines") then go unnamed.
+    # The white-on-colour header band is often lost (Tesseract 5.3.0: on 2 of these 12);
+    # the issuer line in dark print names the distributor on every bill (12/12 here, 72/72
+    # on 60 more generated bills): the margin is for other Tesseract versions.
     assert score("distributor") >= n - 2
     assert score("due_date") == n
 
@@ -139,11 +141,9 @@ async def test_ocr_timeout_kills_tesseract(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
     jpeg = prepare(bill_image(), MEDIA).jpeg
-    t0 = time.perf_counter()
     with pytest.raises(TimeoutError, match="longer than 0.05 s"):
-        await ocr(jpeg, timeout=0.05)
-    assert time.perf_counter() - t0 < 1.0
-    assert started[0].returncode == -9  # killed and reaped
+        await ocr(jpeg, timeout=0.05)  # a page takes ~1 s
+    assert started[0].returncode == -9  # killed and reaped, not waited for
 
 
 async def test_ocr_failure_and_non_jpeg() -> None:
@@ -222,6 +222,8 @@ def test_parse_distributor(text: str, name: str | None) -> None:
         ("Venc. 05/01/27", date(2027, 1, 5)),
         ("VENCIMENTO TOTAL A PAGAR\n05/01/2027 R$ 1.234,56", date(2027, 1, 5)),
         ("Data de emissão 01/12/2026\nData de vencimento 15 / 12/2026", date(2026, 12, 15)),
+        ("Vencimento: 13/07/202 7 Fatura anterior", date(2027, 7, 13)),  # a year split by OCR
+        ("Venc. 05/01/27 12,30", date(2027, 1, 5)),  # a short year, then a number
         ("Leitura atual 14/11/2026", None),
         ("Vencimento 31/02/2026", None),
     ],
@@ -276,11 +278,15 @@ def test_too_large_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -
     real = binascii.a2b_base64
     monkeypatch.setattr(binascii, "a2b_base64", lambda *a, **k: decoded.append(1) or real(*a, **k))
     huge = "A" * (16 * 1024 * 1024)  # 12 MB once decoded
-    t0 = time.perf_counter()
-    error = refused("too_large", decode, huge, MEDIA.max_image_bytes)
-    assert time.perf_counter() - t0 < 0.1
+    tracemalloc.start()
+    try:
+        error = refused("too_large", decode, huge, MEDIA.max_image_bytes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert str(error) == "image of 12.0 MB, the limit is 10.0 MB"
     assert decoded == []
+    assert peak < 1024 * 1024  # judged from its length: the 16 MB were not even copied
     assert decode(base64.b64encode(b"x" * 1024).decode(), 1024)  # at the limit: accepted
     assert decoded == [1]
 
@@ -290,9 +296,7 @@ def test_too_large_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -
 
 def test_huge_png_is_refused_from_its_header(no_pixel_decoding: list[str]) -> None:
     png = png_of_size(12000, 12000)  # a real, complete PNG: 144 MP of grey in 170 kB
-    t0 = time.perf_counter()
     error = refused("too_many_pixels", prepare, png, MEDIA)
-    assert time.perf_counter() - t0 < 0.1
     assert str(error) == "image of 12000x12000 = 144 MP, the limit is 40 MP"
     assert no_pixel_decoding == []
 

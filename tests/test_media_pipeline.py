@@ -10,6 +10,7 @@ import io
 import os
 import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -163,9 +164,12 @@ async def test_a_long_voice_note_gets_a_polite_answer(clean: Endpoints) -> None:
 
 
 async def test_twenty_photos_at_once_never_stall_the_event_loop(clean: Endpoints) -> None:
-    """Decoding and resizing run in worker threads, OCR in subprocesses: a probe that
-    should wake every 5 ms never waits 50 ms more than that."""
-    cfg = make_config(clean, SDR_MEDIA_OCR="false")  # the event loop's share, without OCR's CPU
+    """Decoding and resizing run in worker processes, OCR in subprocesses: a probe that
+    wakes every 5 ms keeps waking while the photos are being prepared."""
+    # The event loop's share, without OCR's CPU; and no time budget: twenty photos queue for
+    # two workers, and on a loaded machine the last ones would spend it waiting (the budget
+    # has its own test above).
+    cfg = make_config(clean, SDR_MEDIA_OCR="false", SDR_TIMEOUTS_IMAGE_PROCESSING="0")
     page = Image.open(io.BytesIO(bill_image(size=(2480, 3508))))  # a 300 dpi scan's size
     photos = []
     for quality in range(76, 96):  # 20 different files (20 cache keys) of one page
@@ -180,12 +184,27 @@ async def test_twenty_photos_at_once_never_stall_the_event_loop(clean: Endpoints
     proc = MediaProcessor(cfg, None, cache, metrics)
     lags: list[float] = []
     done = asyncio.Event()
+    in_pool = 0  # photos handed to the worker pool, not back yet
+    ticks_meanwhile = 0
+    to_pool = proc._cpu
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        nonlocal in_pool
+        in_pool += 1
+        try:
+            return await to_pool(fn, *args)
+        finally:
+            in_pool -= 1
+
+    proc._cpu = counted  # type: ignore[method-assign]
 
     async def probe() -> None:
+        nonlocal ticks_meanwhile
         while not done.is_set():
             start = time.perf_counter()
             await asyncio.sleep(0.005)
             lags.append(time.perf_counter() - start - 0.005)
+            ticks_meanwhile += in_pool > 0
 
     now = datetime.now(UTC)
     messages = [
@@ -202,7 +221,13 @@ async def test_twenty_photos_at_once_never_stall_the_event_loop(clean: Endpoints
         await redis.aclose()
     assert [r.outcome for r in results] == ["unavailable"] * 20  # prepared; OCR off
     assert all(r.jpeg is not None for r in results)
-    assert len(lags) > 20 and max(lags) < 0.050, f"worst event-loop lag {max(lags) * 1000:.1f} ms"
+    # The loop ran while the photos were decoded elsewhere (on the loop, it could not have).
+    assert ticks_meanwhile >= 10, ticks_meanwhile
+    # Processes, because from threads decoding stalled the loop for 60-140 ms (measured,
+    # see MediaProcessor); idle, the worst lag here is ~10 ms. A loaded shared machine
+    # deschedules the loop for tens of ms by itself: only a gross stall is a failure.
+    assert isinstance(proc.pool, ProcessPoolExecutor)
+    assert max(lags) < 0.5, f"worst event-loop lag {max(lags) * 1000:.1f} ms"
 
 
 async def test_without_ocr_the_photo_still_works_and_the_agent_asks_for_the_value(clean: Endpoints) -> None:

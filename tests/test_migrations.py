@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -18,7 +17,7 @@ from daemon import migrations
 from daemon.embedded import Endpoints
 from daemon.errors import MigrationError
 from daemon.runtime import Runtime
-from tests.helpers import make_config
+from tests.helpers import child_env, make_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = [m.version for m in migrations.discover()]
@@ -96,7 +95,7 @@ async def test_serve_refuses_an_external_database_with_pending_migrations(
 def sdrctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sdrctl", *args], cwd=REPO, capture_output=True, text=True,
-        timeout=60, env={**os.environ, **env},
+        timeout=60, env=child_env(**env),
     )  # fmt: skip
 
 

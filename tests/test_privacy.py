@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,14 @@ import pytest
 
 from daemon.embedded import Endpoints
 from daemon.logs import MaskPhones, mask
-from tests.helpers import REPO, event, fetch, start_serve, wait_for
+from tests.helpers import REPO, child_env, event, fetch, start_serve, wait_for
 
 PHONE = "5511922221111"
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sdrctl", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env=dict(os.environ))  # fmt: skip
+                          text=True, timeout=60, env=child_env(**env))  # fmt: skip
 
 
 def test_phone_numbers_are_masked_in_text() -> None:
@@ -65,11 +64,10 @@ async def test_serve_masks_phones_in_its_logs_and_never_prints_the_token(clean: 
     assert "webhook refused" in log  # the auth failure is logged, without the token
 
 
-def test_tune_show_and_errors_never_print_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-abcdef")
-    monkeypatch.setenv("SDRCTL_WEBHOOK_TOKEN", "tok-abcdef")
-    shown = run(["tune", "show", "--json"])
-    broken = run(["tune", "show", "nope"])
+def test_tune_show_and_errors_never_print_secrets() -> None:
+    secrets = {"OPENAI_API_KEY": "sk-live-abcdef", "SDRCTL_WEBHOOK_TOKEN": "tok-abcdef"}
+    shown = run(["tune", "show", "--json"], **secrets)
+    broken = run(["tune", "show", "nope"], **secrets)
     for result in (shown, broken):
         assert "sk-live-abcdef" not in result.stdout + result.stderr
         assert "tok-abcdef" not in result.stdout + result.stderr

@@ -30,7 +30,7 @@ def bottleneck_line(out: str) -> str:
 async def test_a_profiled_run_shows_the_pipeline_and_names_the_agent(tmp_path: Path) -> None:
     html, report = tmp_path / "profile.html", tmp_path / "profile.json"
     code, out, err = await sdrctl(
-        "profile", "--leads", "5", "--duration", "5", "--time-scale", "0.1", "--profile", FAST_PROFILE,
+        "profile", "--leads", "5", "--duration", "5", "--time-scale", "1", "--profile", FAST_PROFILE,
         "--html", str(html), "--json", str(report),
     )  # fmt: skip
     assert code == 0, err
@@ -41,7 +41,8 @@ async def test_a_profiled_run_shows_the_pipeline_and_names_the_agent(tmp_path: P
     assert len(tree.splitlines()) <= 41
     for row in ("buffer wait", "context", "agent", "store + send", "overhead", "response"):
         assert row in out
-    # The simulated agent (median 150 ms scaled) dwarfs windows of 10-60 ms.
+    # The simulated agent (median 1.5 s) dwarfs windows of 0.1-0.5 s and the daemon's own
+    # work, even on a loaded machine (scaled to 0.1, a busy CPU's overhead outweighed it).
     assert bottleneck_line(out).startswith("bottleneck: ") and " is agent" in bottleneck_line(out)
 
     assert html.stat().st_size > 50_000 and "pyinstrument" in html.read_text()

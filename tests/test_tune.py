@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -22,17 +21,16 @@ import pytest
 from daemon import tuning
 from daemon.config import PROFILE_SECTIONS, load_profile
 from daemon.embedded import Endpoints
-from tests.helpers import REPO
+from tests.helpers import REPO, child_env
 
 ALL_KEYS = [f"{s}.{f.name}" for s, cls in PROFILE_SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def tune(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`sdrctl tune ...` in the current directory, without the shell's SDR_ settings."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
-    full.update(COLUMNS="250", **(env or {}))
+    """`sdrctl tune ...` in the current directory, without the shell's settings."""
     return subprocess.run(
-        [sys.executable, "-m", "sdrctl", "tune", *args], cwd=Path.cwd(), env=full,
+        [sys.executable, "-m", "sdrctl", "tune", *args], cwd=Path.cwd(),
+        env=child_env(**{"COLUMNS": "250", **(env or {})}),
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 

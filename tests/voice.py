@@ -6,6 +6,8 @@ import functools
 import shutil
 import subprocess
 
+from tests.helpers import child_env
+
 # An Opus voice note as WhatsApp sends it (ogg), plus the formats leads attach from phones.
 # 16 kHz, 8 kbit/s, fastest settings: a 3-minute note takes ~0.3 s to make.
 CODECS = {
@@ -31,4 +33,4 @@ def voice_note(seconds: float, fmt: str = "ogg") -> bytes:
     require_ffmpeg()
     source = f"sine=frequency=220:duration={seconds}:sample_rate=16000"
     cmd = ["ffmpeg", "-hide_banner", "-v", "error", "-f", "lavfi", "-i", source, *CODECS[fmt], "pipe:1"]
-    return subprocess.run(cmd, capture_output=True, check=True, timeout=30).stdout
+    return subprocess.run(cmd, capture_output=True, check=True, timeout=30, env=child_env()).stdout

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from daemon.config import Config
 from daemon.errors import ConfigError
+from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.media.result import MediaResult
 from daemon.store import KbEntry
 
@@ -44,15 +45,14 @@ class Agent(Protocol):
     async def close(self) -> None: ...
 
 
-def make_agent(config: Config) -> Agent:
+def make_agent(config: Config, clock: Clock = utc_now) -> Agent:
+    """`clock`: the playbook reads meeting days ("sexta às 15h") on it; default the real one."""
     # Imported here: the backends import TurnInput/AgentReply from this module.
     backend = config.agent.backend
     if backend == "playbook":
         from daemon.agents.playbook import Playbook
 
-        from daemon.followups.calendar import BusinessHours
-
-        return Playbook(config.agent, BusinessHours.from_settings(config.followups))
+        return Playbook(config.agent, BusinessHours.from_settings(config.followups), clock)
     if backend == "openai":
         from daemon.agents.openai import OpenAIAgent
 

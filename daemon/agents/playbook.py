@@ -6,14 +6,13 @@ any stage are answered from the knowledge base first, then the flow goes on."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from daemon.agents import AgentReply, TurnInput
 from daemon.config import AgentSettings
 from daemon.text import brl, fold
-from daemon.followups.calendar import BusinessHours
+from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.followups.meeting import parse_meeting
 from daemon.media.result import MediaResult
 
@@ -159,10 +158,13 @@ class Playbook:
 
     name = "playbook"
 
-    def __init__(self, settings: AgentSettings, hours: BusinessHours | None = None) -> None:
+    def __init__(
+        self, settings: AgentSettings, hours: BusinessHours | None = None, clock: Clock = utc_now
+    ) -> None:
         self.persona = settings.persona
         self.company = settings.company
         self.hours = hours  # to read a meeting time ("sexta às 15h") in the business's zone
+        self.clock = clock  # ... and on its calendar: which Friday is "sexta"
 
     async def close(self) -> None:
         """Nothing to release: the playbook holds no connections."""
@@ -347,7 +349,7 @@ class Playbook:
         f = fold(t.text)
         if WHEN.search(f) or (YES.search(f) and not NO.search(f)):
             when = f" ({t.text.strip()[:80]})" if WHEN.search(f) else ""
-            meeting = parse_meeting(t.text, datetime.now(UTC), self.hours) if self.hours else None
+            meeting = parse_meeting(t.text, self.clock(), self.hours) if self.hours else None
             if meeting is not None:  # a day and an hour: reminders can be planned for it
                 t.updates["meeting_at"] = meeting
             self._to(

@@ -1,16 +1,27 @@
 """Business hours in the business's time zone: follow-ups wait for them, so nobody gets a
-sales message at 22:00 or on a Sunday.
+sales message at 22:00 or on a Sunday. And the clock they are read on.
 
 Instants stay aware datetimes; wall-clock arithmetic is done on local naive datetimes that
 get the zone attached afterwards, which is what keeps DST switches right."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from daemon.config import FollowUpSettings, parse_clock, parse_days
+
+# What time it is, for decisions that depend on the day and hour (which Friday "sexta às
+# 15h" means, when a reply was sent, what is due): taken as a parameter, never read from
+# the system directly, so tests run them on any date and at any hour.
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The real clock, aware, in UTC: the default Clock."""
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,8 @@ _KWH_ANY = re.compile(rf"([^\n]{{0,20}}){_NUM}{_H}{_KWH}")
 _NOT_THIS_MONTH = re.compile(r"medi|hist|anterior")  # averages and past months
 
 _DUE = re.compile(r"venc\w*")
-_DATE = re.compile(r"(?<!\d)(\d{1,2})\s?[/.-]\s?(\d{1,2})\s?[/.-]\s?(\d{4}|\d{2})(?!\d)")
+# OCR sometimes splits a year ("13/07/202 7"); only a 20xx year, so "05/01/27 12,30" stays 2027.
+_DATE = re.compile(r"(?<!\d)(\d{1,2})\s?[/.-]\s?(\d{1,2})\s?[/.-]\s?(2 ?0(?: ?\d){2}|\d{2})(?!\d)")
 _DUE_WINDOW = 80
 
 # A distributor named on the bill wins over its group: "Neoenergia Coelba" is COELBA,
@@ -223,7 +224,7 @@ def _due_date(text: str) -> date | None:
     for label in _DUE.finditer(text):
         window = text[label.end() : label.end() + _DUE_WINDOW]
         for m in _DATE.finditer(window):
-            day, month, year = int(m[1]), int(m[2]), int(m[3])
+            day, month, year = int(m[1]), int(m[2]), int(m[3].replace(" ", ""))
             year += 2000 if year < 100 else 0
             try:
                 due = date(year, month, day)
