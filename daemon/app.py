@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon.evolution import BadPayload, Ignored, Typing, parse_event
+from daemon.evolution import BadPayload, Edit, Ignored, Typing, parse_envelope, parse_event
 from daemon.openapi import openapi
 from daemon.ratelimit import LeadRateLimiter, retry_after
 from daemon.runtime import OUTAGE, Runtime
@@ -72,6 +72,9 @@ async def read_limited(request: Request, limit: int) -> bytes:
 def create_app(rt: Runtime) -> Starlette:
     cfg = rt.config
     token = f"Bearer {cfg.webhook_token}".encode() if cfg.webhook_token else None
+    token_raw = (cfg.webhook_token or "").encode()
+    instance_token = cfg.evolution_instance_token or cfg.evolution_api_key
+    body_key = instance_token.encode() if token is not None and instance_token else None
     limit = cfg.webhook.max_body_bytes
     webhook_timeout = cfg.profile.timeouts.webhook
     count = rt.metrics.webhooks
@@ -97,15 +100,29 @@ def create_app(rt: Runtime) -> Starlette:
         finally:
             in_flight -= 1
 
+    def refuse(request: Request) -> Response:
+        count.labels("unauthorized").inc()
+        # The address only: a token, even a wrong one, never goes to the log.
+        log.warning("webhook refused: no valid credentials from %s", request.client.host if request.client else "?")
+        return error(401, "missing or invalid credentials: send `Authorization: Bearer <token>`, post to "
+                          "/webhook/evolution/<token>, or carry the instance token in the body's `apikey`")
+
     async def handle(request: Request) -> Response:
-        if token is not None:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, token):
-                count.labels("unauthorized").inc()
-                # The address only: a token, even a wrong one, never goes to the log.
-                log.warning("webhook refused: missing or wrong bearer token from %s",
-                            request.client.host if request.client else "?")
-                return error(401, "missing or invalid bearer token (Authorization: Bearer <token>)")
+        # Three ways in, for every Evolution set-up (README: Webhook authentication): the
+        # bearer header (per-instance webhooks' custom headers), the token as a path segment,
+        # or the instance token in the body (a global webhook sends no custom headers).
+        path_event = request.path_params.get("event")
+        authed = token is None
+        if not authed and (path_token := request.path_params.get("token")) is not None:
+            authed = hmac.compare_digest(path_token.encode(), token_raw)
+            if not authed:
+                return refuse(request)
+        elif not authed and path_event is not None and hmac.compare_digest(path_event.encode(), token_raw):
+            authed, path_event = True, None  # /webhook/evolution/<token>
+        if not authed:
+            authed = hmac.compare_digest(request.headers.get("authorization", "").encode(), token)
+        if not authed and body_key is None:
+            return refuse(request)
         if not rt.accepting:
             count.labels("unavailable").inc()
             return error(503, "the daemon is shutting down; retry")
@@ -120,8 +137,13 @@ def create_app(rt: Runtime) -> Starlette:
             count.labels("disconnected").inc()
             return error(400, "the client disconnected before the whole body arrived")
         try:
-            event = parse_event(body, request.path_params.get("event"))
+            envelope = parse_envelope(body)
+            if not authed and not hmac.compare_digest((envelope.apikey or "").encode(), body_key or b""):
+                return refuse(request)
+            event = parse_event(envelope, path_event)
         except BadPayload as exc:
+            if not authed:  # nothing is said about a body from someone unknown
+                return refuse(request)
             count.labels("invalid").inc()
             return error(exc.status, str(exc))
         if isinstance(event, Ignored):
@@ -129,7 +151,7 @@ def create_app(rt: Runtime) -> Starlette:
             rt.metrics.ignored.labels(event.reason).inc()
             return JSONResponse({"status": "ignored", "reason": event.reason})
         # After parsing: the limit is per lead, so only a lead's messages and typing count.
-        wait = limiter.wait(event.phone)
+        wait = 0.0 if isinstance(event, Edit) else limiter.wait(event.phone)
         if wait:
             count.labels("rate_limited").inc()
             return JSONResponse(
@@ -140,9 +162,13 @@ def create_app(rt: Runtime) -> Starlette:
         try:
             async with asyncio.timeout(webhook_timeout):
                 if isinstance(event, Typing):
-                    outcome = await rt.typing(event.phone)
+                    outcome = await rt.typing(event)
                     count.labels(f"presence_{outcome}").inc()
                     return JSONResponse({"status": "presence", "buffer": outcome})
+                if isinstance(event, Edit):
+                    outcome = await rt.edit(event)
+                    count.labels(f"edit_{outcome}").inc()
+                    return JSONResponse({"status": "edit", "edit": outcome})
                 outcome = await rt.ingest(event)
         except OUTAGE as exc:
             # Not stored durably: 503 so that Evolution retries; never 200.
@@ -184,6 +210,7 @@ def create_app(rt: Runtime) -> Starlette:
         routes=[
             Route("/webhook/evolution", webhook, methods=["POST"]),
             Route("/webhook/evolution/{event}", webhook, methods=["POST"]),
+            Route("/webhook/evolution/{token}/{event}", webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

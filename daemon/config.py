@@ -85,6 +85,23 @@ class EvolutionSettings:
     base_url: str = knob("", "Evolution API base URL; empty = replies go to the outbox table")
     instance: str = knob("sdr", "Evolution API instance name")
     api_key_env: str = knob("EVOLUTION_API_KEY", "environment variable holding the API key")
+    instance_token_env: str = knob(
+        "EVOLUTION_INSTANCE_TOKEN", "environment variable holding the instance's token, which "
+        "Evolution puts in each webhook body's `apikey` (with AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES"
+        "=true): a webhook carrying it is accepted without the bearer header (the global webhook "
+        "sends no headers); unset = the API key is compared",
+    )  # fmt: skip
+    stores_messages: str = knob(
+        "auto", "whether the Evolution instance keeps message history (DATABASE_SAVE_DATA_NEW_MESSAGE"
+        "=true), so findMessages can tell whether a reply arrived and getBase64FromMediaMessage can "
+        "fetch media by id: yes, no, or auto (asked once with findMessages for a reply we sent)",
+        choices=("auto", "yes", "no"),
+    )  # fmt: skip
+    on_uncertain_send: str = knob(
+        "resend", "a reply whose send may or may not have arrived (timeout, 5xx, connection lost) "
+        "that findMessages cannot settle: resend (a possible duplicate) or skip (a possible silence)",
+        choices=("resend", "skip"),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -322,6 +339,10 @@ class Limits:
         5.0, "wait before re-sending a reply that did not go out (doubles per try, at most an hour)",
         unit="s", min=0, max=3600,
     )  # fmt: skip
+    redeliver_within: float = knob(
+        1800.0, "a reply not delivered this long after its turn is given up (marked failed): later, "
+        "it no longer answers anything", unit="s", min=1, max=7 * 86400,
+    )  # fmt: skip
     lead_rate: float = knob(
         5.0, "webhooks per second one lead may sustain (per daemon); more get 429; 0 = no limit",
         unit="1/s", min=0, max=100000,
@@ -453,6 +474,7 @@ class Config:
     # Secrets are read from the variables the file names; never printed.
     webhook_token: str | None = field(default=None, repr=False)
     evolution_api_key: str | None = field(default=None, repr=False)
+    evolution_instance_token: str | None = field(default=None, repr=False)
     agent_api_key: str | None = field(default=None, repr=False)
 
     @property
@@ -652,6 +674,7 @@ def load_config(
         profile=load_profile(chosen, env),
         webhook_token=env.get(token_env) or None,
         evolution_api_key=env.get(key_env) or None,
+        evolution_instance_token=env.get(settings["evolution"].instance_token_env) or None,
         agent_api_key=env.get(agent_key_env) or None,
         **settings,
     )

@@ -23,6 +23,7 @@ log = logging.getLogger("sdr.evolution")
 
 UPSERT = "messages.upsert"
 PRESENCE = "presence.update"
+EDITED = "messages.edited"  # a lead edited a message: the raw protocolMessage
 TYPING = frozenset({"composing", "recording"})
 MEDIA_KINDS = {
     "imageMessage": "image",
@@ -38,6 +39,11 @@ class Key(msgspec.Struct, kw_only=True):
     id: str
     fromMe: bool = False
     participant: str | None = None
+    # Since Evolution 2.3.5 the key is Baileys' own: a LID-addressed chat has remoteJid
+    # "<lid>@lid" and, when WhatsApp sends it, the phone in remoteJidAlt (in a phone-
+    # addressed chat, remoteJidAlt may be the LID instead).
+    remoteJidAlt: str | None = None
+    addressingMode: str | None = None
 
 
 class MessageData(msgspec.Struct, kw_only=True):
@@ -52,6 +58,19 @@ class Envelope(msgspec.Struct, kw_only=True):
     event: str | None = None
     instance: str | None = None
     data: msgspec.Raw = msgspec.Raw(b"null")
+    # The instance's token (when Evolution exposes it): how a global webhook, which sends
+    # no custom headers, can be authenticated.
+    apikey: str | None = None
+
+
+class EditData(msgspec.Struct, kw_only=True):
+    """`messages.edited`: the protocolMessage as is. Its key is the editor's (fromMe, the
+    business's jid), so only `key.id`, the edited message's id, tells whose message it is."""
+
+    key: Key
+    type: str | int | None = None
+    editedMessage: dict[str, Any] | None = None
+    timestampMs: int | str | None = None
 
 
 class PresenceData(msgspec.Struct, kw_only=True):
@@ -62,6 +81,7 @@ class PresenceData(msgspec.Struct, kw_only=True):
 _envelope = msgspec.json.Decoder(Envelope)
 _message = msgspec.json.Decoder(MessageData)
 _presence = msgspec.json.Decoder(PresenceData)
+_edit = msgspec.json.Decoder(EditData)
 
 
 class BadPayload(Exception):
@@ -74,7 +94,16 @@ class BadPayload(Exception):
 
 @dataclass(frozen=True)
 class Ignored:
-    reason: str  # from_me | group | broadcast | event | no_content | not_a_phone | presence
+    reason: str  # from_me | group | broadcast | event | no_content | not_a_phone | presence | edit
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A lead changed the text of one of its messages (`provider_id`)."""
+
+    provider_id: str
+    text: str
+    edit_id: str  # unique per edit: the original id and the edit's time
 
 
 @dataclass(frozen=True)
@@ -82,6 +111,7 @@ class Typing:
     """The lead is typing or recording: its buffer window may wait longer."""
 
     phone: str
+    lid: str | None = None
 
 
 def normalise_event(name: str) -> str:
@@ -89,9 +119,10 @@ def normalise_event(name: str) -> str:
     return name.strip().lower().replace("_", ".").replace("-", ".")
 
 
-def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing | Ignored:
+def parse_envelope(body: bytes) -> Envelope:
+    """The event's envelope, its `data` left raw; BadPayload when it is not one."""
     try:
-        env = _envelope.decode(body)
+        return _envelope.decode(body)
     except msgspec.ValidationError as exc:
         raise BadPayload(422, f"invalid event: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -100,17 +131,23 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
         raise BadPayload(400, "body is not valid JSON: a string is not valid UTF-8") from None
     except RecursionError:  # msgspec's answer to very deep nesting; no event nests deeply
         raise BadPayload(400, "body nests too deeply to be an event") from None
+
+
+def parse_event(body: bytes | Envelope, path_event: str | None = None) -> Inbound | Typing | Edit | Ignored:
+    env = body if isinstance(body, Envelope) else parse_envelope(body)
     name = env.event or path_event
     if not name:
         raise BadPayload(422, "invalid event: Object missing required field `event`")
     event = normalise_event(name)
-    if event not in (UPSERT, PRESENCE):
+    if event not in (UPSERT, PRESENCE, EDITED):
         return Ignored("event")
     if bytes(env.data) in (b"", b"null"):
         raise BadPayload(422, "invalid event: Object missing required field `data`")
     try:
         if event == PRESENCE:
             return _to_typing(_presence.decode(env.data))
+        if event == EDITED:
+            return _to_edit(_edit.decode(env.data))
         return _to_inbound(_message.decode(env.data), env.instance)
     except msgspec.ValidationError as exc:
         raise BadPayload(422, f"invalid event: {exc} (in `data`)") from None
@@ -123,9 +160,36 @@ def parse_event(body: bytes, path_event: str | None = None) -> Inbound | Typing 
 
 
 def _phone(jid: str) -> str | None:
-    phone = jid.split("@", 1)[0].split(":", 1)[0]
+    """A phone jid's number (`5511...@s.whatsapp.net`, device suffix dropped); None for any
+    other jid: a LID's digits are not a phone number."""
+    user, _, server = jid.partition("@")
+    if server not in ("s.whatsapp.net", "c.us", ""):
+        return None
+    phone = user.split(":", 1)[0]
     # isascii: str.isdigit() also takes other scripts' digits ("٥٥١١..."), not a number
     return phone if phone.isascii() and phone.isdigit() and 8 <= len(phone) <= 15 else None
+
+
+def _lid(jid: str | None) -> str | None:
+    """`187654321098765@lid` (device suffix dropped) when `jid` is a LID, else None."""
+    if not jid:
+        return None
+    user, _, server = jid.partition("@")
+    user = user.split(":", 1)[0]
+    if server != "lid" or not (user.isascii() and user.isdigit() and 1 <= len(user) <= 20):
+        return None
+    return f"{user}@lid"
+
+
+def identity(key: Key) -> tuple[str, str | None] | None:
+    """(the lead's identity, its LID when known): the phone when the event gives it (in
+    remoteJid or remoteJidAlt), else the `@lid` jid, which Evolution's sendText accepts as
+    a number. None when neither names a person."""
+    phone = _phone(key.remoteJid) or (_phone(key.remoteJidAlt) if key.remoteJidAlt else None)
+    lid = _lid(key.remoteJid) or _lid(key.remoteJidAlt)
+    if phone is not None:
+        return phone, lid
+    return (lid, lid) if lid is not None else None
 
 
 MAX_ID_CHARS = 256  # WhatsApp ids are ~20-32; provider_id's unique index takes ~2.7 KB at most
@@ -144,12 +208,14 @@ def _no_nul(value: Any) -> Any:
 
 
 def _to_typing(data: PresenceData) -> Typing | Ignored:
-    """Baileys' presence map: {jid: {"lastKnownPresence": "composing" | "recording" | ...}}."""
-    phone = _phone(data.id)
-    if phone is None or data.id.endswith("@g.us"):
+    """Baileys' presence map: {jid: {"lastKnownPresence": "composing" | "recording" | ...}};
+    the chat's jid may be a phone's or a LID."""
+    lid = _lid(data.id)
+    who = _phone(data.id) or lid
+    if who is None:
         return Ignored("presence")
     states = {str(p.get("lastKnownPresence", "")) for p in data.presences.values() if isinstance(p, dict)}
-    return Typing(phone) if states & TYPING else Ignored("presence")
+    return Typing(who, lid) if states & TYPING else Ignored("presence")
 
 
 def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Ignored:
@@ -160,9 +226,10 @@ def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Ignored:
         return Ignored("group")
     if jid.endswith("@broadcast") or jid.endswith("@newsletter"):
         return Ignored("broadcast")
-    phone = _phone(jid)
-    if phone is None:
+    who = identity(data.key)
+    if who is None:
         return Ignored("not_a_phone")
+    phone, lid = who
     if len(data.key.id) > MAX_ID_CHARS or "\x00" in data.key.id:
         raise BadPayload(422, f"invalid event: `key.id` must be at most {MAX_ID_CHARS} characters, without NUL")
     kind, body, media = _content(data.message or {})
@@ -180,7 +247,19 @@ def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Ignored:
         body=body,
         media=media,
         provider_ts=_timestamp(data.messageTimestamp),
+        lid=lid,
     )
+
+
+def _to_edit(data: EditData) -> Edit | Ignored:
+    """Any protocolMessage (a deletion, disappearing-message settings) arrives as
+    `messages.edited`: only a MESSAGE_EDIT (14) with a new text is an edit."""
+    if data.type not in ("MESSAGE_EDIT", 14) or not isinstance(data.editedMessage, dict):
+        return Ignored("edit")
+    kind, text, _ = _content(data.editedMessage)
+    if kind != "text" or len(data.key.id) > MAX_ID_CHARS or "\x00" in data.key.id:
+        return Ignored("edit")
+    return Edit(provider_id=data.key.id, text=text, edit_id=f"{data.key.id}:edit:{data.timestampMs or ''}"[:MAX_ID_CHARS])
 
 
 def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] | None]:
@@ -194,16 +273,27 @@ def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] |
         if isinstance(part, dict):
             caption = _no_nul(part["caption"]) if isinstance(part.get("caption"), str) else ""
             # Scalars only (a type, a size, a duration): nothing nested, however deep, is kept.
-            media = {
-                k: part[k] for k in ("mimetype", "fileLength", "seconds")
-                if isinstance(part.get(k), (str, int, float))
-            }  # fmt: skip
+            media = {k: v for k in ("mimetype", "fileLength", "seconds") if (v := _scalar(part.get(k))) is not None}
             # With "webhook base64" on, Evolution puts the decrypted file here. Never the
             # part's `url`: that is WhatsApp's encrypted CDN file.
             if isinstance(message.get("base64"), str):
                 media["base64"] = message["base64"]
             return kind, caption or "", media
     return None, "", None
+
+
+def _scalar(value: Any) -> str | int | float | None:
+    """A string or number as is; WhatsApp's 64-bit numbers, which Evolution 2.3.6 passes on
+    as protobuf Longs (`{"low": .., "high": .., "unsigned": ..}`), as an int."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("low"), int) and isinstance(value.get("high"), int):
+        low, high = value["low"] & 0xFFFFFFFF, value["high"]
+        number = (high & 0xFFFFFFFF) << 32 | low
+        if not value.get("unsigned") and number >= 1 << 63:
+            number -= 1 << 64
+        return number
+    return None
 
 
 def _timestamp(value: int | float | str | None) -> datetime:
@@ -224,14 +314,58 @@ def _timestamp(value: int | float | str | None) -> datetime:
 # --- sending ----------------------------------------------------------------------------
 
 
-class SendFailed(Exception):
-    """A send did not go through; `retryable` only when it certainly did not arrive;
-    `final` when trying later cannot help (the API refused the request itself: a 4xx)."""
+PRESENCE_MAX_MS = 20_000  # Evolution loops composing -> paused -> composing past 20 s
+_TRANSIENT = ("connection closed", "timed out", "rate-overlimit", "connection failure", "stream errored", "connection lost")
 
-    def __init__(self, message: str, *, retryable: bool, final: bool = False) -> None:
+
+class SendFailed(Exception):
+    """A send that did not certainly arrive, by what a later try can do about it:
+    - `transient`: certainly not delivered (no connection, or Evolution's 400 wrapping a
+      WhatsApp reconnect, a time-out or a rate limit): try again;
+    - `uncertain`: the request was written and no answer came (a timeout, a dropped
+      connection, a 5xx): it may have been delivered, so look before sending again;
+    - `unreachable`: Evolution answered `exists: false`: no try can reach this number;
+    - `refused`: any other 4xx (a bad request, a wrong key or instance): final."""
+
+    def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
-        self.retryable = retryable
-        self.final = final
+        self.kind = kind
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind == "transient"
+
+    @property
+    def uncertain(self) -> bool:
+        return self.kind == "uncertain"
+
+    @property
+    def final(self) -> bool:
+        return self.kind in ("unreachable", "refused")
+
+
+def classify(status: int, body: str) -> str:
+    """What an Evolution error answer means, from its real bodies (see
+    tests/fixtures/evolution/SOURCES.md): every send error comes wrapped in a 400
+    `{"status":400,"error":"Bad Request","response":{"message":[...]}}`."""
+    try:
+        doc = msgspec.json.decode(body)
+        messages = (doc.get("response") or {}).get("message")
+    except (msgspec.DecodeError, AttributeError):
+        messages = None
+    items = messages if isinstance(messages, list) else [messages]
+    if any(isinstance(m, dict) and m.get("exists") is False for m in items):
+        return "unreachable"
+    text = " ".join(str(m) for m in items if m is not None).lower()
+    if any(t in text for t in _TRANSIENT) and status in (400, 500):
+        # Failed before WhatsApp took the message (the socket was closed or reconnecting,
+        # the number check timed out, a rate limit): sending again is safe.
+        return "transient"
+    if status in (429, 503):  # rate-limited, or not taken in at all
+        return "transient"
+    if status >= 500 or status == 408:  # it may have failed after WhatsApp took the message
+        return "uncertain"
+    return "refused"
 
 
 class MediaUnavailable(Exception):
@@ -266,7 +400,11 @@ class EvolutionClient:
         except httpx.TimeoutException:
             raise TimeoutError(f"getBase64FromMediaMessage took more than {timeout:g}s") from None
         if resp.status_code >= 400:
-            raise MediaUnavailable(f"getBase64FromMediaMessage: HTTP {resp.status_code}: {resp.text[:200]}")
+            hint = ""
+            if "not found" in resp.text.lower():  # Evolution keeps no copy of the message
+                hint = (" (the webhook carried no base64: turn on the instance webhook's base64 option, or "
+                        "DATABASE_SAVE_DATA_NEW_MESSAGE=true on the Evolution server)")  # fmt: skip
+            raise MediaUnavailable(f"getBase64FromMediaMessage: HTTP {resp.status_code}: {resp.text[:200]}{hint}")
         try:
             b64 = resp.json().get("base64")
         except (ValueError, AttributeError):
@@ -275,29 +413,54 @@ class EvolutionClient:
             raise MediaUnavailable("getBase64FromMediaMessage answered without a base64 field")
         return b64
 
-    async def was_sent(self, number: str, text: str, since: datetime) -> str | None:
-        """The id of a message with this text we sent to `number` since `since`, if the
-        Evolution API has one: how a reply left 'sending' by a dead daemon is told apart
-        from one that never left (so it is not sent twice)."""
-        resp = await self.http.post(
-            f"/chat/findMessages/{self.instance}",
-            json={"where": {"key": {"remoteJid": f"{number}@s.whatsapp.net", "fromMe": True}}},
-        )
-        resp.raise_for_status()
-        found = resp.json().get("messages") or {}
-        for record in found.get("records") or []:
+    async def find_sent(self, jids: list[str], since: datetime, pages: int) -> list[dict[str, Any]]:
+        """What we sent to these chats since `since`, newest first, from Evolution's
+        message history (empty when the instance keeps none); at most `pages` pages each
+        (a bounded look-back)."""
+        records: list[dict[str, Any]] = []
+        for jid in jids:
+            for page in range(1, pages + 1):
+                resp = await self.http.post(
+                    f"/chat/findMessages/{self.instance}",
+                    json={"where": {"key": {"remoteJid": jid, "fromMe": True}}, "page": page},
+                )
+                resp.raise_for_status()
+                found = resp.json().get("messages") or {}
+                batch = [r for r in found.get("records") or [] if isinstance(r, dict)]
+                records += [r for r in batch if float(_scalar(r.get("messageTimestamp")) or 0) >= since.timestamp() - 1]
+                oldest = min((float(_scalar(r.get("messageTimestamp")) or 0) for r in batch), default=0.0)
+                if page >= int(found.get("pages") or 1) or oldest < since.timestamp() - 1:
+                    break
+        return records
+
+    async def was_sent(self, jids: list[str], text: str, since: datetime, pages: int = 3) -> str | None:
+        """The id of a message with this text we sent to one of these chats since `since`,
+        if Evolution's history has one: how a reply whose send timed out, or that a dead
+        daemon left 'sending', is told apart from one that never left."""
+        for record in await self.find_sent(jids, since, pages):
             message = record.get("message") or {}
             body = message.get("conversation") or (message.get("extendedTextMessage") or {}).get("text")
-            stamp = float(record.get("messageTimestamp") or 0)
-            if body == text and stamp >= since.timestamp() - 1 and (record.get("key") or {}).get("fromMe"):
-                return str(record["key"].get("id"))
+            key = record.get("key") or {}
+            if body == text and key.get("fromMe"):
+                return str(key.get("id"))
         return None
 
-    async def send_presence(self, number: str, delay_ms: int) -> None:
-        """Shows "typing..." to the lead (best effort: one try, errors raised to the caller)."""
+    async def keeps_history(self, jid: str, provider_id: str) -> bool:
+        """Whether the instance saves messages: is a message we know we sent in its history?"""
+        resp = await self.http.post(
+            f"/chat/findMessages/{self.instance}", json={"where": {"key": {"remoteJid": jid, "id": provider_id}}}
+        )
+        resp.raise_for_status()
+        return bool((resp.json().get("messages") or {}).get("records"))
+
+    async def send_presence(self, number: str, delay_ms: int, timeout: float) -> None:
+        """Shows "typing..." for `delay_ms` (Evolution holds the request that long, so the
+        read timeout is the delay plus `timeout`); never more than one Evolution slice."""
+        delay_ms = min(delay_ms, PRESENCE_MAX_MS)
         resp = await self.http.post(
             f"/chat/sendPresence/{self.instance}",
             json={"number": number, "presence": "composing", "delay": delay_ms},
+            timeout=httpx.Timeout(delay_ms / 1000 + timeout, connect=timeout),
         )
         resp.raise_for_status()
 
@@ -325,15 +488,13 @@ class EvolutionClient:
             resp = await self.http.post(
                 f"/message/sendText/{self.instance}", json={"number": number, "text": text}
             )
-        except httpx.ConnectError as exc:  # refused or unreachable: nothing was sent
-            raise SendFailed(f"cannot connect: {exc}", retryable=True) from None
-        except httpx.HTTPError as exc:  # a timeout after sending may have delivered it
-            raise SendFailed(f"{exc.__class__.__name__}: {exc}", retryable=False) from None
-        if resp.status_code in (502, 503, 504):
-            raise SendFailed(f"HTTP {resp.status_code}", retryable=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise SendFailed(f"cannot connect: {exc.__class__.__name__}: {exc}", "transient") from None
+        except httpx.HTTPError as exc:  # written, then no answer: it may have been delivered
+            raise SendFailed(f"{exc.__class__.__name__}: {exc}", "uncertain") from None
         if resp.status_code >= 400:
-            final = resp.status_code < 500 and resp.status_code not in (408, 429)
-            raise SendFailed(f"HTTP {resp.status_code}: {resp.text[:200]}", retryable=False, final=final)
+            kind = classify(resp.status_code, resp.text)
+            raise SendFailed(f"HTTP {resp.status_code}: {resp.text[:200]}", kind)
         try:
             key = resp.json().get("key") or {}
             return str(key["id"]) if "id" in key else None
@@ -352,7 +513,7 @@ def text_event(
         "event": UPSERT,
         "instance": instance,
         "data": {
-            "key": {"remoteJid": f"{phone}@s.whatsapp.net", "fromMe": False, "id": message_id},
+            "key": {"remoteJid": phone if "@" in phone else f"{phone}@s.whatsapp.net", "fromMe": False, "id": message_id},
             "pushName": push_name,
             "status": "DELIVERY_ACK",
             "message": {"conversation": text},

@@ -16,6 +16,7 @@ from typing import Any
 
 from daemon.buffer import MessageBuffer, member, window_for
 from daemon.config import Profile
+from daemon.identity import Identities
 from daemon.store import Inbound, Store
 
 log = logging.getLogger("sdr.intake")
@@ -36,8 +37,10 @@ class IngestBatcher:
         buffer: MessageBuffer,
         profile: Profile,
         on_lead: Callable[[str, dict[str, Any]], Awaitable[None]],
+        identities: Identities,
     ) -> None:
         self.store = store
+        self.identities = identities  # a LID-addressed message is filed under its lead's phone
         self.buffer = buffer
         self.settings = profile.buffer
         self.max_batch = profile.pools.ingest_batch
@@ -76,20 +79,20 @@ class IngestBatcher:
                 self._flushers.discard(task)
 
     async def _store(self, batch: list[_Waiting]) -> list[str]:
+        msgs = await self.identities.settle([w.msg for w in batch])
         # One lock order for every batch (by phone), so concurrent batches never deadlock.
-        order = sorted(range(len(batch)), key=lambda i: batch[i].msg.phone)
-        stored = await self.store.ingest_many([batch[i].msg for i in order])
+        order = sorted(range(len(msgs)), key=lambda i: msgs[i].phone)
+        stored = await self.store.ingest_many([msgs[i] for i in order])
         results: list[Result | None] = [None] * len(batch)
         for i, result in zip(order, stored, strict=True):
             results[i] = result
         arms: list[tuple[str, float]] = []
-        for w, result in zip(batch, results, strict=True):
+        for m, result in zip(msgs, results, strict=True):
             assert result is not None
             message_id, _, unanswered, lead = result
             if lead is not None:
-                await self.on_lead(w.msg.phone, lead)
+                await self.on_lead(m.phone, lead)
             if unanswered:  # also for a retried delivery: the first may have missed the buffer
-                m = w.msg
                 arms.append((member(m.phone, message_id, self.settings.coalesce), window_for(m.kind, m.body, self.settings)))
         await self.buffer.add_many(arms)
         return ["stored" if r is not None and r[1] else "duplicate" for r in results]

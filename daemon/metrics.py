@@ -37,6 +37,14 @@ class Metrics:
         self.ignored = Counter("sdr_ignored_total", "Events not from a lead, by reason", ["reason"], registry=r)
         self.turns = Counter("sdr_turns_total", "Turns by outcome", ["outcome"], registry=r)
         self.sends = Counter("sdr_sends_total", "Replies delivered, by status", ["status"], registry=r)
+        # sendText answers that were not a delivery: transient (retried), uncertain (looked
+        # up before any re-send), unreachable (exists: false), refused (another 4xx).
+        self.send_errors = Counter("sdr_send_errors_total", "sendText failures, by kind", ["kind"], registry=r)
+        self.uncertain = Counter(
+            "sdr_uncertain_sends_total",
+            "Sends of unknown outcome, by how they were settled (arrived, absent, resend, skip)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.turns_in_flight = Gauge("sdr_turns_in_flight", "Turns running now", registry=r)
         self.active_leads = Gauge("sdr_active_leads", "Leads with a burst waiting in the buffer", registry=r)
         self.cache_hits = Counter("sdr_cache_hits", "Cache hits", ["cache", "tier"], registry=r)

@@ -26,8 +26,9 @@ def _error(description: str) -> dict[str, Any]:
 def _event_schema(required: list[str]) -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "an Evolution API v2 webhook; events other than messages.upsert and "
-        "presence.update are answered 200 ignored. Any other field is accepted and unused.",
+        "description": "an Evolution API v2 webhook; events other than messages.upsert, "
+        "messages.edited and presence.update are answered 200 ignored. Any other field is "
+        "accepted and unused.",
         "required": required,
         "properties": {
             "event": {
@@ -36,7 +37,12 @@ def _event_schema(required: list[str]) -> dict[str, Any]:
                 "(MESSAGES_UPSERT, messages-upsert); on /webhook/evolution/{event} the path names it",
             },
             "instance": {"type": "string", "nullable": True, "example": "sdr"},
-            "data": {"anyOf": [_ref("MessageData"), _ref("PresenceData")]},
+            "data": {"anyOf": [_ref("MessageData"), _ref("PresenceData"), _ref("EditData")]},
+            "apikey": {
+                "type": "string", "nullable": True,
+                "description": "the instance token (Evolution sends it with AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES"
+                "=true): authenticates a webhook that carries no bearer header (the global webhook)",
+            },
         },
     }  # fmt: skip
 
@@ -53,13 +59,29 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "remoteJid": {
                 "type": "string", "example": "5511987654321@s.whatsapp.net",
-                "description": "the chat: a lead is <8-15 digits>@s.whatsapp.net; groups "
+                "description": "the chat: a lead is <8-15 digits>@s.whatsapp.net or <lid>@lid; groups "
                 "(@g.us), broadcasts and newsletters are ignored",
             },
             "id": {"type": "string", "maxLength": 256, "example": "3EB0C767D26A8B4E1A2F",
                    "description": "WhatsApp's message id: de-duplicates retried deliveries"},
             "fromMe": {"type": "boolean", "default": False, "description": "true = sent by us: ignored"},
             "participant": {"type": "string", "nullable": True},
+            "remoteJidAlt": {
+                "type": "string", "nullable": True, "example": "5511987654321@s.whatsapp.net",
+                "description": "Evolution >= 2.3.5: with remoteJid <lid>@lid, the phone (when WhatsApp gives it)",
+            },
+            "addressingMode": {"type": "string", "nullable": True, "example": "lid"},
+        },
+    },
+    "EditData": {
+        "type": "object",
+        "description": "messages.edited: the protocolMessage; key.id is the edited message's id",
+        "required": ["key"],
+        "properties": {
+            "key": _ref("MessageKey"),
+            "type": {"type": "string", "example": "MESSAGE_EDIT"},
+            "editedMessage": {"type": "object", "properties": {"conversation": {"type": "string"}}},
+            "timestampMs": {"type": "string", "nullable": True},
         },
     },
     "MediaPart": {
@@ -126,50 +148,62 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status"],
         "properties": {
             "status": {
-                "type": "string", "enum": ["stored", "duplicate", "ignored", "presence"],
+                "type": "string", "enum": ["stored", "duplicate", "ignored", "presence", "edit"],
                 "description": "stored: kept durably, a reply follows; duplicate: already stored "
-                "(a retried delivery); ignored: not a lead's message; presence: a typing event",
+                "(a retried delivery); ignored: not a lead's message; presence: a typing event; "
+                "edit: a lead's edit of one of its messages",
             },
             "reason": {
                 "type": "string",
-                "enum": ["from_me", "group", "broadcast", "event", "no_content", "not_a_phone", "presence"],
+                "enum": ["from_me", "group", "broadcast", "event", "no_content", "not_a_phone", "presence", "edit"],
                 "description": "why it was ignored (status ignored)",
             },
             "buffer": {
                 "type": "string", "enum": ["extended", "ignored"],
                 "description": "status presence: whether the lead's pending burst now waits longer",
             },
+            "edit": {
+                "type": "string", "enum": ["replaced", "correction", "duplicate", "unknown"],
+                "description": "status edit: replaced in a burst still waiting; stored as a correction "
+                "for the next turn; already stored; or an edit of a message we never saw",
+            },
         },
     },
     "Readiness": {
         "type": "object",
-        "required": ["ready", "database", "redis", "intake"],
+        "required": ["ready", "database", "redis", "buffer", "intake"],
         "properties": {
             "ready": {"type": "boolean"},
             "database": {"type": "string", "description": "ok, or down: <error>"},
             "redis": {"type": "string", "description": "ok, or down: <error>"},
+            "buffer": {"type": "string", "description": "ok, or down: <error> (the buffer's own key)"},
             "intake": {"type": "string", "enum": ["ok", "stopped"]},
         },
     },
 }
 
 
-def _webhook(config: Config, with_event: bool) -> dict[str, Any]:
+def _webhook(config: Config, with_event: bool, with_token: bool = False) -> dict[str, Any]:
     limits = config.profile.limits
     body = "WebhookEventNamedInPath" if with_event else "WebhookEvent"
     params = [{"name": "event", "in": "path", "required": True, "schema": {"type": "string"},
-               "description": "the event name, for Evolution's 'webhook by events' URLs"}]
+               "description": "the event name, for Evolution's 'webhook by events' URLs (or, alone, "
+               "the webhook token: /webhook/evolution/<token>)"}]
+    if with_token:
+        params.insert(0, {"name": "token", "in": "path", "required": True, "schema": {"type": "string"},
+                          "description": "the webhook token, for set-ups that cannot send headers"})
     op: dict[str, Any] = {
         "summary": "Receive an Evolution API webhook",
         "description": "Stores a lead's message durably and answers at once; the reply is "
         "sent later. Any non-2xx answer means it was not stored: Evolution retries.",
-        "operationId": "webhookByEvent" if with_event else "webhook",
+        "operationId": ("webhookByTokenAndEvent" if with_token else "webhookByEvent") if with_event else "webhook",
         "requestBody": {"required": True, "content": {_JSON: {"schema": _ref(body)}}},
         "responses": {
             "200": {"description": "stored, duplicate, ignored, or a typing event taken into account",
                     "content": {_JSON: {"schema": _ref("WebhookResult")}}},
             "400": _error("the body is not valid JSON (or nests too deeply)"),
-            "401": _error("a bearer token is configured and the request lacks it or has another"),
+            "401": _error("a token is configured and the request carries none of: the bearer header, "
+                          "the token in the path, the instance token in the body's apikey"),
             "413": _error(f"the body is larger than [webhook] max_body_bytes ({config.webhook.max_body_bytes})"),
             "422": _error("valid JSON but not an Evolution event: the message names the field"),
             "429": {
@@ -203,6 +237,7 @@ def openapi(config: Config) -> dict[str, Any]:
         "paths": {
             "/webhook/evolution": _webhook(config, with_event=False),
             "/webhook/evolution/{event}": _webhook(config, with_event=True),
+            "/webhook/evolution/{token}/{event}": _webhook(config, with_event=True, with_token=True),
             "/healthz": {"get": {
                 "summary": "Liveness: the process answers", "operationId": "healthz",
                 "security": [],

@@ -36,6 +36,7 @@ from daemon.evolution import text_event
 from daemon.fake_evolution import run_fake_evolution
 from daemon.inprocess import inprocess_daemon, with_changes
 from daemon.connections import pg_options
+from daemon.identity import IDENTITY_HELP, parse_identity
 from daemon.store import connect, init_connection
 
 REQUIRED = ("conversation", "phone", "direction", "text", "ts")
@@ -162,8 +163,8 @@ def _line(doc: Any, where: str) -> Line:
             f"{where}: unknown direction {direction!r}; "
             "use \"in\" (the lead's message) or \"out\" (the bot's reply)"
         )
-    if not (phone.isdigit() and 8 <= len(phone) <= 15):
-        raise ConfigError(f"{where}: phone {phone!r} must be 8 to 15 digits, e.g. 5511999990000")
+    if not isinstance(phone, str) or parse_identity(phone) != phone:
+        raise ConfigError(f"{where}: phone {phone!r} must be {IDENTITY_HELP}")
     name = doc.get("name")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string or null")

@@ -14,12 +14,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 import asyncpg
-import httpx
 from redis.exceptions import RedisError
 
 from daemon import migrations
 from daemon.agents import make_agent
-from daemon.buffer import MessageBuffer, member, parse_member
+from daemon.buffer import MessageBuffer, member, parse_member, window_for
 from daemon.followups.executor import FollowUpExecutor
 from daemon.followups.jobs import CrmPush, Jobs, KnowledgeRefresh
 from daemon.followups.planner import Planner
@@ -31,9 +30,11 @@ from daemon.config import Config
 from daemon.connections import pg_options, redis_client
 from daemon.embedded import Endpoints
 from daemon.errors import MigrationError, UnavailableError
-from daemon.evolution import EvolutionClient, SendFailed
+from daemon.evolution import Edit, EvolutionClient, SendFailed, Typing
+from daemon.identity import Identities
 from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
+from daemon.outbox import UncertainSends
 from daemon.store import Inbound, KbEntry, Store, connect
 from daemon.tasks import cancel_and_wait
 from daemon.turn import StageFailed, TurnRunner
@@ -102,9 +103,13 @@ class Runtime:
             "knowledge", self.redis, list[KbEntry], ttl=c.kb_ttl, local_ttl=c.local_ttl,
             size=c.kb_size, enabled=c.enabled, metrics=self.metrics,
         )  # fmt: skip
-        self.intake = IngestBatcher(Store(self.intake_pool, p), self.buffer, p, self._lead_written)
+        intake_store = Store(self.intake_pool, p)
+        self.identities = Identities(intake_store, c.lead_size, self._leads_changed)
+        self.intake = IngestBatcher(intake_store, self.buffer, p, self._lead_written, self.identities)
+        self.uncertain: UncertainSends | None = None
         if cfg.evolution.base_url:
             self._sender = EvolutionClient(cfg)
+            self.uncertain = UncertainSends(cfg, self._sender, self.store, self.metrics)
         self.agent = make_agent(cfg)
         media_cache: TwoTierCache[dict[str, Any]] = TwoTierCache(
             "media", self.redis, dict[str, Any], ttl=p.media.result_ttl, local_ttl=c.local_ttl,
@@ -116,10 +121,11 @@ class Runtime:
         self.runner = TurnRunner(
             store=self.store, locks=locks, agent=self.agent, sender=self._sender,
             metrics=self.metrics, profile=p, leads=self.leads, knowledge=self.knowledge,
-            media=self.media, after_turn=self._plan_follow_ups,
+            media=self.media, after_turn=self._plan_follow_ups, on_send_failed=self._send_failed,
         )  # fmt: skip
         self.followups = FollowUpExecutor(
             cfg, self.followup_store, locks, self._sender, self.metrics, on_handoff=self._hand_back,
+            settle=self._settle, unreachable=self.store.mark_unreachable,
         )  # fmt: skip
         self.jobs = self._schedule()
         # Bursts a previous run accepted but never answered are answered now.
@@ -274,42 +280,55 @@ class Runtime:
 
     async def _redeliver(self) -> None:
         """Replies that did not go out are sent again, in order, under each lead's lock
-        (never interleaved with a live turn's replies). A reply left 'sending' by a dead
-        daemon may have arrived: the Evolution API is asked first (findMessages)."""
+        (never interleaved with a live turn's replies). One that may have arrived (its send
+        timed out, or its daemon died mid-send) is looked up first (daemon.outbox)."""
         p = self.config.profile
-        assert self._sender is not None
+        assert self._sender is not None and self.uncertain is not None
         stale = p.timeouts.evolution_send * p.limits.send_attempts + p.timeouts.redis_lock_ttl
-        rows = await self.store.undelivered(stale, p.limits.redeliver_attempts, p.buffer.claim_batch)
-        by_lead: dict[str, list[tuple[int, str, str, datetime]]] = {}
-        for outbox_id, phone, body, status, created in rows:
-            by_lead.setdefault(phone, []).append((outbox_id, body, status, created))
+        rows = await self.store.undelivered(stale, p.limits.redeliver_attempts, p.limits.redeliver_within, p.buffer.claim_batch)
+        by_lead: dict[str, list[tuple[int, str, str, datetime, str | None]]] = {}
+        for outbox_id, phone, body, status, created, lid in rows:
+            by_lead.setdefault(phone, []).append((outbox_id, body, status, created, lid))
         for phone, replies in by_lead.items():
             async with self.runner.locks.held(phone, lambda phone=phone: self._hand_back(phone)) as got:
                 if not got:
                     continue  # a live turn is sending: next pass
-                for outbox_id, body, status, created in replies:
-                    if status == "sending":  # its daemon died mid-send: did it arrive?
-                        try:
-                            provider_id = await self._sender.was_sent(phone, body, created)
-                        except httpx.HTTPError as exc:
-                            log.warning("cannot tell whether a reply arrived (%s); trying later", exc)
-                            break
-                        if provider_id is not None:
+                for outbox_id, body, status, created, lid in replies:
+                    if status in ("sending", "uncertain"):  # did it arrive after all?
+                        outcome, provider_id = await self.uncertain.settle(phone, lid, body, created)
+                        if outcome == "arrived":
                             await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
+                            continue
+                        if outcome == "skip":
+                            await self.store.record_delivery([outbox_id], status="failed",
+                                                             error="uncertain send skipped (on_uncertain_send = skip)")  # fmt: skip
                             continue
                     if not await self.store.claim_redelivery(outbox_id, status):
                         continue  # another daemon's job got it first
                     try:
                         provider_id = await self._sender.send_text(phone, body)
                     except SendFailed as exc:
-                        if exc.final:
-                            await self.store.record_delivery([outbox_id], status="failed", error=str(exc)[:500])
-                        else:
-                            await self.store.postpone(outbox_id, str(exc), p.limits.redeliver_backoff)
+                        await self._send_failed(outbox_id, phone, exc)
                         self.metrics.sends.labels("redelivery_failed").inc()
                         break  # keep the lead's replies in order
                     await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
                     self.metrics.sends.labels("redelivered").inc()
+
+    async def _settle(self, phone: str, text: str, since: datetime) -> tuple[str, str | None]:
+        assert self.uncertain is not None
+        return await self.uncertain.settle(phone, None, text, since)
+
+    async def _send_failed(self, outbox_id: int, phone: str, exc: SendFailed) -> None:
+        """A reply's send failed: final ones are marked failed (an unreachable number on
+        the lead too); the rest wait for the re-delivery job."""
+        self.metrics.send_errors.labels(exc.kind).inc()
+        if exc.final:
+            await self.store.record_delivery([outbox_id], status="failed", error=str(exc)[:500])
+            if exc.kind == "unreachable":
+                await self.store.mark_unreachable(phone)
+        else:
+            await self.store.postpone(outbox_id, str(exc), self.config.profile.limits.redeliver_backoff,
+                                      uncertain=exc.uncertain)  # fmt: skip
 
     async def _plan_follow_ups(self, lead: dict[str, Any], replied_at: datetime, updates: dict[str, Any]) -> None:
         """After a turn: the lead's next follow-ups replace its pending silence ones."""
@@ -360,13 +379,31 @@ class Runtime:
         await self.leads.invalidate(phone)
         await self.leads.set(phone, lead)
 
-    async def typing(self, phone: str) -> str:
+    async def _leads_changed(self, identities: list[str]) -> None:
+        """Leads renamed or merged when their LID met their phone: cached copies are stale."""
+        for identity in identities:
+            await self.leads.invalidate(identity)
+
+    async def typing(self, event: Typing) -> str:
         """The lead is typing or recording: a pending burst waits longer (never past the cap)."""
         b = self.config.profile.buffer
         if not b.adaptive or not b.coalesce:
             return "ignored"
+        phone = await self.identities.of(event.phone, event.lid)
         left = await self.buffer.extend(phone, b.extended_window)
         return "extended" if left is not None else "ignored"
+
+    async def edit(self, event: Edit) -> str:
+        """A lead edited a message: in a burst still waiting, its text is replaced; already
+        answered, the new text is a message of its own, answered by a turn of its own."""
+        found = await self.intake.store.apply_edit(event.provider_id, event.text, event.edit_id)
+        if found is None:
+            return "unknown"
+        outcome, phone, message_id = found
+        if outcome == "correction":
+            b = self.config.profile.buffer
+            await self.buffer.add(member(phone, message_id, b.coalesce), window_for("text", event.text, b))
+        return outcome
 
     async def readiness(self) -> dict[str, str]:
         checks: dict[str, str] = {}

@@ -87,6 +87,7 @@ class Inbound:
     body: str
     media: dict[str, Any] | None
     provider_ts: datetime
+    lid: str | None = None  # the lead's LID jid, when the event gave it
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,64 @@ class Store:
         rows = await self.pool.fetch("SELECT * FROM ingest_many($1::jsonb)", batch, timeout=self.timeout)
         return [(r["message_id"], r["inserted"], r["unanswered"], r["lead"]) for r in rows]
 
+    async def link_lids(self, pairs: dict[str, str]) -> list[str]:
+        """Stores each LID -> phone pair (merging a lead known only by the LID into the
+        phone's lead); returns the identities whose lead row changed."""
+        changed: list[str] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for lid, phone in sorted(pairs.items()):  # one lock order for every caller
+                changed += await conn.fetchval("SELECT link_lead_lid($1, $2)", phone, lid, timeout=self.timeout)
+        return changed
+
+    async def phones_for_lids(self, lids: list[str]) -> dict[str, str]:
+        """The identity of the leads that have these LIDs (their phone, once learned)."""
+        rows = await self.pool.fetch(
+            "SELECT lid, phone_number FROM leads WHERE lid = ANY($1::text[])", lids, timeout=self.timeout
+        )
+        return {r["lid"]: r["phone_number"] for r in rows}
+
+    async def apply_edit(self, provider_id: str, text: str, edit_id: str) -> tuple[str, str, int] | None:
+        """A lead's edit of message `provider_id`: still waiting in its burst, the text is
+        replaced ('replaced'); already answered, the new text is stored as a message of its
+        own ('correction') for the next turn. (outcome, identity, message id); None when
+        the message is not one we know."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT m.id, m.turn_id, m.conversation_id, m.lead_id, l.phone_number
+                     FROM messages m JOIN leads l ON l.id = m.lead_id
+                    WHERE m.provider_id = $1 AND m.direction = 'in' FOR UPDATE OF m""",
+                provider_id, timeout=self.timeout,
+            )  # fmt: skip
+            if row is None:
+                return None
+            if row["turn_id"] is None:
+                await conn.execute("UPDATE messages SET body = $2 WHERE id = $1", row["id"], text, timeout=self.timeout)
+                return "replaced", row["phone_number"], row["id"]
+            new_id = await conn.fetchval(
+                """INSERT INTO messages (conversation_id, lead_id, provider_id, direction, kind, body, provider_ts)
+                   VALUES ($1, $2, $3, 'in', 'edit', $4, clock_timestamp())
+                   ON CONFLICT (provider_id) DO NOTHING RETURNING id""",
+                row["conversation_id"], row["lead_id"], edit_id, text, timeout=self.timeout,
+            )  # fmt: skip
+            return ("correction", row["phone_number"], new_id) if new_id is not None else ("duplicate", row["phone_number"], row["id"])
+
+    async def last_sent(self) -> tuple[str, str] | None:
+        """(identity, provider id) of the newest reply Evolution accepted: what asking its
+        history about tells whether it keeps one."""
+        row = await self.pool.fetchrow(
+            """SELECT phone_number, provider_id FROM outbox
+                WHERE status = 'sent' AND provider_id IS NOT NULL ORDER BY id DESC LIMIT 1""",
+            timeout=self.timeout,
+        )  # fmt: skip
+        return (row["phone_number"], row["provider_id"]) if row else None
+
+    async def mark_unreachable(self, phone: str) -> None:
+        """Evolution says the number is not on WhatsApp: no reply can reach it."""
+        await self.pool.execute(
+            "UPDATE leads SET unreachable_at = now(), updated_at = now() WHERE phone_number = $1 AND unreachable_at IS NULL",
+            phone, timeout=self.timeout,
+        )  # fmt: skip
+
     async def pending_messages(self, phone: str, only: int | None = None) -> list[PendingMessage]:
         """The lead's unanswered messages (or just message `only`), in the order the lead
         wrote them."""
@@ -293,27 +352,31 @@ class Store:
         )  # fmt: skip
 
     async def undelivered(
-        self, stale_after: float, max_attempts: int, limit: int
-    ) -> list[tuple[int, str, str, str, datetime]]:
-        """(outbox id, phone, body) of replies to send again, oldest first: those whose
-        send failed in a way a later try can fix, and those left 'sending' by a daemon
-        that died (older than any send can take). Gives up on the ones out of attempts."""
+        self, stale_after: float, max_attempts: int, within: float, limit: int
+    ) -> list[tuple[int, str, str, str, datetime, str | None]]:
+        """(outbox id, identity, body, status, created, lid) of replies to send again,
+        oldest first: those whose send failed in a way a later try can fix ('undelivered'),
+        may have arrived ('uncertain'), or were left 'sending' by a daemon that died (older
+        than any send can take). Gives up on the ones out of attempts or past `within`
+        seconds (a reply that late no longer answers anything)."""
         async with self.pool.acquire() as conn:
             await conn.execute(
                 """UPDATE outbox SET status = 'failed', last_error = coalesce(last_error, '') || ' (gave up)'
-                    WHERE status IN ('undelivered', 'sending') AND attempts >= $1
-                      AND (status = 'undelivered' OR created_at < clock_timestamp() - make_interval(secs => $2))""",
-                max_attempts, stale_after, timeout=self.timeout,
+                    WHERE status IN ('undelivered', 'sending', 'uncertain')
+                      AND (attempts >= $1 OR created_at < clock_timestamp() - make_interval(secs => $3))
+                      AND (status <> 'sending' OR created_at < clock_timestamp() - make_interval(secs => $2))""",
+                max_attempts, stale_after, within, timeout=self.timeout,
             )  # fmt: skip
             rows = await conn.fetch(
-                """SELECT id, phone_number, body, status, created_at FROM outbox
-                    WHERE ((status = 'undelivered' AND (retry_at IS NULL OR retry_at <= clock_timestamp()))
-                           OR (status = 'sending' AND created_at < clock_timestamp() - make_interval(secs => $1)))
-                      AND attempts < $2
-                    ORDER BY id LIMIT $3""",
+                """SELECT o.id, o.phone_number, o.body, o.status, o.created_at, l.lid FROM outbox o
+                     JOIN leads l ON l.id = o.lead_id
+                    WHERE ((o.status IN ('undelivered', 'uncertain') AND (o.retry_at IS NULL OR o.retry_at <= clock_timestamp()))
+                           OR (o.status = 'sending' AND o.created_at < clock_timestamp() - make_interval(secs => $1)))
+                      AND o.attempts < $2
+                    ORDER BY o.id LIMIT $3""",
                 stale_after, max_attempts, limit, timeout=self.timeout,
             )  # fmt: skip
-        return [(r["id"], r["phone_number"], r["body"], r["status"], r["created_at"]) for r in rows]
+        return [(r["id"], r["phone_number"], r["body"], r["status"], r["created_at"], r["lid"]) for r in rows]
 
     async def claim_redelivery(self, outbox_id: int, status: str) -> bool:
         """Takes one reply for a re-send if it is still in `status` (another daemon's job
@@ -324,13 +387,14 @@ class Store:
             outbox_id, status, timeout=self.timeout,
         ))  # fmt: skip
 
-    async def postpone(self, outbox_id: int, error: str, backoff: float) -> None:
-        """Undelivered again: the next try waits backoff * 2^(attempts-1), at most an hour."""
+    async def postpone(self, outbox_id: int, error: str, backoff: float, *, uncertain: bool = False) -> None:
+        """Undelivered again ('uncertain' when it may have arrived: looked up before a
+        re-send): the next try waits backoff * 2^(attempts-1), at most an hour."""
         await self.pool.execute(
-            """UPDATE outbox SET status = 'undelivered', last_error = $2,
+            """UPDATE outbox SET status = $4, last_error = $2,
                       retry_at = clock_timestamp() + make_interval(secs => least(3600, $3 * 2 ^ greatest(attempts - 1, 0)))
                 WHERE id = $1""",
-            outbox_id, error[:500], backoff, timeout=self.timeout,
+            outbox_id, error[:500], backoff, "uncertain" if uncertain else "undelivered", timeout=self.timeout,
         )  # fmt: skip
 
     async def stale_unanswered(self, older_than: float) -> list[tuple[str, int]]:

@@ -21,7 +21,8 @@ from daemon.agents import Agent, AgentReply, TurnInput
 from daemon.buffer import window_for
 from daemon.cache import TwoTierCache
 from daemon.config import Profile
-from daemon.evolution import EvolutionClient, split_message
+from daemon.evolution import PRESENCE_MAX_MS, EvolutionClient, SendFailed, split_message
+from daemon.followups.calendar import Clock, utc_now
 from daemon.locks import LeadLocks
 from daemon.media.processor import MediaProcessor
 from daemon.media.result import MediaResult
@@ -94,6 +95,8 @@ class TurnRunner:
         knowledge: TwoTierCache[list[KbEntry]],
         media: MediaProcessor | None = None,
         after_turn: Callable[[dict[str, Any], datetime, dict[str, Any]], Awaitable[None]] | None = None,
+        clock: Clock = utc_now,
+        on_send_failed: Callable[[int, str, SendFailed], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.locks = locks
@@ -105,6 +108,8 @@ class TurnRunner:
         self.knowledge = knowledge
         self.media = media
         self.after_turn = after_turn  # plans the lead's follow-ups
+        self.clock = clock  # dates the turn: its reply is what follow-ups are planned from
+        self.on_send_failed = on_send_failed or self._postpone  # the runtime's: one policy for every send
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
     async def run(
@@ -125,7 +130,7 @@ class TurnRunner:
     async def _turn(self, phone: str, only: int | None) -> bool | None:
         p = self.profile
         t = p.timeouts
-        started = datetime.now(UTC)
+        started = self.clock()
         clock = StageClock(self.metrics)
         burst = await self.store.pending_messages(phone, only)
         if not burst:  # another daemon answered it already
@@ -178,7 +183,7 @@ class TurnRunner:
                 await cancel_and_wait(kb_task)  # unused if the agent did not need it
 
         local = self.sender is None
-        finished = datetime.now(UTC)
+        finished = self.clock()
         record = TurnRecord(
             lead_id=first.lead_id,
             conversation_id=first.conversation_id,
@@ -213,12 +218,8 @@ class TurnRunner:
             await self.leads.invalidate(phone)
             await self.leads.set(phone, done.lead)
         self.metrics.turns.labels(outcome).inc()
-        if presence is not None:
-            task, started = presence
-            if started.is_set():
-                await asyncio.wait({task})  # bounded by its own timeout
-            else:
-                await cancel_and_wait(task)
+        if presence is not None:  # never "typing..." after the reply: no request outlives the turn
+            await cancel_and_wait(presence)
         if local:
             self.metrics.sends.labels("local").inc(len(record.parts))
             self.metrics.response_time.observe(record.response_ms / 1000)  # type: ignore[operator]
@@ -280,25 +281,30 @@ class TurnRunner:
         clock.cache_use(not loaded)
         return entries
 
-    def _show_typing(self, phone: str) -> tuple[asyncio.Task[None], asyncio.Event] | None:
-        """"typing..." once the turn has run `typing_after`; best effort, owned by the turn.
-        The event tells whether the request has started (then it is let finish: cutting it
-        would cost the pooled connection)."""
+    def _show_typing(self, phone: str) -> asyncio.Task[None] | None:
+        """"typing..." once the turn has run `typing_after`, for at most the agent's budget;
+        best effort, owned by the turn. Evolution holds each request for its delay and,
+        past 20 s, loops composing -> paused -> composing on its own (which would show
+        "typing..." after the reply): so each request asks for one slice of at most 20 s,
+        and the next is asked only while the turn still runs."""
         if self.sender is None or not self.profile.features.typing_presence:
             return None
         sender, t = self.sender, self.profile.timeouts
-        started = asyncio.Event()
+        loop = asyncio.get_running_loop()
 
         async def show() -> None:
             await asyncio.sleep(self.profile.features.typing_after)
-            started.set()
+            until = loop.time() + t.agent
             try:
-                async with asyncio.timeout(t.evolution_send):
-                    await sender.send_presence(phone, int(t.agent * 1000))
+                while (left := until - loop.time()) > 0.05:
+                    await sender.send_presence(phone, int(min(left, PRESENCE_MAX_MS / 1000) * 1000), t.evolution_send)
             except Exception as exc:  # never worth failing a turn over
                 log.info("typing presence not shown: %s", exc.__class__.__name__)
 
-        return asyncio.create_task(show(), name=f"typing:{phone[-4:]}"), started
+        return asyncio.create_task(show(), name=f"typing:{phone[-4:]}")
+
+    async def _postpone(self, outbox_id: int, phone: str, exc: SendFailed) -> None:
+        await self.store.postpone(outbox_id, str(exc), self.profile.limits.redeliver_backoff, uncertain=exc.uncertain)
 
     async def _deliver(
         self, phone: str, parts: list[str], turn_id: int, outbox_ids: list[int],
@@ -320,14 +326,17 @@ class TurnRunner:
                 # the client has its own timeouts, per attempt
                 provider_id = await clock.run("send", sender.send_text(phone, part, record_attempt), None)
             except StageFailed as exc:
-                error = str(exc.__cause__ or exc)[:500]
-                # A refused request is final; anything else (5xx, timeout, no connection)
-                # is re-delivered later by the scheduler's outbox job.
-                if getattr(exc.__cause__, "final", False):
-                    await self.store.record_delivery(outbox_ids[i:], status="failed", error=error)
-                else:
-                    for outbox_id in outbox_ids[i:]:
-                        await self.store.postpone(outbox_id, error, self.profile.limits.redeliver_backoff)
+                cause = exc.__cause__
+                if not isinstance(cause, SendFailed):  # the send stage's own time budget: unknown
+                    cause = SendFailed(str(cause or exc), "uncertain")
+                await self.on_send_failed(outbox_id, phone, cause)
+                # The parts after it certainly did not go: re-delivered in order, or with an
+                # unreachable number, failed with it.
+                for later in outbox_ids[i + 1 :]:
+                    if cause.final:
+                        await self.store.record_delivery([later], status="failed", error=str(cause)[:500])
+                    else:
+                        await self.store.postpone(later, "an earlier part did not go out", self.profile.limits.redeliver_backoff)
                 self.metrics.sends.labels("failed").inc(len(outbox_ids) - i)
                 return
             self.metrics.sends.labels("sent").inc()

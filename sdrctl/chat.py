@@ -12,6 +12,7 @@ from rich.markup import escape
 from daemon.chat import ChatSession
 from daemon.config import Config
 from daemon.embedded import Endpoints, services
+from daemon.identity import IDENTITY_HELP, parse_identity
 from sdrctl.common import ConfigOpt, ProfileOpt, err, fail, friendly_errors, load, out
 
 
@@ -63,8 +64,8 @@ def chat(
 ) -> None:
     """Talk to the running daemon: each line is posted as a WhatsApp message; replies print
     as they arrive. Ctrl-D quits."""
-    if not phone.isdigit() or not 8 <= len(phone) <= 15:
-        fail(f"--phone {phone!r}: must be 8 to 15 digits, e.g. 5511999990000")
+    if parse_identity(phone) != phone:
+        fail(f"--phone {phone!r}: must be {IDENTITY_HELP}")
         raise typer.Exit(2)
     cfg = load(ctx, config, profile)
     base = url or f"http://{cfg.daemon.host}:{cfg.daemon.port}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -14,7 +13,7 @@ import httpx
 
 from daemon.embedded import Endpoints
 from daemon.server import bind_host
-from tests.helpers import REPO, event, fetch, make_config, run_daemon, start_serve, wait_for
+from tests.helpers import REPO, child_env, event, fetch, make_config, run_daemon, start_serve, wait_for
 
 
 
@@ -33,7 +32,7 @@ async def test_serve_on_the_embedded_default_answers_a_lead_and_stops_cleanly(tm
             # Other commands use the same embedded PostgreSQL, and leave it running.
             status = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sdrctl", "migrate", "status", "--json", cwd=REPO,
-                env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=child_env(**env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             out, err = await asyncio.wait_for(status.communicate(), timeout=60)
             assert status.returncode == 0, err.decode()
@@ -53,7 +52,7 @@ async def test_serve_on_the_embedded_default_answers_a_lead_and_stops_cleanly(tm
 async def test_chat_posts_lines_as_a_lead_and_prints_the_replies(clean: Endpoints) -> None:
     cfg = make_config(clean)
     async with run_daemon(cfg) as d:
-        env = {**os.environ, "SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url}
+        env = child_env(SDR_DATABASE_URL=clean.database_url, SDR_REDIS_URL=clean.redis_url)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sdrctl", "chat", "--phone", "5511933332222", "--url", d.url,
             "--profile", str(REPO / "tests" / "fast.toml"),
@@ -70,7 +69,7 @@ async def test_chat_posts_lines_as_a_lead_and_prints_the_replies(clean: Endpoint
 
 
 async def test_chat_without_a_daemon_says_how_to_start_one(clean: Endpoints) -> None:
-    env = {**os.environ, "SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url}
+    env = child_env(SDR_DATABASE_URL=clean.database_url, SDR_REDIS_URL=clean.redis_url)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sdrctl", "chat", "--phone", "5511933332222", "--url", "http://127.0.0.1:9",
         cwd=REPO, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -84,12 +83,12 @@ async def test_chat_without_a_daemon_says_how_to_start_one(clean: Endpoints) -> 
 
 async def test_chat_refuses_a_bad_phone_with_exit_code_2() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdrctl", "chat", "--phone", "+55 11 9999", cwd=REPO,
+        sys.executable, "-m", "sdrctl", "chat", "--phone", "+55 11 9999", cwd=REPO, env=child_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, err = await proc.communicate()
     assert proc.returncode == 2
-    assert "--phone '+55 11 9999': must be 8 to 15 digits" in err.decode()
+    assert "--phone '+55 11 9999': must be a phone number of 8 to 15 digits" in err.decode()
 
 
 def test_without_a_webhook_token_serve_binds_loopback_only(clean: Endpoints) -> None:
@@ -102,7 +101,7 @@ def test_without_a_webhook_token_serve_binds_loopback_only(clean: Endpoints) -> 
 def test_the_wheel_ships_profiles_and_migrations(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        check=True, capture_output=True, timeout=300, env=child_env(),
     )  # fmt: skip
     [wheel] = tmp_path.glob("sdrctl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -9,6 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -19,21 +20,24 @@ from daemon.fake_evolution import background_server, quiet_server
 from daemon.followups.executor import FollowUpExecutor
 from daemon.followups.jobs import CrmPush, KnowledgeRefresh
 from daemon.runtime import Runtime
-from tests.helpers import event, fetch, make_config, metric, run_daemon, run_fake_evolution, wait_for
+from tests.helpers import (
+    FixedClock,
+    event,
+    fetch,
+    make_config,
+    metric,
+    pin_clock,
+    run_daemon,
+    run_fake_evolution,
+    wait_for,
+)
 
 PHONE = "5511944443333"
 SP = ZoneInfo("America/Sao_Paulo")
+FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 
 
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-def executor(rt: Runtime, clock: Clock) -> FollowUpExecutor:
+def executor(rt: Runtime, clock: FixedClock) -> FollowUpExecutor:
     """A daemon's follow-up executor on a fake clock (the scheduler's own job is off)."""
     return FollowUpExecutor(
         rt.config, rt.followup_store, rt.runner.locks, rt._sender, rt.metrics, rt._hand_back, clock
@@ -68,9 +72,9 @@ async def test_a_silent_lead_gets_its_re_engagement_once_even_from_two_daemons(c
             assert planned["kind"] == "reengage" and planned["step"] == 1 and planned["status"] == "pending"
             assert planned["due_at"] == hours.next_opening(turn["finished_at"] + timedelta(minutes=30))
 
-            clock = Clock(planned["due_at"] - timedelta(seconds=1))
+            clock = FixedClock(planned["due_at"] - timedelta(seconds=1))
             early = await asyncio.gather(executor(d1.runtime, clock).run_due(), executor(d2.runtime, clock).run_due())
-            clock.now = planned["due_at"] + timedelta(seconds=1)
+            clock.now = planned["due_at"]  # an open instant (a second later may be closing time)
             claims = await asyncio.gather(executor(d1.runtime, clock).run_due(), executor(d2.runtime, clock).run_due())
             again = await asyncio.gather(executor(d1.runtime, clock).run_due(), executor(d2.runtime, clock).run_due())
             rows = await follow_ups(clean)
@@ -92,7 +96,7 @@ async def test_a_lead_who_answers_cancels_the_pending_re_engagement(clean: Endpo
             planned = await a_silent_lead(d, clean, fake)
             # The lead writes; before its turn even ends, the old follow-up must not go out.
             await post(d.url, event(PHONE, "Meu nome é Rita"))
-            clock = Clock(planned["due_at"] + timedelta(seconds=1))
+            clock = FixedClock(planned["due_at"] + timedelta(seconds=1))
             await executor(d.runtime, clock).run_due()
             await wait_for(lambda: asyncio.sleep(0, len(fake.sent) >= 2), timeout=20)
             rows = await wait_for(lambda: _when(follow_ups(clean), lambda r: len(r) == 2))
@@ -109,7 +113,7 @@ async def test_a_follow_up_due_at_night_is_sent_at_the_next_opening(clean: Endpo
             await a_silent_lead(d, clean, fake)
             friday_night = datetime(2026, 11, 27, 22, 0, tzinfo=SP)  # a Friday, 22:00
             await _set_due(clean, friday_night)
-            clock = Clock(friday_night + timedelta(seconds=1))
+            clock = FixedClock(friday_night + timedelta(seconds=1))
             await executor(d.runtime, clock).run_due()
             [deferred] = await follow_ups(clean)
             clock.now = datetime(2026, 11, 28, 8, 0, 1, tzinfo=SP)  # Saturday, opening
@@ -128,8 +132,8 @@ async def test_a_failing_send_is_retried_with_backoff_then_stops_at_max_attempts
             await a_silent_lead(d, clean, fake)
             start = datetime(2026, 11, 25, 10, 0, tzinfo=SP)  # a Wednesday, open
             await _set_due(clean, start)
-            fake.answers = [500, 500, 500, 500]
-            clock = Clock(start)
+            fake.answers = [503] * 9  # each run: sendText tries 3 times (send_attempts), all refused
+            clock = FixedClock(start)
             states = []
             for wait in (0, 60, 120, 240):  # the backoff doubles: 60 s, then 120 s
                 clock.now += timedelta(seconds=wait)
@@ -152,8 +156,8 @@ async def test_a_follow_up_stuck_executing_is_reclaimed(clean: Endpoints) -> Non
             now = datetime(2026, 11, 25, 10, 0, tzinfo=SP)
             await fetch(clean.database_url, "UPDATE follow_ups SET status = 'executing', claimed_at = $1, "
                         "attempts = 1, due_at = $1", now - timedelta(seconds=200))  # fmt: skip
-            fresh = await executor(d.runtime, Clock(now)).run_due()  # its daemon may still be at it
-            reclaimed = await executor(d.runtime, Clock(now + timedelta(seconds=101))).run_due()
+            fresh = await executor(d.runtime, FixedClock(now)).run_due()  # its daemon may still be at it
+            reclaimed = await executor(d.runtime, FixedClock(now + timedelta(seconds=101))).run_due()
             [row, *_] = await follow_ups(clean)
     assert fresh == 0 and reclaimed == 1
     assert row["status"] == "sent" and row["attempts"] == 2 and len(fake.sent) == 2
@@ -169,57 +173,110 @@ async def test_a_reclaimed_follow_up_whose_send_had_started_is_never_sent_twice(
                         now - timedelta(hours=1))  # fmt: skip
             await fetch(clean.database_url, "INSERT INTO outbox (lead_id, phone_number, body, status, follow_up_id) "
                         "VALUES ($1, $2, 'oi', 'sending', $3)", planned["lead_id"], PHONE, planned["id"])  # fmt: skip
-            await executor(d.runtime, Clock(now)).run_due()
+            await executor(d.runtime, FixedClock(now)).run_due()
             [row] = await follow_ups(clean)
     assert row["status"] == "failed" and "not sent again" in row["last_error"]
     assert len(fake.sent) == 1
 
 
-async def test_booking_a_meeting_plans_its_confirmation_and_reminders_24h_and_2h_before(clean: Endpoints) -> None:
+# Whatever day the suite runs on: the lead books a meeting 9 days ahead on a Friday, on a
+# Saturday evening (closed) and on a Sunday (closed all day, no holiday near), and gets the
+# confirmation and reminders that business hours (Mon-Sat, 08-20) allow.
+BOOKINGS = [
+    pytest.param(
+        datetime(2026, 12, 4, 10, 0, tzinfo=SP),
+        {  # a Sunday meeting: its 2 h reminder, moved out of a closed Sunday, would come after it
+            ("meeting_confirmation", 1): datetime(2026, 12, 4, 10, 2, tzinfo=SP),
+            ("meeting_reminder", 1): datetime(2026, 12, 12, 15, 0, tzinfo=SP),
+        },
+        id="friday",
+    ),
+    pytest.param(
+        datetime(2026, 12, 5, 20, 30, tzinfo=SP),
+        {  # a Monday meeting: the confirmation waits for Monday, the 24 h reminder (a Sunday) too
+            ("meeting_confirmation", 1): datetime(2026, 12, 7, 8, 0, tzinfo=SP),
+            ("meeting_reminder", 1): datetime(2026, 12, 14, 8, 0, tzinfo=SP),
+            ("meeting_reminder", 2): datetime(2026, 12, 14, 13, 0, tzinfo=SP),
+        },
+        id="saturday-evening",
+    ),
+    pytest.param(
+        datetime(2026, 12, 6, 11, 0, tzinfo=SP),
+        {  # a Tuesday meeting: reminders 24 h and 2 h before
+            ("meeting_confirmation", 1): datetime(2026, 12, 7, 8, 0, tzinfo=SP),
+            ("meeting_reminder", 1): datetime(2026, 12, 14, 15, 0, tzinfo=SP),
+            ("meeting_reminder", 2): datetime(2026, 12, 15, 13, 0, tzinfo=SP),
+        },
+        id="sunday",
+    ),
+]
+
+
+@pytest.mark.parametrize(("now", "expected"), BOOKINGS)
+async def test_booking_a_meeting_plans_its_confirmation_and_reminders_within_business_hours(
+    clean: Endpoints, now: datetime, expected: dict[tuple[str, int], datetime]
+) -> None:
     async with run_fake_evolution() as fake:
         cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_ENABLED="false")
         async with run_daemon(cfg) as d:
+            pin_clock(d.runtime, FixedClock(now))
             await post(d.url, event(PHONE, "Oi"))
             await wait_for(lambda: asyncio.sleep(0, fake.sent), timeout=20)
             await fetch(clean.database_url, "UPDATE leads SET stage = 'offer_meeting', name = 'Rita', bill_value = 480")
             d.runtime.leads.clear_local()
             await d.runtime.leads.invalidate(PHONE)
-            meeting_day = (datetime.now(SP) + timedelta(days=9)).date()
+            meeting_day = (now + timedelta(days=9)).date()
             await post(d.url, event(PHONE, f"Pode ser dia {meeting_day:%d/%m} às 15h"))
             await wait_for(lambda: asyncio.sleep(0, len(fake.sent) >= 2), timeout=20)
             [lead] = await fetch(clean.database_url, "SELECT * FROM leads")
-            rows = await wait_for(lambda: _when(follow_ups(clean), lambda r: len(r) >= 4))
-            meeting = datetime(meeting_day.year, meeting_day.month, meeting_day.day, 15, tzinfo=SP)
-            planned = {(r["kind"], r["step"]): r for r in rows if r["status"] == "pending"}
-            sent_at = {}
-            for key in (("meeting_confirmation", 1), ("meeting_reminder", 1), ("meeting_reminder", 2)):
-                clock = Clock(planned[key]["due_at"] + timedelta(seconds=1))
-                await executor(d.runtime, clock).run_due()
-                sent_at[key] = planned[key]["due_at"]
+            rows = await wait_for(lambda: _when(follow_ups(clean), lambda r: len(r) >= 1 + len(expected)))
+            planned = {(r["kind"], r["step"]): r["due_at"] for r in rows if r["status"] == "pending"}
+            for due in sorted(planned.values()):
+                await executor(d.runtime, FixedClock(due + timedelta(seconds=1))).run_due()
+            left = [r for r in await follow_ups(clean) if r["status"] == "pending"]
+    meeting = datetime(meeting_day.year, meeting_day.month, meeting_day.day, 15, tzinfo=SP)
     assert lead["stage"] == "booked" and lead["meeting_at"] == meeting
-    assert sent_at[("meeting_reminder", 1)] == meeting - timedelta(hours=24)
-    assert sent_at[("meeting_reminder", 2)] == meeting - timedelta(hours=2)
+    assert planned == expected
     texts = [s["text"] for s in fake.sent[2:]]
+    assert len(texts) == len(expected) and left == []
     assert texts[0].startswith("Confirmado, Rita! Sua conversa com um consultor está marcada para")
-    assert "às 15h" in texts[0] and len(texts) == 3
+    assert f"{meeting_day:%d/%m}, às 15h" in texts[0]
     assert all(t.startswith("Oi, Rita! Lembrete: sua conversa com um consultor é") for t in texts[1:])
 
 
-async def test_the_scheduler_inside_serve_sends_due_follow_ups_by_itself(clean: Endpoints) -> None:
+@pytest.mark.parametrize(
+    ("now", "outcome", "moved_to"),
+    [
+        pytest.param(datetime(2026, 11, 25, 10, 0, tzinfo=SP), "sent", None, id="open"),  # a Wednesday
+        pytest.param(datetime(2026, 12, 5, 20, 30, tzinfo=SP), "deferred",
+                     datetime(2026, 12, 7, 8, 0, tzinfo=SP), id="closed"),  # Saturday evening -> Monday
+    ],
+)  # fmt: skip
+async def test_the_scheduler_inside_serve_sends_due_follow_ups_by_itself(
+    clean: Endpoints, now: datetime, outcome: str, moved_to: datetime | None
+) -> None:
     async with run_fake_evolution() as fake:
         cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_POLL_INTERVAL="0.2")
         async with run_daemon(cfg) as d:
             await a_silent_lead(d, clean, fake)
-            open_now = d.runtime.followups.hours.is_open(datetime.now(UTC))
-            await fetch(clean.database_url, "UPDATE follow_ups SET due_at = now() - interval '1 second'")
-            if open_now:
-                await wait_for(lambda: asyncio.sleep(0, len(fake.sent) >= 2), timeout=10)
-            else:  # outside business hours right now: moved to the next opening instead
-                await wait_for(lambda: _when(follow_ups(clean), lambda r: r[0]["due_at"] > datetime.now(UTC)))
+            # The scheduler's executor goes on the test's clock; meanwhile the row is due on neither.
+            await _set_due(clean, FAR_FUTURE)
+            d.runtime.followups.clock = FixedClock(now)
+            await _set_due(clean, now - timedelta(seconds=1))
             async with httpx.AsyncClient(base_url=d.url) as http:
-                text = (await http.get("/metrics")).text
+
+                async def counted() -> str:  # counted once the run is over: sent or moved
+                    text = (await http.get("/metrics")).text
+                    return text if metric(text, "sdr_followups_total", kind="reengage", outcome=outcome) else ""
+
+                text = await wait_for(counted)
+            [row] = [r for r in await follow_ups(clean) if r["step"] == 1]
     assert metric(text, "sdr_jobs_total", job="followups", outcome="ok") >= 1
-    assert metric(text, "sdr_followups_total", kind="reengage", outcome="sent" if open_now else "deferred") == 1
+    assert metric(text, "sdr_followups_total", kind="reengage", outcome=outcome) == 1
+    if outcome == "sent":
+        assert row["status"] == "sent" and len(fake.sent) == 2
+    else:  # outside business hours: moved to the next opening instead
+        assert row["status"] == "pending" and row["due_at"] == moved_to and len(fake.sent) == 1
 
 
 async def test_the_knowledge_refresh_drops_the_cache_when_the_table_changes(clean: Endpoints) -> None:
@@ -288,10 +345,10 @@ async def test_a_follow_up_waits_while_a_live_turn_holds_the_lead(clean: Endpoin
             await _set_due(clean, now)
             token = await d.runtime.runner.locks.try_acquire(PHONE)  # a turn is running
             assert token is not None
-            await executor(d.runtime, Clock(now)).run_due()
+            await executor(d.runtime, FixedClock(now)).run_due()
             [waiting] = await follow_ups(clean)
             await d.runtime.runner.locks.release(PHONE, token)
-            await executor(d.runtime, Clock(now + timedelta(seconds=31))).run_due()
+            await executor(d.runtime, FixedClock(now + timedelta(seconds=31))).run_due()
             [row, *_] = await follow_ups(clean)
     assert waiting["status"] == "pending" and waiting["attempts"] == 0
     assert waiting["due_at"] == now + timedelta(seconds=30)

@@ -134,7 +134,7 @@ async def test_bad_list_options_exit_2_saying_what_is_allowed() -> None:
     code, _, err = await sdrctl("followups", "list", "--status", "done")
     assert code == 2 and "--status 'done': use one of pending, executing, sent, failed, cancelled" in err, err
     code, _, err = await sdrctl("followups", "list", "--lead", "call me")
-    assert code == 2 and "--lead 'call me': a phone number has 8 to 15 digits" in err, err
+    assert code == 2 and "--lead 'call me': must be a phone number of 8 to 15 digits" in err, err
     code, _, err = await sdrctl("followups", "list", "--limit", "0")
     assert code == 2, err
     assert "Traceback" not in err

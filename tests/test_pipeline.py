@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncio
 from datetime import UTC, datetime, timedelta
 
@@ -79,18 +81,28 @@ async def test_replies_go_to_the_evolution_api_when_configured(clean: Endpoints)
     assert "como posso te chamar" in sent["text"]
     assert evo.presences == []  # a quick reply shows no "typing..." (typing_after)
     [row] = await outbox(clean)
-    assert row["status"] == "sent" and row["attempts"] == 1 and row["provider_id"] == "BAE5000000000001"
+    assert row["status"] == "sent" and row["attempts"] == 1 and row["provider_id"] == sent["id"]
+    assert sent["id"].startswith("3EB0") and len(sent["id"]) == 22  # Baileys' ids, as the real API answers
     [turn] = await fetch(clean.database_url, "SELECT response_ms FROM turns")
     assert turn["response_ms"] > 0
 
 
+EXISTS_FALSE = {"status": 400, "error": "Bad Request",
+                "response": {"message": [{"jid": "5511999990000@s.whatsapp.net", "exists": False, "number": "5511999990000"}]}}
+INTERNAL = {"status": 500, "error": "Internal Server Error", "response": {"message": "Cannot read properties of undefined"}}
+INVALID = {"status": 400, "error": "Bad Request", "response": {"message": [["instance requires property \"text\""]]}}
+
+
+# The bodies are Evolution 2.3.6's own (tests/fixtures/evolution/SOURCES.md, Q6).
 @pytest.mark.parametrize(("answers", "status", "attempts", "delivered"), [
-    ([503, 502], "sent", 3, 1),   # did not arrive: retried at once, each attempt recorded
-    ([500], "sent", 2, 1),        # not retried at once; re-sent by the outbox job later
-    ([400], "failed", 1, 0),      # refused: final, never re-sent
+    ([503, 400], "sent", 3, 1),     # 503, then 400 "Connection Closed": not delivered, retried at once
+    ([(500, INTERNAL)], "sent", 2, 1),  # uncertain: looked up, then re-sent by the outbox job
+    ([504], "sent", 2, 1),          # uncertain (a gateway timeout) likewise
+    ([(400, EXISTS_FALSE)], "failed", 1, 0),  # not on WhatsApp: final, never re-sent
+    ([(400, INVALID)], "failed", 1, 0),  # refused: final
 ])  # fmt: skip
 async def test_sends_are_retried_only_when_they_certainly_did_not_arrive(
-    clean: Endpoints, answers: list[int], status: str, attempts: int, delivered: int
+    clean: Endpoints, answers: list[Any], status: str, attempts: int, delivered: int
 ) -> None:
     async with run_fake_evolution() as evo:
         evo.answers.extend(answers)

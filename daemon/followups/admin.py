@@ -7,13 +7,13 @@ being sent (status executing)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
 from daemon.errors import ConfigError, NotFoundError
+from daemon.identity import IDENTITY_HELP, parse_identity
 
 STATUSES = ("pending", "executing", "sent", "failed", "cancelled")
 CANCEL_REASON = "cancelled by an operator (sdrctl followups cancel)"
@@ -63,10 +63,10 @@ def check_status(status: str) -> str:
 
 
 def normalise_phone(text: str) -> str:
-    """Digits only, as leads are stored: '+55 (11) 98765-4321' -> '5511987654321'."""
-    phone = re.sub(r"\D", "", text)
-    if not 8 <= len(phone) <= 15:
-        raise ConfigError(f"--lead {text!r}: a phone number has 8 to 15 digits, such as 5511987654321")
+    """The lead's identity as stored: '+55 (11) 98765-4321' -> '5511987654321', or a LID jid."""
+    phone = parse_identity(text)
+    if phone is None:
+        raise ConfigError(f"--lead {text!r}: must be {IDENTITY_HELP}")
     return phone
 
 

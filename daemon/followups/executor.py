@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from daemon.config import Config
 from daemon.evolution import EvolutionClient, SendFailed
-from daemon.followups.calendar import BusinessHours
+from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.followups.planner import QUALIFYING, SILENCE_KINDS, Planner
 from daemon.followups.store import Claimed, FollowUpStore
 from daemon.followups.templates import render, values_for
@@ -28,17 +28,14 @@ from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
 
 log = logging.getLogger("sdr.followups")
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class FollowUpExecutor:
     def __init__(
         self, config: Config, store: FollowUpStore, locks: LeadLocks, sender: EvolutionClient | None,
         metrics: Metrics, on_handoff: Callable[[str], Awaitable[None]], clock: Clock = utc_now,
+        settle: Callable[[str, str, datetime], Awaitable[tuple[str, str | None]]] | None = None,
+        unreachable: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:  # fmt: skip
         self.settings = config.followups
         self.knobs = config.profile.followups
@@ -48,6 +45,8 @@ class FollowUpExecutor:
         self.metrics = metrics
         self.on_handoff = on_handoff  # messages arrived while we held the lead: answer them
         self.clock = clock
+        self.settle = settle  # a send of unknown outcome: did it arrive? (daemon.outbox)
+        self.unreachable = unreachable  # Evolution said the number is not on WhatsApp
         self.planner = Planner(config.followups)
         self.hours = BusinessHours.from_settings(config.followups)
         self.templates = {
@@ -123,8 +122,21 @@ class FollowUpExecutor:
             try:
                 provider_id = await self.sender.send_text(f.phone, text)
             except SendFailed as exc:
-                await self.store.send_failed(outbox_id, str(exc))
-                return await self._failed(f, str(exc))
+                self.metrics.send_errors.labels(exc.kind).inc()
+                if exc.uncertain and self.settle is not None:
+                    outcome, provider_id = await self.settle(f.phone, text, now)
+                    if outcome == "skip":
+                        await self.store.send_failed(outbox_id, str(exc))
+                        await self.store.finish(f, "failed", self.clock(), f"{exc} (uncertain; on_uncertain_send = skip)")
+                        return "failed"
+                if provider_id is None:  # did not arrive, or cannot be known and resend is the policy
+                    await self.store.send_failed(outbox_id, str(exc))
+                    if exc.final:
+                        if exc.kind == "unreachable" and self.unreachable is not None:
+                            await self.unreachable(f.phone)
+                        await self.store.finish(f, "failed", self.clock(), str(exc))
+                        return "failed"
+                    return await self._failed(f, str(exc))
         await self.store.sent(f, outbox_id, provider_id, self.clock(), self.planner.after_sent(f.kind, f.step, now))
         return "sent"
 
