@@ -8,6 +8,9 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
 # uv resolves the locks; it is only needed to refresh them (`make lock`).
 UV_VERSION := 0.13.*
 LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet
+# What the editable install builds with (hatchling's editable wheels need `editables`):
+# locked too, so installing needs nothing from outside the locks.
+BUILD_REQS := hatchling>=1.24\neditables>=0.5\n
 
 .PHONY: serve test test-latest lock install clean system-deps
 
@@ -31,8 +34,8 @@ test-latest: system-deps
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
-	.venv-lock/bin/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements-dev.lock
-	echo 'hatchling>=1.24' | .venv-lock/bin/uv pip compile pyproject.toml - $(LOCK_FLAGS) -o requirements.lock
+	printf '$(BUILD_REQS)' | .venv-lock/bin/uv pip compile pyproject.toml --extra dev - $(LOCK_FLAGS) -o requirements-dev.lock
+	printf '$(BUILD_REQS)' | .venv-lock/bin/uv pip compile pyproject.toml - $(LOCK_FLAGS) -o requirements.lock
 
 install: $(VENV)/.installed
 
@@ -46,7 +49,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # --require-hashes: every file must match the lock; --no-deps: nothing outside it.
-# hatchling is in both locks, so the editable install builds without fetching anything.
+# hatchling and editables are in both locks: the editable install fetches nothing.
 $(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
 	$(PIP) --require-hashes --no-deps -r requirements.lock
 	$(PIP) --no-deps --no-build-isolation -e .
