@@ -23,6 +23,13 @@ REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 START_TIMEOUT = 30.0
 
 
+def _server_env() -> dict[str, str]:
+    """Debian's servers run on the real clock: libfaketime (a test run under `faketime`)
+    makes redis-server's jemalloc recurse into clock_gettime and die at start. They are the
+    production's own servers, not ours: nothing of theirs is under test for dates."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("FAKETIME")}
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -111,7 +118,7 @@ def pgbouncer(direct_url: str, folder: Path, *, pool_size: int = 4) -> Iterator[
     log = folder / "pgbouncer.log"
     with log.open("ab") as out:
         proc = subprocess.Popen([PGBOUNCER, str(config)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=_server_env())  # fmt: skip
     try:
         _wait(lambda: _answers(port), "PgBouncer", proc, log)
         yield port
@@ -124,7 +131,7 @@ def _redis(port: int, folder: Path, *extra: str) -> tuple[subprocess.Popen[bytes
     log = folder / f"redis-{port}.log"
     args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", str(log), *extra]  # fmt: skip
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True), log
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True, env=_server_env()), log
 
 
 @contextlib.contextmanager
@@ -140,7 +147,7 @@ def redis_server(folder: Path) -> Iterator[int]:
 
 
 def _cluster_ok(port: int) -> bool:
-    info = subprocess.run([REDIS_CLI, "-p", str(port), "cluster", "info"], capture_output=True, text=True)
+    info = subprocess.run([REDIS_CLI, "-p", str(port), "cluster", "info"], capture_output=True, text=True, env=_server_env())
     return "cluster_state:ok" in info.stdout
 
 
@@ -157,7 +164,7 @@ def redis_cluster(folder: Path, masters: int = 3) -> Iterator[list[int]]:
         create = subprocess.run(
             [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
              "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=START_TIMEOUT,
+            capture_output=True, text=True, timeout=START_TIMEOUT, env=_server_env(),
         )  # fmt: skip
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")

@@ -210,7 +210,7 @@ async def test_not_ready_while_redis_refuses_the_buffer_and_one_log_line(
     """A plain client pointed at a cluster node that does not own the buffer's slot: PING
     answers, every claim gets MOVED (what the daemon did before it spoke Cluster)."""
     slot = int(subprocess.run([servers.REDIS_CLI, "-p", str(cluster[0]), "cluster", "keyslot", DUE],
-                              capture_output=True, text=True, check=True).stdout)  # fmt: skip
+                              capture_output=True, text=True, check=True, env=servers._server_env()).stdout)  # fmt: skip
     r = aioredis.Redis(port=cluster[0])
     owners = {int(p) for lo, hi, (_, p, *_), *_ in await r.cluster("SLOTS") if lo <= slot <= hi}  # type: ignore[misc]
     await r.aclose()
