@@ -258,6 +258,10 @@ class Timeouts:
         5.0, "an idle keep-alive connection is closed after this long (a proxy in front should "
         "close its idle connections to us sooner)", unit="s", min=0.1, max=300,
     )
+    reply_hold: float = knob(
+        30.0, "longest a finished reply waits for a lead who is still typing ([buffer] speculate)",
+        unit="s", min=0, max=300,
+    )
     message_buffer: float = knob(
         5.0, "upper bound of a lead's buffer window (first message -> turn)", unit="s", min=0.05, max=60
     )
@@ -300,6 +304,29 @@ class Buffer:
         30.0, "how often messages left unanswered past a whole turn's time are re-queued (a safety net)",
         unit="s", min=1, max=3600,
     )  # fmt: skip
+    speculate: bool = knob(
+        True, "start the agent when the window closes, but send its reply only once the lead has been "
+        "quiet for settle_window (presence_settle) and is not typing; a reply overtaken by a newer "
+        "message is thrown away and the whole burst answered again",
+    )
+    settle_window: float = knob(
+        3.0, "silence after a lead's last message before a reply may be sent (speculate), for a lead "
+        "whose typing presence is not seen", unit="s", min=0, max=120,
+    )  # fmt: skip
+    presence_settle: float = knob(
+        2.0, "the same for a lead whose typing presence was seen within presence_memory: 'composing' "
+        "holds the reply, so only the pause before typing has to be waited out", unit="s", min=0, max=120,
+    )  # fmt: skip
+    typing_ttl: float = knob(
+        10.0, "a lead's 'composing' counts this long unless refreshed, ended by 'paused' or by a message",
+        unit="s", min=0.1, max=120,
+    )  # fmt: skip
+    presence_memory: float = knob(
+        3600.0, "a lead whose presence was seen this recently is known to send it", unit="s", min=1, max=86400 * 30
+    )
+    hold_poll: float = knob(
+        0.1, "how often a held reply checks for a newer message or typing", unit="s", min=0.005, max=5
+    )
 
 
 @dataclass(frozen=True)

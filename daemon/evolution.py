@@ -25,6 +25,7 @@ UPSERT = "messages.upsert"
 PRESENCE = "presence.update"
 EDITED = "messages.edited"  # a lead edited a message: the raw protocolMessage
 TYPING = frozenset({"composing", "recording"})
+STOPPED = frozenset({"paused", "available", "unavailable"})  # Baileys' WAPresence, the rest
 MEDIA_KINDS = {
     "imageMessage": "image",
     "audioMessage": "audio",
@@ -108,10 +109,12 @@ class Edit:
 
 @dataclass(frozen=True)
 class Typing:
-    """The lead is typing or recording: its buffer window may wait longer."""
+    """The lead's chat presence: "composing" (typing or recording: its burst is not over)
+    or "paused" (stopped: "paused", "available" or "unavailable")."""
 
     phone: str
     lid: str | None = None
+    state: str = "composing"
 
 
 def normalise_event(name: str) -> str:
@@ -215,7 +218,11 @@ def _to_typing(data: PresenceData) -> Typing | Ignored:
     if who is None:
         return Ignored("presence")
     states = {str(p.get("lastKnownPresence", "")) for p in data.presences.values() if isinstance(p, dict)}
-    return Typing(who, lid) if states & TYPING else Ignored("presence")
+    if states & TYPING:
+        return Typing(who, lid)
+    if states & STOPPED:
+        return Typing(who, lid, "paused")
+    return Ignored("presence")
 
 
 def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Ignored:
@@ -525,6 +532,22 @@ def text_event(
         "destination": "",
         "date_time": datetime.now(UTC).isoformat(),
         "sender": f"{phone}@s.whatsapp.net",
+        "server_url": "",
+        "apikey": "",
+    }
+
+
+def presence_event(phone: str, state: str, *, instance: str) -> dict[str, Any]:
+    """A `presence.update` as Evolution API v2 posts Baileys' event (whatsapp.baileys.service.ts:
+    `sendDataWebhook(Events.PRESENCE_UPDATE, payload)`): the chat's jid and its presence map."""
+    jid = phone if "@" in phone else f"{phone}@s.whatsapp.net"
+    return {
+        "event": "presence.update",
+        "instance": instance,
+        "data": {"id": jid, "presences": {jid: {"lastKnownPresence": state}}},
+        "destination": "",
+        "date_time": datetime.now(UTC).isoformat(),
+        "sender": "",
         "server_url": "",
         "apikey": "",
     }
