@@ -8,17 +8,36 @@ each lead is due, and a restart re-arms every lead with unanswered messages."""
 
 from __future__ import annotations
 
-from daemon.connections import Redis
+from dataclasses import dataclass
 
 from daemon.config import Buffer
+from daemon.connections import Redis
 
-# One hash tag for both: the scripts touch them together, so in Redis Cluster they must
-# live in one slot. (Per-lead keys, like locks, are tagged with the lead's phone instead.)
+# One hash tag for all: the scripts touch them together, so in Redis Cluster they must live
+# in one slot. (Per-lead keys, like locks, are tagged with the lead's phone instead.)
 DUE = "sdr:{buffer}:due"  # zset: member -> deadline (unix seconds)
 FIRST = "sdr:{buffer}:first"  # zset: member -> arrival of the burst's first message
+TYPING = "sdr:{buffer}:typing"  # zset: member -> until when its "composing" counts
+PRESENT = "sdr:{buffer}:present"  # zset: member -> when its presence was last seen
+KEYS = [DUE, FIRST, TYPING, PRESENT]
 
 # A member is a lead's phone (its whole burst becomes one turn) or, without coalescing,
 # "phone|message id" (one turn per message, as the old system did).
+#
+# A message ends its lead's "composing" (WhatsApp clears it on send). A lead whose presence
+# was seen lately gets at least ARGV presence window: its "composing", not a guess, says
+# whether more is coming, so the turn waits out only the pause before typing starts.
+_PRESENT_WINDOW = """
+local function window(member, wait, now)
+  redis.call('ZREM', KEYS[3], member)
+  local seen = tonumber(redis.call('ZSCORE', KEYS[4], member))
+  if seen and seen > now - tonumber(ARGV[#ARGV]) then
+    return math.max(wait, tonumber(ARGV[#ARGV - 1]))
+  end
+  return wait
+end
+"""
+
 _TOUCH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -38,73 +57,155 @@ redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 return tostring(deadline - now)
 """
 
-_TOUCH_MANY = """
+_TOUCH_MANY = _PRESENT_WINDOW + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local cap = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV - 2, 2 do
   local first = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]))
   if not first then
     first = now
     redis.call('ZADD', KEYS[2], now, ARGV[i])
   end
-  redis.call('ZADD', KEYS[1], math.min(now + tonumber(ARGV[i + 1]), first + cap), ARGV[i])
+  local wait = window(ARGV[i], tonumber(ARGV[i + 1]), now)
+  redis.call('ZADD', KEYS[1], math.min(now + wait, first + cap), ARGV[i])
 end
-return (#ARGV - 1) / 2
+return (#ARGV - 3) / 2
 """
 
+# A due lead who is typing is not claimed yet: it is re-armed for when its "composing"
+# runs out (a refresh, "paused" or a message decide sooner), but never past its first
+# message plus the cap plus ARGV[2] (a lead who types forever is answered all the same).
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[3]))
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, phone in ipairs(due) do
-  redis.call('ZREM', KEYS[1], phone)
-  redis.call('ZREM', KEYS[2], phone)
+local claimed = {}
+for _, member in ipairs(due) do
+  local typing = tonumber(redis.call('ZSCORE', KEYS[3], member))
+  local first = tonumber(redis.call('ZSCORE', KEYS[2], member)) or now
+  local limit = first + tonumber(ARGV[2])
+  if typing and now < limit then
+    redis.call('ZADD', KEYS[1], math.min(typing, limit), member)
+  else
+    redis.call('ZREM', KEYS[1], member)
+    redis.call('ZREM', KEYS[2], member)
+    claimed[#claimed + 1] = member
+  end
 end
-return due
+return claimed
+"""
+
+# ARGV: member, 'composing' | 'paused', typing ttl, presence window. "paused" brings a
+# burst held for typing back to the presence window (the pause before typing resumes).
+# Returns the seconds left of a pending burst, or false when nothing is pending.
+_PRESENCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZADD', KEYS[4], now, ARGV[1])
+local due = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if ARGV[2] == 'composing' then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+else
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  if due and due > now + tonumber(ARGV[4]) then
+    due = now + tonumber(ARGV[4])
+    redis.call('ZADD', KEYS[1], due, ARGV[1])
+  end
+end
+if due then return tostring(due - now) end
+return false
+"""
+
+# What a held reply needs to know: a newer message is pending (the lead is in DUE), the
+# lead is typing, the lead is known to send presence.
+_STATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local typing = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]))
+local seen = tonumber(redis.call('ZSCORE', KEYS[4], ARGV[1]))
+return {
+  redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0,
+  (typing and typing > now) and 1 or 0,
+  (seen and seen > now - tonumber(ARGV[2])) and 1 or 0,
+}
 """
 
 
+@dataclass(frozen=True)
+class LeadState:
+    pending: bool  # a message arrived after the burst being answered was claimed
+    typing: bool  # "composing" seen and not yet ended
+    present: bool  # this lead's presence reaches us
+
+
 class MessageBuffer:
-    def __init__(self, redis: Redis, quiet_window: float, cap: float, claim_batch: int) -> None:
+    def __init__(
+        self, redis: Redis, quiet_window: float, cap: float, claim_batch: int, *,
+        presence_window: float = 0.0, typing_ttl: float = 10.0, presence_memory: float = 3600.0,
+        typing_hold: float = 0.0,
+    ) -> None:  # fmt: skip
         self.redis = redis
         self.quiet_window = quiet_window
         self.cap = cap
         self.claim_batch = claim_batch
+        self.presence_window = presence_window  # least window for a lead whose presence we see
+        self.typing_ttl = typing_ttl
+        self.presence_memory = presence_memory
+        self.typing_hold = cap + typing_hold  # a typing lead is claimed at first + this at the latest
         self._touch = redis.register_script(_TOUCH)
         self._touch_many = redis.register_script(_TOUCH_MANY)
         self._claim = redis.register_script(_CLAIM)
+        self._presence = redis.register_script(_PRESENCE)
+        self._state = redis.register_script(_STATE)
+
+    def _presence_args(self) -> list[float]:
+        return [self.presence_window, self.presence_memory]
 
     async def add(self, member: str, window: float | None = None) -> float:
         """A message arrived: the member is due `window` seconds from now (never later
         than its first message plus the cap). Returns the seconds left."""
         wait = self.quiet_window if window is None else window
-        left = await self._touch(keys=[DUE, FIRST], args=[member, wait, self.cap, 0])
+        left = await self._touch(keys=KEYS, args=[member, wait, self.cap, 0])
         return float(left)
 
     async def add_many(self, items: list[tuple[str, float]]) -> None:
-        """`add` for several members in one round trip (the intake's group commit)."""
+        """New messages, several members in one round trip (the intake's group commit):
+        like `add`, and each ends its lead's "composing"."""
         if items:
             args: list[str | float] = [self.cap]
             for value, window in items:
                 args += [value, window]
-            await self._touch_many(keys=[DUE, FIRST], args=args)
+            await self._touch_many(keys=KEYS, args=[*args, *self._presence_args()])
 
     async def add_if_absent(self, member: str, window: float) -> bool:
         """Arms a member only if it is not pending already (a safety net that must never
         push back a deadline someone else set)."""
-        left = await self._touch(keys=[DUE, FIRST], args=[member, window, self.cap, 2])
+        left = await self._touch(keys=KEYS, args=[member, window, self.cap, 2])
         return left is not None
 
     async def extend(self, member: str, window: float) -> float | None:
         """Pushes back a pending member's deadline (the lead is typing); a member with
         nothing pending is left alone. Returns the seconds left, or None."""
-        left = await self._touch(keys=[DUE, FIRST], args=[member, window, self.cap, 1])
+        left = await self._touch(keys=KEYS, args=[member, window, self.cap, 1])
         return None if left is None else float(left)
 
+    async def presence(self, member: str, state: str) -> float | None:
+        """The lead's "composing" (held for typing_ttl) or "paused"; returns the seconds
+        left of its pending burst, or None when nothing is pending."""
+        left = await self._presence(keys=KEYS, args=[member, state, self.typing_ttl, self.presence_window])
+        return None if left is None else float(left)
+
+    async def state(self, member: str) -> LeadState:
+        pending, typing, present = await self._state(keys=KEYS, args=[member, self.presence_memory])
+        return LeadState(bool(pending), bool(typing), bool(present))
+
     async def claim_due(self) -> list[str]:
-        """Takes the members whose window has closed; each is returned to one caller only."""
-        due = await self._claim(keys=[DUE, FIRST], args=[self.claim_batch])
+        """Takes the members whose window has closed (and who are not typing); each is
+        returned to one caller only."""
+        due = await self._claim(keys=KEYS, args=[self.claim_batch, self.typing_hold, self.presence_memory])
         return [p.decode() if isinstance(p, bytes) else p for p in due]
 
     async def pending(self) -> int:

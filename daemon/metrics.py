@@ -36,6 +36,11 @@ class Metrics:
         )  # fmt: skip
         self.ignored = Counter("sdr_ignored_total", "Events not from a lead, by reason", ["reason"], registry=r)
         self.turns = Counter("sdr_turns_total", "Turns by outcome", ["outcome"], registry=r)
+        self.discarded = Counter(
+            "sdr_replies_discarded_total",
+            "Agent replies thrown away because a newer message of the lead overtook them (each an agent call)",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.sends = Counter("sdr_sends_total", "Replies delivered, by status", ["status"], registry=r)
         # sendText answers that were not a delivery: transient (retried), uncertain (looked
         # up before any re-send), unreachable (exists: false), refused (another 4xx).

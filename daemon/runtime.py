@@ -88,9 +88,12 @@ class Runtime:
                 raise
             raise UnavailableError(f"PostgreSQL failed while checking the schema: {exc}") from None
         self.store = Store(self.pool, p)
+        b = p.buffer
         self.buffer = MessageBuffer(
-            self.redis, p.buffer.quiet_window, p.timeouts.message_buffer, p.buffer.claim_batch
-        )
+            self.redis, b.quiet_window, p.timeouts.message_buffer, b.claim_batch,
+            presence_window=b.presence_settle if b.speculate else 0.0, typing_ttl=b.typing_ttl,
+            presence_memory=b.presence_memory, typing_hold=p.timeouts.reply_hold if self._presence_aware() else 0.0,
+        )  # fmt: skip
         locks = LeadLocks(
             self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff
         )
@@ -122,6 +125,7 @@ class Runtime:
             store=self.store, locks=locks, agent=self.agent, sender=self._sender,
             metrics=self.metrics, profile=p, leads=self.leads, knowledge=self.knowledge,
             media=self.media, after_turn=self._plan_follow_ups, on_send_failed=self._send_failed,
+            buffer=self.buffer,
         )  # fmt: skip
         self.followups = FollowUpExecutor(
             cfg, self.followup_store, locks, self._sender, self.metrics, on_handoff=self._hand_back,
@@ -271,7 +275,8 @@ class Runtime:
         Redis restart without persistence, a crash between steps); re-queue its lead."""
         p = self.config.profile
         t = p.timeouts
-        age = t.message_buffer + t.redis_lock_ttl + t.agent + t.evolution_send * p.limits.send_attempts
+        age = (t.message_buffer + t.reply_hold + p.buffer.settle_window + t.redis_lock_ttl + t.agent
+               + t.evolution_send * p.limits.send_attempts)
         stale = await self.store.stale_unanswered(age)
         for phone, message_id in stale:
             await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
@@ -384,14 +389,27 @@ class Runtime:
         for identity in identities:
             await self.leads.invalidate(identity)
 
-    async def typing(self, event: Typing) -> str:
-        """The lead is typing or recording: a pending burst waits longer (never past the cap)."""
+    def _presence_aware(self) -> bool:
         b = self.config.profile.buffer
-        if not b.adaptive or not b.coalesce:
+        return b.coalesce and (b.adaptive or b.speculate)
+
+    async def typing(self, event: Typing) -> str:
+        """The lead's presence. "composing" holds its pending burst (and a finished reply)
+        while it types, for typing_ttl unless refreshed; "paused" lets them go. Returns
+        "extended" or "paused" for a pending burst, "idle" without one, "ignored" when the
+        profile does not use presence."""
+        b = self.config.profile.buffer
+        if not self._presence_aware():
             return "ignored"
         phone = await self.identities.of(event.phone, event.lid)
-        left = await self.buffer.extend(phone, b.extended_window)
-        return "extended" if left is not None else "ignored"
+        left = await self.buffer.presence(phone, event.state)
+        if left is None:
+            return "idle"
+        if event.state != "composing":
+            return "paused"
+        if b.adaptive:
+            await self.buffer.extend(phone, b.extended_window)
+        return "extended"
 
     async def edit(self, event: Edit) -> str:
         """A lead edited a message: in a burst still waiting, its text is replaced; already

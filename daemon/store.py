@@ -156,21 +156,27 @@ _LEAD_SETS = ",\n".join(
 )
 FINISH_TURN = f"""
 WITH t AS (
+    -- $23: a speculative reply is written only if no newer message of the lead is waiting
+    -- (the last check before it is sent; nothing at all is written otherwise).
     INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
         last_message_at, started_at, finished_at, buffer_wait_ms, stages, timeouts, failures,
         agent_backend, outcome, response_ms, cache_hits, cache_misses, window_ms)
-    VALUES ($1, $2, cardinality($17::bigint[]), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-            $14, $15, $22)
+    SELECT $1, $2, cardinality($17::bigint[]), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+           $14, $15, $22
+     WHERE NOT ($23::boolean AND EXISTS (
+           SELECT 1 FROM messages n
+            WHERE n.lead_id = $1 AND n.direction = 'in' AND n.turn_id IS NULL
+              AND n.id <> ALL($17::bigint[])))
     RETURNING id
 ), answered AS (
-    UPDATE messages SET turn_id = (SELECT id FROM t) WHERE id = ANY($17::bigint[])
+    UPDATE messages SET turn_id = t.id FROM t WHERE messages.id = ANY($17::bigint[])
 ), reply AS (
     INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
-    VALUES ($2, $1, 'out', $18, clock_timestamp())
+    SELECT $2, $1, 'out', $18, clock_timestamp() FROM t
 ), lead AS (
     UPDATE leads SET {_LEAD_SETS},
         updated_at = now()
-    WHERE id = $1
+    FROM t WHERE leads.id = $1
     RETURNING to_jsonb(leads.*) AS row
 ), outbox_rows AS (
     -- The first part's first send attempt is recorded here, before it is attempted.
@@ -315,19 +321,29 @@ class Store:
         )  # fmt: skip
         return [KbEntry(**dict(r)) for r in rows]
 
-    async def finish_turn(self, t: TurnRecord) -> FinishedTurn:
+    async def finish_turn(self, t: TurnRecord, *, unless_newer: bool = False) -> FinishedTurn | None:
         """The turn, the answered messages, the reply, the lead's updates and the outbox
-        rows, in one statement (one round trip, one transaction)."""
+        rows, in one statement (one round trip, one transaction). With `unless_newer`,
+        nothing is written (None) when a newer message of the lead is waiting."""
         updates = {k: v for k, v in t.lead_updates.items() if k in LEAD_COLUMNS}
         row = await self.pool.fetchrow(
             FINISH_TURN,
             t.lead_id, t.conversation_id, t.first_message_at, t.last_message_at, t.started_at,
             t.finished_at, t.buffer_wait_ms, t.stages, t.timeouts, t.failures, t.agent_backend,
             t.outcome, t.response_ms, t.cache_hits, t.cache_misses, t.phone, t.message_ids,
-            t.reply, updates, t.outbox_status, t.parts, t.window_ms, timeout=self.timeout,
+            t.reply, updates, t.outbox_status, t.parts, t.window_ms, unless_newer, timeout=self.timeout,
         )  # fmt: skip
         assert row is not None
+        if row["turn_id"] is None:
+            return None
         return FinishedTurn(row["turn_id"], list(row["outbox_ids"]), row["lead"])
+
+    async def discard_reply(self, lead_id: int, message_ids: list[int], reason: str, agent_ms: float | None) -> None:
+        """A reply the agent wrote, thrown away: an agent call paid for and unread."""
+        await self.pool.execute(
+            "INSERT INTO discarded_replies (lead_id, message_ids, reason, agent_ms) VALUES ($1, $2, $3, $4)",
+            lead_id, message_ids, reason, agent_ms, timeout=self.timeout,
+        )  # fmt: skip
 
     async def record_send_attempt(self, outbox_id: int) -> None:
         """Written before each attempt, so a crash mid-send leaves a trace, not a guess."""

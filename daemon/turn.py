@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from daemon.agents import Agent, AgentReply, TurnInput
-from daemon.buffer import window_for
+from daemon.buffer import MessageBuffer, window_for
 from daemon.cache import TwoTierCache
 from daemon.config import Profile
 from daemon.evolution import PRESENCE_MAX_MS, EvolutionClient, SendFailed, split_message
@@ -97,8 +97,12 @@ class TurnRunner:
         after_turn: Callable[[dict[str, Any], datetime, dict[str, Any]], Awaitable[None]] | None = None,
         clock: Clock = utc_now,
         on_send_failed: Callable[[int, str, SendFailed], Awaitable[None]] | None = None,
+        buffer: MessageBuffer | None = None,
     ) -> None:
         self.store = store
+        # With [buffer] speculate, where a finished reply learns whether the lead wrote again
+        # or is typing (daemon.buffer keeps both).
+        self.buffer = buffer
         self.locks = locks
         self.agent = agent
         self.sender = sender
@@ -117,7 +121,8 @@ class TurnRunner:
     ) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
         when another turn holds the lead (it hands the lead back when done), None when
-        nothing was pending, True after a turn."""
+        nothing was pending or the reply was overtaken by a newer message (thrown away: the
+        newer message's own window answers the whole burst), True after a turn."""
         async with self.locks.held(phone, on_handoff) as got:
             if not got:
                 return False
@@ -182,6 +187,10 @@ class TurnRunner:
             if kb_task is not None:
                 await cancel_and_wait(kb_task)  # unused if the agent did not need it
 
+        speculative = p.buffer.speculate and p.buffer.coalesce and self.buffer is not None
+        if speculative and await clock.run("hold", self._overtaken(phone, last), None):
+            return await self._discard(phone, burst, clock, presence)
+
         local = self.sender is None
         finished = self.clock()
         record = TurnRecord(
@@ -208,7 +217,9 @@ class TurnRunner:
             cache_hits=clock.cache_hits,
             cache_misses=clock.cache_misses,
         )
-        done = await clock.run("store", self.store.finish_turn(record), t.database)
+        done = await clock.run("store", self.store.finish_turn(record, unless_newer=speculative), t.database)
+        if done is None:  # a newer message was stored after the last look: it is answered with the rest
+            return await self._discard(phone, burst, clock, presence)
         if self.after_turn is not None:
             try:
                 await self.after_turn(done.lead, finished, updates)
@@ -226,6 +237,42 @@ class TurnRunner:
         else:
             await self._deliver(phone, record.parts, done.turn_id, done.outbox_ids, last.received_at, clock)
         return True
+
+    async def _overtaken(self, phone: str, last: PendingMessage) -> bool:
+        """Holds a finished reply until the lead has been quiet settle_window (presence_settle
+        for a lead whose presence we see) and is not typing (for at most reply_hold).
+        True when a newer message arrived meanwhile: the reply answers a burst that is
+        not over, and must not be sent."""
+        assert self.buffer is not None
+        b, loop = self.profile.buffer, asyncio.get_running_loop()
+        give_up = loop.time() + self.profile.timeouts.reply_hold
+        while True:
+            state = await self.buffer.state(phone)
+            if state.pending:
+                return True
+            quiet = (datetime.now(UTC) - last.received_at).total_seconds()  # both the database's clock (NTP)
+            left = (b.presence_settle if state.present else b.settle_window) - quiet
+            if state.typing and loop.time() < give_up:
+                left = max(left, b.hold_poll)
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, b.hold_poll))
+
+    async def _discard(
+        self, phone: str, burst: list[PendingMessage], clock: StageClock, presence: asyncio.Task[None] | None,
+    ) -> None:  # fmt: skip
+        """A reply overtaken by a newer message: thrown away, and counted (an agent call paid
+        for). The newer message armed the lead's buffer; if that entry was lost (or already
+        claimed by a turn that found us holding the lead), the lead is armed again."""
+        assert self.buffer is not None
+        if presence is not None:
+            await cancel_and_wait(presence)
+        reason = "newer_message"
+        self.metrics.discarded.labels(reason).inc()
+        await self.store.discard_reply(burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"))
+        await self.buffer.add_if_absent(phone, self.profile.buffer.quiet_window)
+        log.info("reply for ...%s thrown away: the lead wrote again", phone[-4:])
+        return None
 
     async def _media(self, burst: list[PendingMessage], clock: StageClock) -> list[MediaResult]:
         """Every photo and voice note of the burst, concurrently, within the multimodal

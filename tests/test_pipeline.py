@@ -43,7 +43,7 @@ async def test_a_burst_of_three_gets_exactly_one_reply(clean: Endpoints) -> None
     assert "Carla" in rows[0]["body"] and "R$ 600,00" in rows[0]["body"]
     turns = await fetch(clean.database_url, "SELECT * FROM turns")
     assert len(turns) == 1 and turns[0]["messages_joined"] == 3 and turns[0]["outcome"] == "ok"
-    assert set(turns[0]["stages"]) == {"context", "agent"}
+    assert set(turns[0]["stages"]) == {"context", "agent", "hold"}
     assert "knowledge" not in turns[0]["stages"]  # no question: no search run in vain
     assert 0 < turns[0]["window_ms"] <= 600
     assert turns[0]["response_ms"] is not None

@@ -239,7 +239,7 @@ async def test_typing_extends_a_pending_burst_but_never_past_the_cap(clean: Endp
         after = await d.runtime.redis.zscore(DUE, PHONE)
         first = await d.runtime.redis.zscore(FIRST, PHONE)
         await wait_for(lambda: rows(clean, "SELECT * FROM outbox"))
-    assert idle == {"status": "presence", "buffer": "ignored"}  # nothing pending: nothing to wait for
+    assert idle == {"status": "presence", "buffer": "idle"}  # nothing pending: nothing to wait for
     assert typing == {"status": "presence", "buffer": "extended"}
     assert after > before
     assert after == pytest.approx(first + 1.0)  # capped at the first message + message_buffer
