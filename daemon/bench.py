@@ -2,9 +2,11 @@
 
 Each profile under test runs as a real `sdrctl serve` subprocess on its own throw-away
 embedded PostgreSQL and Redis, with the `simulated` agent, replying to a fake Evolution API
-that runs here and notes when each reply arrives. Leads write bursts with human gaps, wait
-for the reply, think, and write again. Several profiles run at the same time on the same
-workload and seed, so their figures are comparable."""
+that runs here and notes when each reply arrives. Leads type bursts at human speed (or the
+quick gaps of the `quick-typers` scenario), wait for a reply, think, and write again.
+Several profiles run at the same time on the same workload and seed, so their figures are
+comparable. After the run every burst is accounted for from the daemon's database and the
+fake's arrivals (whole, split, lost, unanswered: daemon/bursts.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -23,6 +24,8 @@ import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,41 +33,102 @@ import asyncpg
 import httpx
 import msgspec
 
+from daemon.bursts import BurstFigures, SentBurst, account, percentile, spread  # noqa: F401 (percentile: re-exported)
 from daemon.config import Profile, Timeouts, load_profile
 from daemon.errors import ConfigError, SdrError
-from daemon.evolution import text_event
+from daemon.evolution import presence_event, text_event
 from daemon.fake_evolution import FakeEvolution, run_fake_evolution
 from daemon.latency import parse_latency
 from daemon.loadgen import LoadResult, RawClient, post_load
 from daemon.store import init_connection
 
-# What leads write. Questions come from a small set, as in real traffic (and so the
+# What leads write: pt-BR, from 2 to ~90 characters, as people write on WhatsApp. The mix
+# (by list entry): statements ~40 % short (2-15 chars: "Oi", "Ok", a name), ~35 % medium
+# (16-45: one fact), ~25 % long (46-90: a sentence or two); questions mostly medium, a
+# quarter long. Questions come from a small set, as in real traffic (and so the
 # knowledge-base cache sees repeats); statements vary.
 QUESTIONS = [
-    "Quanto custa?", "quanto custa a instalação?", "Tem financiamento?", "Funciona em dia nublado?",
-    "E à noite?", "Quanto tempo demora a instalação?", "Precisa de manutenção?", "Qual a garantia?",
-    "Quanto vou economizar?", "O que é a lei 14.300?", "Vocês instalam em telhado de metal?",
-    "E se faltar luz?", "Quanto tempo para pagar o investimento?", "Vocês atendem empresas?",
-    "Precisa de bateria?",
+    # short
+    "Quanto custa?", "E à noite?", "Qual a garantia?", "Tem desconto?",
+    # medium
+    "quanto custa a instalação?", "Tem financiamento?", "Funciona em dia nublado?",
+    "Quanto tempo demora a instalação?", "Precisa de manutenção?", "Quanto vou economizar?",
+    "O que é a lei 14.300?", "Vocês instalam em telhado de metal?", "E se faltar luz?",
+    "Quanto tempo para pagar o investimento?", "Vocês atendem empresas?", "Precisa de bateria?",
+    # long
+    "Vocês fazem a visita técnica de graça ou cobram alguma coisa?",
+    "Dá pra parcelar no cartão ou só financiando pelo banco?",
+    "Se eu mudar de casa daqui uns anos eu consigo levar as placas comigo?",
+    "Quanto tempo depois da instalação a conta de luz já começa a baixar?",
+    "Meu telhado é de telha colonial, tem algum problema pra instalar as placas?",
+    "Vocês cuidam da papelada com a distribuidora ou eu preciso ir lá resolver alguma coisa?",
 ]  # fmt: skip
 STATEMENTS = [
-    "Oi", "Olá, boa tarde", "Vi o anúncio de vocês", "Meu nome é {name}", "{name}",
-    "Minha conta vem uns R$ {value}", "uns {value} reais", "É casa", "Moro em apartamento",
-    "Tenho um comércio", "Sou eu que decido", "Eu e minha esposa", "Pode ser amanhã de manhã",
-    "Quero saber mais", "Ok", "Entendi", "Legal", "Vou ver aqui",
+    # short
+    "Oi", "Ok", "Sim", "Entendi", "Legal", "Olá, boa tarde", "{name}", "É casa", "Vou ver aqui",
+    "uns {value} reais", "Bom dia!", "Ah sim", "Certo", "Quero saber mais",
+    # medium
+    "Vi o anúncio de vocês", "Meu nome é {name}", "Minha conta vem uns R$ {value}",
+    "Moro em apartamento", "Tenho um comércio", "Sou eu que decido", "Eu e minha esposa",
+    "Pode ser amanhã de manhã", "Moro em Campinas, interior de SP", "A casa é própria, faz 10 anos",
+    "Tenho interesse sim", "Depois das 18h é melhor pra mim",
+    # long
+    "Oi, boa tarde! Vi o anúncio de vocês no Instagram",
+    "Minha conta de luz vem uns R$ {value} por mês, às vezes mais no verão",
+    "Eu tenho uma padaria e o forno elétrico gasta muito, a conta tá pesada",
+    "Meu vizinho instalou ano passado e disse que a conta caiu bastante",
+    "Eu queria entender melhor como funciona antes de fechar qualquer coisa",
+    "Trabalho o dia todo, então só consigo ver as mensagens à noite, tudo bem?",
+    "A casa é térrea, o telhado é grande e bate sol a tarde inteira",
+    "Já pedi orçamento em outra empresa mas achei caro, por isso tô pesquisando",
+    "Boa noite, desculpa a demora pra responder, tava no trabalho. Ainda tenho interesse sim",
 ]  # fmt: skip
 NAMES = ["Ana", "Bruno", "Carla", "Diego", "Eduarda", "Felipe", "Gabriela", "Heitor", "Isabela", "João"]
+
+TYPING_MODELS = ("human", "quick")
+WPM_MIN, WPM_MAX = 10.0, 100.0  # a lead's typing speed is clamped to this (words per minute)
+CHARS_PER_WORD = 5  # the text-entry literature's "word"
+PRESENCE_REFRESH = 10.0  # a lead still typing re-posts "composing" this often (WhatsApp's rhythm)
 
 
 @dataclass(frozen=True)
 class Workload:
+    """What the simulated leads do. Two typing models (`typing`):
+
+    - "human" (the default): the gap before each message of a burst after the first is a
+      reaction time (`reaction`: the pause between sending one message and starting to
+      type the next; lognormal, median 1 s, P95 3 s: an assumption of ours, a knob, not a
+      measured figure) plus the time to type that message, len(text) / the lead's typing
+      speed. The first message of a burst is typed too (after `think`). Each lead draws
+      its speed once from `typing_wpm` (words per minute, 1 word = 5 characters), clamped
+      to 10-100 WPM. The default, lognormal median 34 WPM, P95 60 WPM (mean 36.1, SD
+      12.8), fits the phone typists of Palin et al., "How do People Type on Mobile Devices?
+      Observations from a Study with 37,000 Volunteers", MobileHCI 2019 (mean 36.2 WPM,
+      SD 13.2). Bursts of 1-5 messages.
+    - "quick": the fixed gaps benches used before (`typing_gap`, 0.2-0.9 s, nothing for
+      typing); with bursts of 1-4 it is the named scenario `quick-typers`.
+
+    With `presence` the lead also posts WhatsApp's "composing" when it starts typing each
+    message (again every 10 s while it types) and "paused" once the message is posted, as
+    Evolution forwards them for instances that subscribe to presence.update.
+
+    A lead types its whole burst whatever replies arrive meanwhile, then waits (up to the
+    patience) for a reply after its last message, thinks (`think`), and writes again.
+    All randomness comes from a per-lead RNG seeded from `seed`: the same seed gives every
+    profile the same leads, texts and gaps. `time_scale` scales reaction, typing, think and
+    the agent's latency alike (and the daemon's windows and timeouts)."""
+
     leads: int = 100
-    duration: float = 60.0  # seconds of load after the ramp starts
+    duration: float = 60.0  # seconds of load after the ramp starts; no message is sent after it
     ramp: float = 10.0  # leads start spread over this long
     seed: int = 1
+    typing: str = "human"  # the typing model: human | quick
     burst_min: int = 1
-    burst_max: int = 4
-    typing_gap: str = "uniform:min=0.2,max=0.9"  # between the quick messages of a burst
+    burst_max: int = 5
+    reaction: str = "lognormal:median=1.0,p95=3.0"  # human: sent -> starts typing the next (assumed)
+    typing_wpm: str = "lognormal:median=34,p95=60"  # human: a lead's speed, words/min (Palin et al. 2019)
+    typing_gap: str = "uniform:min=0.2,max=0.9"  # quick: between the messages of a burst
+    presence: bool = False  # post "composing"/"paused" presence webhooks around each message
     think: str = "uniform:min=2,max=8"  # after a reply, before the next burst
     question_share: float = 0.3  # bursts that end with a question
     duplicate_share: float = 0.05  # bursts with one message delivered twice
@@ -76,7 +140,9 @@ class Workload:
             (self.leads >= 1, "leads must be at least 1"),
             (self.duration > 0, "duration must be positive"),
             (self.ramp >= 0, "ramp must not be negative"),
+            (self.typing in TYPING_MODELS, f"typing must be one of {', '.join(TYPING_MODELS)} (got {self.typing!r})"),
             (1 <= self.burst_min <= self.burst_max <= 20, "need 1 <= burst_min <= burst_max <= 20"),
+            (isinstance(self.presence, bool), "presence must be true or false"),
             (0 <= self.question_share <= 1, "question_share must be from 0 to 1"),
             (0 <= self.duplicate_share <= 1, "duplicate_share must be from 0 to 1"),
             (0.01 <= self.time_scale <= 1, "time_scale must be from 0.01 to 1"),
@@ -84,29 +150,48 @@ class Workload:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"workload: {message}")
-        for name in ("typing_gap", "think", "agent_latency"):
+        for name in ("typing_gap", "reaction", "typing_wpm", "think", "agent_latency"):
             try:
                 parse_latency(getattr(self, name))
-            except ValueError as exc:
-                raise ConfigError(f"workload: {name}: {exc}") from None
+            except (ValueError, AttributeError) as exc:
+                unit = " (here in words per minute)" if name == "typing_wpm" else ""
+                raise ConfigError(f"workload: {name}: {exc}{unit}") from None
         return self
 
 
-def load_scenario(path: Path, **overrides: Any) -> Workload:
-    """A scenario file: a TOML table with Workload's keys (unknown keys refused)."""
+SCENARIOS = resources.files("daemon") / "scenarios"  # named scenarios, shipped in the package
+
+
+def named_scenarios() -> list[str]:
+    return sorted(f.name.removesuffix(".toml") for f in SCENARIOS.iterdir() if f.name.endswith(".toml"))
+
+
+def load_scenario(scenario: Path | str, **overrides: Any) -> Workload:
+    """A scenario: a TOML table with Workload's keys (unknown keys refused), from a file or
+    by the name of one shipped in daemon/scenarios (`quick-typers`). Overrides that are not
+    None win over the file."""
+    path = Path(scenario)
+    source: Path | Traversable = path
+    if not path.is_file():
+        named = SCENARIOS / f"{scenario}.toml"
+        if "/" in str(scenario) or not named.is_file():
+            raise ConfigError(
+                f"scenario {str(scenario)!r}: no such file, nor a named scenario ({', '.join(named_scenarios())})"
+            )
+        source = named
     try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        doc = tomllib.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{scenario}: {exc}") from None
     known = {f.name: f for f in dataclasses.fields(Workload)}
     unknown = sorted(set(doc) - set(known))
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]}; allowed: {', '.join(known)}")
+        raise ConfigError(f"{scenario}: unknown key {unknown[0]}; allowed: {', '.join(known)}")
     values = {**doc, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return Workload(**values).validated()
     except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{scenario}: {exc}") from None
 
 
 def scaled_overrides(profile: Profile, factor: float) -> dict[str, str]:
@@ -116,11 +201,14 @@ def scaled_overrides(profile: Profile, factor: float) -> dict[str, str]:
     env: dict[str, str] = {"SDR_FEATURES_TYPING_AFTER": repr(profile.features.typing_after * factor)}
     for section, names in (
         ("timeouts", [f.name for f in dataclasses.fields(Timeouts) if f.name not in keep]),
-        ("buffer", ["min_window", "quiet_window", "extended_window"]),
+        # settle_window, presence_settle and typing_ttl are waits of the speculative buffer.
+        ("buffer", ["min_window", "quiet_window", "extended_window", "settle_window", "presence_settle", "typing_ttl"]),
         ("limits", ["lock_backoff", "send_backoff"]),
     ):
         part = getattr(profile, section)
         for name in names:
+            if not hasattr(part, name):  # a knob this version of the config does not have
+                continue
             env[f"SDR_{section.upper()}_{name.upper()}"] = repr(getattr(part, name) * factor)
     return env
 
@@ -232,61 +320,136 @@ _encode = msgspec.json.Encoder().encode
 class Tally:
     """What the load generator saw for one profile."""
 
-    responses: list[float] = field(default_factory=list)  # seconds, per answered burst
+    responses: list[float] = field(default_factory=list)  # lead waits seen live (progress), seconds
     bursts: int = 0
-    messages: int = 0
-    missing: int = 0  # bursts whose reply never came within the patience
-    errors: int = 0  # webhooks not answered 200
+    messages: int = 0  # accepted (200)
+    missing: int = 0  # bursts after which no reply came within the patience
+    errors: int = 0  # message webhooks not answered 200 (duplicates included)
+    duplicates: int = 0  # messages delivered a second time (a retried webhook)
+    presence_posts: int = 0
+    presence_errors: int = 0  # presence webhooks not answered 200 (not the lead's errors)
+    sent: list[SentBurst] = field(default_factory=list)  # every burst, for the per-burst accounting
+
+
+@dataclass(frozen=True)
+class BurstPlan:
+    """One burst, drawn before it is sent (so the draws do not depend on timing)."""
+
+    texts: list[str]
+    waits: list[tuple[float, float]]  # per message: (reaction, typing) before it is sent; scaled seconds
+    duplicate: int | None  # the message delivered twice (a retried webhook), if any
+    think: float  # after the reply, before the next burst; scaled seconds
 
 
 class LeadSimulator:
-    def __init__(self, index: int, run_id: int, workload: Workload, coalesce: bool, patience: float) -> None:
+    def __init__(self, index: int, run_id: int, workload: Workload, patience: float) -> None:
         # 13 digits, unique per run and lead: 55 + area + 9 + run (2) + lead (6).
         self.phone = f"55{11 + index % 80:02d}9{run_id % 100:02d}{index % 10**6:06d}"
         self.rng = random.Random(workload.seed * 1_000_003 + index)  # same per lead, any profile
         self.w = workload
-        self.coalesce = coalesce
         self.patience = patience
         f = workload.time_scale
+        self.scale = f
         self.gap = parse_latency(workload.typing_gap).scaled(f)
+        self.reaction = parse_latency(workload.reaction).scaled(f)
         self.think = parse_latency(workload.think).scaled(f)
+        self.refresh = PRESENCE_REFRESH * f
+        self.wpm: float | None = None
+        if workload.typing == "human":  # drawn once: a lead types at its own speed all along
+            drawn = parse_latency(workload.typing_wpm).sample(self.rng)
+            self.wpm = min(max(drawn, WPM_MIN), WPM_MAX)
         self.count = 0
+
+    @property
+    def chars_per_second(self) -> float | None:
+        return None if self.wpm is None else self.wpm * CHARS_PER_WORD / 60
+
+    def typing_time(self, text: str) -> float:
+        """Seconds (scaled) this lead takes to type `text`; 0 for quick typers."""
+        cps = self.chars_per_second
+        return 0.0 if cps is None else len(text) / cps * self.scale
 
     def _statement(self) -> str:
         return self.rng.choice(STATEMENTS).format(
             name=self.rng.choice(NAMES), value=self.rng.randrange(150, 2500, 10)
         )
 
+    def plan(self) -> BurstPlan:
+        size = self.rng.randint(self.w.burst_min, self.w.burst_max)
+        texts = [self._statement() for _ in range(size)]
+        if self.rng.random() < self.w.question_share:
+            texts[-1] = self.rng.choice(QUESTIONS)  # a question ends a burst, as people write
+        waits: list[tuple[float, float]] = []
+        for i, text in enumerate(texts):
+            if self.w.typing == "quick":
+                waits.append((0.0, 0.0 if i == 0 else self.gap.sample(self.rng)))
+            else:  # the first message is typed after thinking; the others after a reaction
+                waits.append((0.0 if i == 0 else self.reaction.sample(self.rng), self.typing_time(text)))
+        duplicate = self.rng.randrange(size) if self.rng.random() < self.w.duplicate_share else None
+        return BurstPlan(texts, waits, duplicate, self.think.sample(self.rng))
+
     async def run(
         self, http: RawClient, fake: FakeEvolution, tally: Tally, start_at: float, stop_at: float
     ) -> None:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         while time.monotonic() < stop_at:
-            size = self.rng.randint(self.w.burst_min, self.w.burst_max)
-            texts = [self._statement() for _ in range(size)]
-            if self.rng.random() < self.w.question_share:
-                texts[-1] = self.rng.choice(QUESTIONS)  # a question ends a burst, as people write
-            events = []
-            sent = time.time()
-            for i, text in enumerate(texts):
-                self.count += 1
-                sent = time.time()  # the last one counts: response = its reply - this
-                events.append(text_event(self.phone, text, message_id=f"B{self.phone}{self.count:06d}", instance="sdr"))
-                if not await self._post(http, events[-1], tally):
-                    continue
-                tally.messages += 1
-                if i < size - 1:
-                    await asyncio.sleep(self.gap.sample(self.rng))
-            if self.rng.random() < self.w.duplicate_share:
-                await self._post(http, self.rng.choice(events), tally)  # a retried delivery
+            plan = self.plan()
+            burst = await self.send_burst(http, plan, tally, stop_at)
             tally.bursts += 1
-            arrived = await fake.wait_replies(self.phone, 1 if self.coalesce else size, sent, self.patience)
-            if arrived is None:
-                tally.missing += 1
-                fake.forget(self.phone)
-            else:
-                tally.responses.append(arrived[-1] - sent)
-            await asyncio.sleep(self.think.sample(self.rng))
+            tally.sent.append(burst)
+            last = burst.last
+            if last is not None:  # a reply after its last message, whatever it answers
+                arrived = await fake.wait_replies(self.phone, 1, last[1], self.patience)
+                if arrived is None:
+                    tally.missing += 1
+                    fake.forget(self.phone)
+                else:
+                    tally.responses.append(arrived[0] - last[1])
+            await asyncio.sleep(plan.think)
+
+    async def send_burst(self, http: RawClient, plan: BurstPlan, tally: Tally, stop_at: float) -> SentBurst:
+        """Types and posts the burst's messages (with presence around each, if asked); no
+        message after `stop_at` but the first (the burst ends with what was sent)."""
+        burst = SentBurst(self.phone)
+        events: list[dict[str, Any]] = []
+        for i, (text, (reaction, typing)) in enumerate(zip(plan.texts, plan.waits, strict=True)):
+            if i and time.monotonic() + reaction + typing > stop_at:
+                break
+            await asyncio.sleep(reaction)
+            await self._type(http, typing, tally)
+            self.count += 1
+            message_id = f"B{self.phone}{self.count:06d}"
+            events.append(text_event(self.phone, text, message_id=message_id, instance="sdr"))
+            ok = await self._post(http, events[-1], tally)
+            burst.add(message_id, time.time() if ok else None)
+            if ok:
+                tally.messages += 1
+            if self.w.presence:  # sending a message ends WhatsApp's typing state
+                await self._presence(http, "paused", tally)
+        if plan.duplicate is not None and plan.duplicate < len(events):
+            tally.duplicates += 1
+            await self._post(http, events[plan.duplicate], tally)  # a retried delivery
+        return burst
+
+    async def _type(self, http: RawClient, seconds: float, tally: Tally) -> None:
+        """Typing one message for `seconds`: "composing" at the start and every 10 s
+        (scaled) while it lasts, with presence on."""
+        end = time.monotonic() + seconds
+        if self.w.presence:
+            await self._presence(http, "composing", tally)
+            while end - time.monotonic() > self.refresh:
+                await asyncio.sleep(self.refresh)
+                await self._presence(http, "composing", tally)
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+
+    async def _presence(self, http: RawClient, state: str, tally: Tally) -> None:
+        tally.presence_posts += 1
+        try:
+            ok = await http.post("/webhook/evolution", _encode(presence_event(self.phone, state, instance="sdr"))) == 200
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            ok = False
+        if not ok:
+            tally.presence_errors += 1
 
     async def _post(self, http: RawClient, event: dict[str, Any], tally: Tally) -> bool:
         try:
@@ -301,21 +464,6 @@ class LeadSimulator:
 # --- results ------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (p in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def spread(values: list[float]) -> dict[str, float | None]:
-    return {
-        "p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
-        "max": max(values) if values else None, "n": len(values),
-    }  # fmt: skip
-
-
 @dataclass
 class ProfileResult:
     profile: str
@@ -323,17 +471,26 @@ class ProfileResult:
     tally: Tally
     elapsed: float
     turns: dict[str, Any]
+    bursts: BurstFigures | None = None
 
     def summary(self) -> dict[str, Any]:
+        """The figures; `response_s` is the burst response (see daemon/bursts.py),
+        `lead_wait_s` what the lead waited for any reply."""
         t = self.tally
+        per_burst = self.bursts.summary() if self.bursts is not None else {}
         return {
             "profile": self.profile,
             "leads": self.leads,
-            "response_s": spread(t.responses),
+            "response_s": per_burst.get("response_s", spread([])),
+            "lead_wait_s": per_burst.get("lead_wait_s", spread(t.responses)),
             "bursts": t.bursts,
             "messages": t.messages,
+            **{k: v for k, v in per_burst.items() if k not in ("response_s", "lead_wait_s")},
             "missing_replies": t.missing,
             "webhook_errors": t.errors,
+            "duplicate_posts": t.duplicates,
+            "presence_posts": t.presence_posts,
+            "presence_errors": t.presence_errors,
             "throughput_msgs_per_s": t.messages / self.elapsed if self.elapsed else 0.0,
             **self.turns,
         }
@@ -379,6 +536,115 @@ async def turn_stats(database_url: str, since: float) -> dict[str, Any]:
     }
 
 
+# Outbox states that may still be delivered (the rest are final: sent, failed, local).
+_OPEN_SENDS = ["pending", "sending", "undelivered", "uncertain"]
+
+
+async def settle(database_url: str, ids: list[str], deadline: float) -> None:
+    """Waits (until `deadline`, a time.monotonic()) for every stored message of the run to
+    have a turn whose reply is no longer on its way, so the last bursts are judged on
+    what happened to them, not on when the leads stopped."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await init_connection(conn)
+        while time.monotonic() < deadline:
+            open_ = await conn.fetchval(
+                """SELECT count(*) FROM messages m
+                    WHERE m.direction = 'in' AND m.provider_id = ANY($1::text[])
+                      AND (m.turn_id IS NULL OR EXISTS (
+                           SELECT 1 FROM outbox o WHERE o.turn_id = m.turn_id AND o.status = ANY($2::text[])))""",
+                ids, _OPEN_SENDS,
+            )  # fmt: skip
+            if not open_:
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+async def burst_records(
+    database_url: str, since: float, ids: list[str], delivered_at: Mapping[str, float]
+) -> tuple[dict[str, int | None], dict[int, list[float]], int]:
+    """From the daemon's database: message -> turn, turn -> when each part of its reply
+    reached the lead (the fake's arrival time for the key id the send returned; the
+    outbox's sent_at if the fake did not see that id), and the replies thrown away since
+    `since`."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await init_connection(conn)
+        rows = await conn.fetch(
+            "SELECT provider_id, turn_id FROM messages WHERE direction = 'in' AND provider_id = ANY($1::text[])", ids
+        )
+        stored = {r["provider_id"]: r["turn_id"] for r in rows}
+        turns = sorted({t for t in stored.values() if t is not None})
+        parts = await conn.fetch(
+            """SELECT turn_id, provider_id, status, extract(epoch FROM sent_at)::float8 AS sent_at
+                 FROM outbox WHERE turn_id = ANY($1::bigint[]) ORDER BY turn_id, id""",
+            turns,
+        )
+        discarded = 0
+        if await conn.fetchval("SELECT to_regclass('discarded_replies') IS NOT NULL"):
+            discarded = await conn.fetchval(
+                "SELECT count(*) FROM discarded_replies WHERE discarded_at >= to_timestamp($1)", since
+            )
+    finally:
+        await conn.close()
+    deliveries: dict[int, list[float]] = {}
+    for r in parts:
+        at = delivered_at.get(r["provider_id"]) if r["provider_id"] else None
+        if at is None and r["status"] == "sent":
+            at = r["sent_at"]
+        if at is not None:
+            deliveries.setdefault(r["turn_id"], []).append(at)
+    return stored, deliveries, discarded
+
+
+class CpuMeter:
+    """User+system CPU seconds of a daemon process and its Python children (the media
+    workers; not the embedded PostgreSQL and Redis it may have started), from `start()`
+    on. None where psutil or the process cannot be read."""
+
+    def __init__(self, pid: int | None) -> None:
+        self._root: Any = None
+        self._start: dict[int, float] = {}
+        if pid is None:
+            return
+        try:
+            import psutil
+
+            self._root = psutil.Process(pid)
+            self._exe = self._root.exe()
+        except Exception:  # noqa: BLE001 - no psutil, no process, no permission: not measured
+            self._root = None
+
+    def _times(self) -> dict[int, float] | None:
+        if self._root is None:
+            return None
+        try:
+            procs = [self._root, *self._root.children(recursive=True)]
+        except Exception:  # noqa: BLE001 - the daemon is gone
+            return None
+        out: dict[int, float] = {}
+        for p in procs:
+            try:
+                if p is not self._root and p.exe() != self._exe:
+                    continue
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system + t.children_user + t.children_system
+            except Exception:  # noqa: BLE001, S112 - a child that ended meanwhile
+                continue
+        return out
+
+    def start(self) -> None:
+        self._start = self._times() or {}
+
+    def seconds(self) -> float | None:
+        now = self._times()
+        if now is None:
+            return None
+        return sum(v - self._start.get(pid, 0.0) for pid, v in now.items())
+
+
 # --- a run --------------------------------------------------------------------------
 
 
@@ -405,11 +671,22 @@ async def run_bench(
         return await _drive(daemons, fake, workload, progress, progress_every)
 
 
+def patience_for(p: Profile, w: Workload) -> float:
+    """How long a lead waits for a reply after its last message: long enough for the
+    slowest legitimate answer (the window cap, the speculative settle, the agent timeout,
+    the send; all scaled) plus a second of slack for a loaded machine."""
+    settle_s = p.buffer.settle_window if getattr(p.buffer, "speculate", False) else 0.0
+    return (p.timeouts.message_buffer + settle_s + p.timeouts.agent + p.timeouts.evolution_send) * w.time_scale + 1.0
+
+
 async def _drive(
     daemons: Sequence[Target], fake: FakeEvolution, w: Workload, progress: Progress | None,
     every: float, run: int = 0,
 ) -> list[ProfileResult]:  # fmt: skip
     since = time.time()
+    meters = [CpuMeter(getattr(getattr(d, "process", None), "pid", None)) for d in daemons]
+    for m in meters:
+        m.start()
     start = time.monotonic()
     stop_at = start + w.duration * w.time_scale
     tallies = {d.profile.name: Tally() for d in daemons}
@@ -417,13 +694,11 @@ async def _drive(
     clients = []
     for n, d in enumerate(daemons):
         p = d.profile
-        # Long enough for the slowest legitimate answer: the window cap, the agent timeout,
-        # the sends (all scaled), plus a second of slack for a loaded machine.
-        patience = (p.timeouts.message_buffer + p.timeouts.agent + p.timeouts.evolution_send) * w.time_scale + 1.0
+        patience = patience_for(p, w)
         http = RawClient(d.url, size=100, timeout=p.timeouts.webhook)
         clients.append(http)
         for i in range(w.leads):
-            lead = LeadSimulator(i, run * len(daemons) + n, w, p.buffer.coalesce, patience)
+            lead = LeadSimulator(i, run * len(daemons) + n, w, patience)
             begin = start + (w.ramp * w.time_scale) * i / max(1, w.leads)
             tasks.append(asyncio.create_task(lead.run(http, fake, tallies[p.name], begin, stop_at)))
     try:
@@ -440,26 +715,47 @@ async def _drive(
         for http in clients:
             await http.aclose()
     elapsed = time.monotonic() - start
-    return [
-        ProfileResult(d.profile.name, w.leads, tallies[d.profile.name], elapsed, await turn_stats(d.database_url, since))
-        for d in daemons
-    ]
+    ids = {d.profile.name: [m for b in tallies[d.profile.name].sent for m in b.ids] for d in daemons}
+    deadline = time.monotonic() + max(patience_for(d.profile, w) for d in daemons)
+    await asyncio.gather(*(settle(d.database_url, ids[d.profile.name], deadline) for d in daemons))
+    cpu = [m.seconds() for m in meters]
+    results = []
+    for d, cpu_s in zip(daemons, cpu, strict=True):
+        name = d.profile.name
+        turns = await turn_stats(d.database_url, since)
+        stored, deliveries, discarded = await burst_records(d.database_url, since, ids[name], fake.delivered_at)
+        figures = account(
+            tallies[name].sent, stored, deliveries, turns=turns["turns"], discarded=discarded, cpu_seconds=cpu_s
+        )
+        results.append(ProfileResult(name, w.leads, tallies[name], elapsed, turns, figures))
+    return results
+
+
+# The figures `compare` puts side by side (B/A): where to find each in a summary.
+_COMPARED: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "response_p50": lambda s: s["response_s"]["p50"],
+    "response_p95": lambda s: s["response_s"]["p95"],
+    "response_p99": lambda s: s["response_s"]["p99"],
+    "lead_wait_p95": lambda s: s["lead_wait_s"]["p95"],
+    "split_rate": lambda s: s.get("split_rate"),
+    "replies_per_burst": lambda s: s.get("replies_per_burst"),
+    "agent_calls_per_turn": lambda s: s.get("agent_calls_per_turn"),
+    "lost": lambda s: s.get("bursts_by_outcome", {}).get("lost"),
+    "unanswered": lambda s: s.get("bursts_by_outcome", {}).get("unanswered"),
+    "cpu_s_per_turn": lambda s: s.get("cpu_s_per_turn"),
+    "throughput": lambda s: s["throughput_msgs_per_s"],
+    "turns": lambda s: s["turns"],
+}
 
 
 def compare(a: ProfileResult, b: ProfileResult) -> dict[str, float | None]:
-    """Ratios B/A of the headline figures."""
+    """Ratios B/A of the headline figures (None where A's is 0 or either is unknown)."""
 
     def ratio(x: float | None, y: float | None) -> float | None:
         return None if x in (None, 0) or y is None else y / x
 
     sa, sb = a.summary(), b.summary()
-    return {
-        "response_p50": ratio(sa["response_s"]["p50"], sb["response_s"]["p50"]),
-        "response_p95": ratio(sa["response_s"]["p95"], sb["response_s"]["p95"]),
-        "throughput": ratio(sa["throughput_msgs_per_s"], sb["throughput_msgs_per_s"]),
-        "turns": ratio(sa["turns"], sb["turns"]),
-    }
-
+    return {name: ratio(get(sa), get(sb)) for name, get in _COMPARED.items()}
 
 
 # --- capacity -----------------------------------------------------------------------
@@ -468,10 +764,27 @@ def compare(a: ProfileResult, b: ProfileResult) -> dict[str, float | None]:
 @dataclass
 class CapacityStep:
     leads: int
-    p95: float | None
+    p95: float | None  # the burst response's
     missing: int
     timeout_rate: float
     held: bool
+    lost: int = 0
+    unanswered: int = 0
+    split_rate: float | None = None
+
+
+def held_slo(s: dict[str, Any], limit: float, max_timeout_rate: float) -> bool:
+    """A run held the SLO: the burst response's P95 within `limit`, no message lost, at most
+    1 % of the bursts unanswered or left without a reply within the patience, and timeouts
+    within the SLO's rate."""
+    p95 = s["response_s"]["p95"]
+    outcomes = s.get("bursts_by_outcome", {})
+    budget = 0.01 * max(1, s["bursts"])
+    return (
+        p95 is not None and p95 <= limit and outcomes.get("lost", 0) == 0
+        and outcomes.get("unanswered", 0) <= budget and s["missing_replies"] <= budget
+        and s["timeout_rate"] <= max_timeout_rate
+    )  # fmt: skip
 
 
 async def find_capacity(
@@ -479,9 +792,10 @@ async def find_capacity(
     config_path: str | None = None, max_leads: int = 5000,
     progress: Callable[[str, list[CapacityStep]], None] | None = None,
 ) -> list[CapacityStep]:  # fmt: skip
-    """Doubles the leads from `workload.leads` until P95 breaks the SLO (or replies go
-    missing, or timeouts pass the SLO), then bisects once between the last that held and
-    the first that broke. One daemon for the profile, a fresh set of leads per step."""
+    """Doubles the leads from `workload.leads` until the burst response's P95 breaks the SLO
+    (or messages are lost, bursts go unanswered, timeouts pass the SLO: `held_slo`), then
+    bisects once between the last that held and the first that broke. One daemon for the
+    profile, a fresh set of leads per step."""
     workload.validated()
     p = load_profile(profile)
     limit = slo_p95 * workload.time_scale
@@ -493,12 +807,12 @@ async def find_capacity(
                 w = dataclasses.replace(workload, leads=leads)
                 [r] = await _drive([daemon], fake, w, None, 1.0, run=len(steps) + 1)
                 s = r.summary()
-                p95 = s["response_s"]["p95"]
-                held = (
-                    p95 is not None and p95 <= limit and r.tally.missing <= 0.01 * max(1, r.tally.bursts)
-                    and s["timeout_rate"] <= max_timeout_rate
-                )  # fmt: skip
-                steps.append(CapacityStep(leads, p95, r.tally.missing, s["timeout_rate"], held))
+                outcomes = s.get("bursts_by_outcome", {})
+                steps.append(CapacityStep(
+                    leads, s["response_s"]["p95"], r.tally.missing, s["timeout_rate"],
+                    held_slo(s, limit, max_timeout_rate), outcomes.get("lost", 0), outcomes.get("unanswered", 0),
+                    s.get("split_rate"),
+                ))  # fmt: skip
                 if progress is not None:
                     progress(p.name, steps)
                 return steps[-1]

@@ -119,15 +119,15 @@ if due then return tostring(due - now) end
 return false
 """
 
-# What a held reply needs to know: a newer message is pending (the lead is in DUE), the
-# lead is typing, the lead is known to send presence.
+# What a held reply needs to know: whether the lead is armed again (in DUE: a message
+# arrived, or a copy of one Evolution delivered twice), is typing, is known to send presence.
 _STATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local typing = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]))
 local seen = tonumber(redis.call('ZSCORE', KEYS[4], ARGV[1]))
 return {
-  redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0,
+  redis.call('ZSCORE', KEYS[1], ARGV[1]) or '',
   (typing and typing > now) and 1 or 0,
   (seen and seen > now - tonumber(ARGV[2])) and 1 or 0,
 }
@@ -136,7 +136,7 @@ return {
 
 @dataclass(frozen=True)
 class LeadState:
-    pending: bool  # a message arrived after the burst being answered was claimed
+    pending: str  # the lead's deadline when it is armed again (a message arrived), else ""
     typing: bool  # "composing" seen and not yet ended
     present: bool  # this lead's presence reaches us
 
@@ -200,7 +200,7 @@ class MessageBuffer:
 
     async def state(self, member: str) -> LeadState:
         pending, typing, present = await self._state(keys=KEYS, args=[member, self.presence_memory])
-        return LeadState(bool(pending), bool(typing), bool(present))
+        return LeadState(pending.decode() if isinstance(pending, bytes) else str(pending), bool(typing), bool(present))
 
     async def claim_due(self) -> list[str]:
         """Takes the members whose window has closed (and who are not typing); each is

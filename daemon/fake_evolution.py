@@ -257,6 +257,9 @@ class FakeEvolution:
     # bare 400 gets the real transient body (`transient_error`), others their real shape.
     answers: list[int | tuple[int, Any]] = field(default_factory=list)
     arrivals: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    # Every delivered message's key id -> its arrival (time.time()), kept whatever
+    # keep_bodies says: the bench matches the outbox's provider_id to when the lead saw it.
+    delivered_at: dict[str, float] = field(default_factory=dict)
     url: str = ""
     # Media the fake can hand out by message id, as base64 (getBase64FromMediaMessage).
     media: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (base64, mimetype)
@@ -375,6 +378,7 @@ class FakeEvolution:
             }  # fmt: skip
         body.update(messageType="conversation", messageTimestamp=int(now), instanceId=self.instance_id, source="web")
         self.arrivals[number].append(now)
+        self.delivered_at[sent_id] = now
         if number in self._signals:
             self._signals[number].set()
         if self.keep_bodies:

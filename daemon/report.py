@@ -6,7 +6,8 @@ queries run in one read-only REPEATABLE READ transaction: the figures share one 
 and agree with each other. A turn belongs to the window [start, end) by its finished_at.
 
 Follow-ups are counted apart from the turns (a window may hold follow-ups and no turn): see
-FOLLOW_UPS."""
+FOLLOW_UPS. How bursts were answered (replies that interrupted a lead still typing, replies
+thrown away, agent calls per turn): see BurstStats and BURSTS."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ WORK_MEM = "64MB"
 # Listed (zeros included) in this order, so the JSON keeps its keys; other kinds follow by name.
 FOLLOW_UP_KINDS = ("reengage", "nurture", "meeting_confirmation", "meeting_reminder")
 REPLY_WITHIN = timedelta(hours=24)  # a lead's message this soon after a follow-up is its reply
+# A lead's message this soon after a reply was delivered (not joined to the reply's turn):
+# the lead was still typing when we answered. `--interrupt-window` changes it, within the bounds.
+INTERRUPT_WINDOW = timedelta(seconds=5)
+INTERRUPT_WINDOW_MIN_S, INTERRUPT_WINDOW_MAX_S = 0.1, 60.0
 
 SINCE = re.compile(r"^(\d+)\s*([mhdw])$")
 UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -72,6 +77,22 @@ def parse_time(option: str, text: str) -> datetime:
             f"{option} {text!r}: use an ISO 8601 date or time, such as 2026-11-01 or 2026-11-01T14:00:00-03:00"
         ) from None
     return when if when.tzinfo else when.astimezone()  # a bare date or time is local time
+
+
+def interrupt_window(text: str | float) -> timedelta:
+    """--interrupt-window: seconds after a delivered reply in which a lead's message means
+    the reply interrupted a burst; whole microseconds (the database's resolution)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and INTERRUPT_WINDOW_MIN_S <= seconds <= INTERRUPT_WINDOW_MAX_S):
+        raise ConfigError(
+            f"--interrupt-window {text!r}: use a number of seconds from {INTERRUPT_WINDOW_MIN_S:g} to "
+            f"{INTERRUPT_WINDOW_MAX_S:g}, such as 5: how soon after a reply is delivered a message of the "
+            "lead means it was still typing"
+        )
+    return timedelta(microseconds=round(seconds * 1_000_000))
 
 
 def resolve_window(
@@ -187,6 +208,48 @@ class FollowUpStats:
 
 
 @dataclass(frozen=True)
+class BurstStats:
+    """How the window's bursts were answered (see BURSTS for the exact query).
+
+    - `replies`: turns finished in the window whose reply was delivered: the turn's first
+      outbox row (lowest id) has status 'sent'; its sent_at is the delivery time.
+    - `interrupted` (an estimate): those replies after which the lead sent a message within
+      `interrupt_window`: an inbound message of the lead with delivery < received_at <=
+      delivery + interrupt_window, whose turn_id is NULL or another turn's (the reply did
+      not include it). The lead was most likely still typing the burst we answered; a lead
+      who reads and answers that fast is counted too, hence an estimate.
+    - `discarded`: rows of discarded_replies with discarded_at in the window: replies the
+      agent wrote and the daemon threw away because a newer message overtook them.
+    - agent calls per turn = (turns + discarded) / turns: 1.00 when no reply was thrown away."""
+
+    interrupt_window: timedelta = INTERRUPT_WINDOW
+    turns: int = 0
+    replies: int = 0
+    interrupted: int = 0
+    discarded: int = 0
+
+    @property
+    def interrupted_rate(self) -> float | None:
+        return self.interrupted / self.replies if self.replies else None
+
+    @property
+    def agent_calls(self) -> int:
+        return self.turns + self.discarded
+
+    @property
+    def agent_calls_per_turn(self) -> float | None:
+        return self.agent_calls / self.turns if self.turns else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "interrupt_window_s": self.interrupt_window.total_seconds(), "replies": self.replies,
+            "interrupted": self.interrupted, "interrupted_rate": self.interrupted_rate,
+            "discarded_replies": self.discarded, "agent_calls": self.agent_calls,
+            "agent_calls_per_turn": self.agent_calls_per_turn,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Report:
     window: Window
     turns: int
@@ -201,6 +264,7 @@ class Report:
     timeline: list[Point] = field(default_factory=list)
     histogram: list[Bin] = field(default_factory=list)
     followups: list[FollowUpStats] = field(default_factory=list)  # per kind
+    bursts: BurstStats = field(default_factory=BurstStats)
 
     @property
     def empty(self) -> bool:
@@ -248,6 +312,7 @@ class Report:
                 "kinds": {s.kind: s.to_dict() for s in self.followups},
                 "total": self.followups_total.to_dict(),
             },
+            "bursts": self.bursts.to_dict(),
         }
 
 
@@ -385,6 +450,64 @@ SELECT f.kind, count(*) FILTER (WHERE f.status = 'sent') AS sent,
 """
 
 
+# Interrupted replies and thrown-away ones (BurstStats says what each figure means); $3 is
+# the interrupt window. The path follows the indexes, reading each lead's rows once:
+# - the window's turns by finished_at;
+# - their first outbox rows through outbox (phone_number, id), under every identity the
+#   lead's replies may have gone to (its phone and its LID: a reply stored before the two
+#   were linked carries the identity of its day);
+# - the leads' inbound messages through messages (conversation_id, id), from the turns'
+#   conversations and each lead's open one, kept only from the first delivery to the last
+#   one plus $3.
+# Then a hash join on (lead, slot): time cut in slots of $3 (date_bin, exact to the
+# microsecond), a message within $3 after a delivery is in the delivery's slot or the next,
+# so each reply meets only the few messages of two slots (a join on the lead alone compares
+# every reply of a lead with every message of that lead).
+# received_at and sent_at are both the database's clock.
+BURSTS = f"""
+WITH t AS MATERIALIZED (
+    SELECT id, lead_id, conversation_id FROM turns WHERE {RANGE}),
+identities AS (
+    SELECT phone_number AS identity FROM leads WHERE id IN (SELECT lead_id FROM t)
+    UNION
+    SELECT lid FROM leads WHERE id IN (SELECT lead_id FROM t) AND lid IS NOT NULL),
+replies AS MATERIALIZED (
+    SELECT f.turn_id AS id, f.lead_id, f.sent_at
+      FROM (SELECT DISTINCT ON (o.turn_id) o.turn_id, t.lead_id, o.status, o.sent_at
+              FROM identities i
+              CROSS JOIN LATERAL (SELECT o.id, o.turn_id, o.status, o.sent_at FROM outbox o
+                                   WHERE o.phone_number = i.identity) o
+              JOIN t ON t.id = o.turn_id
+             ORDER BY o.turn_id, o.id) f
+     WHERE f.status = 'sent' AND f.sent_at IS NOT NULL),
+conversations_read AS (
+    SELECT conversation_id AS id FROM t
+    UNION
+    SELECT c.id FROM conversations c WHERE c.status = 'open' AND c.lead_id IN (SELECT lead_id FROM t)),
+after AS MATERIALIZED (
+    SELECT m.lead_id, m.received_at, m.turn_id,
+           date_bin($3::interval, m.received_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS slot
+      FROM conversations_read c
+      CROSS JOIN LATERAL (
+           SELECT m.lead_id, m.received_at, m.turn_id FROM messages m
+            WHERE m.conversation_id = c.id AND m.direction = 'in'
+              AND m.received_at > (SELECT min(sent_at) FROM replies)
+              AND m.received_at <= (SELECT max(sent_at) FROM replies) + $3::interval) m),
+probes AS MATERIALIZED (  -- each reply twice: its slot and the next
+    SELECT r.id, r.lead_id, r.sent_at,
+           date_bin($3::interval, r.sent_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') + next.n * $3::interval AS slot
+      FROM replies r CROSS JOIN (VALUES (0), (1)) AS next(n)),
+interrupted AS (
+    SELECT DISTINCT p.id
+      FROM probes p JOIN after m ON m.lead_id = p.lead_id AND m.slot = p.slot
+     WHERE m.received_at > p.sent_at AND m.received_at <= p.sent_at + $3::interval
+       AND m.turn_id IS DISTINCT FROM p.id)
+SELECT (SELECT count(*) FROM replies) AS replies,
+       (SELECT count(*) FROM interrupted) AS interrupted,
+       (SELECT count(*) FROM discarded_replies WHERE discarded_at >= $1 AND discarded_at < $2) AS discarded
+"""
+
+
 def stage_sort_key(name: str) -> tuple[int, str]:
     return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
 
@@ -409,8 +532,9 @@ def histogram_edges(upper_ms: float) -> list[float]:
 
 
 async def build_report(
-    conn: asyncpg.Connection, window: Window, slo: SloSettings, slowest: int = 10
-) -> Report:
+    conn: asyncpg.Connection, window: Window, slo: SloSettings, slowest: int = 10,
+    interrupt_window: timedelta = INTERRUPT_WINDOW,
+) -> Report:  # fmt: skip
     """The report of the turns that finished in `window`, against `slo`."""
     args = (window.start, window.end)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -420,8 +544,11 @@ async def build_report(
         columns = "".join(STAGE_COLUMNS.format(n=i + 3, i=i) for i in range(len(keys)))
         row = await conn.fetchrow(TOTALS.format(stages=columns), *args, *keys)
         assert row is not None
+        b = await conn.fetchrow(BURSTS, *args, interrupt_window)
+        assert b is not None
+        bursts = BurstStats(interrupt_window, row["turns"], b["replies"], b["interrupted"], b["discarded"])
         if row["turns"] == 0:
-            return Report(window, 0, kpis(slo), followups=followups)
+            return Report(window, 0, kpis(slo), followups=followups, bursts=bursts)
         p50, p95, p99 = row["response"] if row["responded"] else (None, None, None)
         peak = await conn.fetchval(PEAK, *args)
         stages = _stages(keys, row, await conn.fetch(INCIDENTS, *args))
@@ -444,7 +571,7 @@ async def build_report(
              misses=row["misses"], peak=peak, messages=row["messages"]),
         response_p50_ms=p50, response_p99_ms=p99, responded=row["responded"], stages=stages,
         outcomes=outcomes, slowest=slow, step=step, timeline=timeline, histogram=histogram,
-        followups=followups,
+        followups=followups, bursts=bursts,
     )  # fmt: skip
 
 

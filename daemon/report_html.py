@@ -49,6 +49,7 @@ svg text{font:13px system-ui,sans-serif;fill:#334155}
 table{border-collapse:collapse;width:100%;font-size:.9rem}
 th,td{padding:6px 10px;text-align:right;white-space:nowrap;border-bottom:1px solid #f1f5f9}
 th:first-child,td:first-child,.l{text-align:left}
+td.wrap{white-space:normal;min-width:16em}
 th{background:#f1f5f9;font-weight:600}
 .empty{background:#fff;border:1px solid #e2e8f0;border-radius:8px;padding:24px;font-size:1.1rem}
 """
@@ -71,7 +72,7 @@ def render(report: Report) -> str:
         body = f'<p class="empty">Nothing to report between {e(report.window.describe())}: no turns finished in this window.</p>'
     else:
         body = "".join((_cards(report), _charts(report), _stage_table(report.stages),
-                        _outcomes(report), _slowest(report)))  # fmt: skip
+                        _outcomes(report), _bursts(report), _slowest(report)))  # fmt: skip
     # Follow-ups go out on their own schedule: shown even in a window without turns.
     if report.followups_total.active:
         body += _followups(report)
@@ -132,6 +133,24 @@ def _outcomes(report: Report) -> str:
         for name, n in report.outcomes.items()
     )
     return f'<h2>Outcomes</h2><div class="scroll"><table><tr><th>outcome</th><th>turns</th><th>share</th></tr>{rows}</table></div>'
+
+
+def _bursts(report: Report) -> str:
+    b = report.bursts
+    seconds = f"{b.interrupt_window.total_seconds():g}"
+    rows = (
+        ("interrupted replies (estimate)",
+         f"{b.interrupted:,} of {b.replies:,} ({format_value(b.interrupted_rate, 'percent')})",
+         f"the lead wrote within {seconds} s after the reply was delivered, a message the reply did not answer"),
+        ("discarded replies", f"{b.discarded:,}",
+         "replies written and thrown away: a newer message of the lead overtook them"),
+        ("agent calls per turn", format_value(b.agent_calls_per_turn, "ratio"),
+         f"(turns {b.turns:,} + discarded {b.discarded:,}) / turns {b.turns:,}"),
+    )  # fmt: skip
+    body = "".join(f'<tr><td>{e(k)}</td><td>{e(v)}</td><td class="l wrap">{e(how)}</td></tr>' for k, v, how in rows)
+    head = '<tr><th>figure</th><th>value</th><th class="l">how it is counted</th></tr>'
+    return (f'<h2>Bursts</h2><p class="sub">replies sent while the lead was still typing, and replies '
+            f'thrown away</p><div class="scroll"><table>{head}{body}</table></div>')  # fmt: skip
 
 
 def _slowest(report: Report) -> str:

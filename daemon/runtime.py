@@ -275,7 +275,9 @@ class Runtime:
         Redis restart without persistence, a crash between steps); re-queue its lead."""
         p = self.config.profile
         t = p.timeouts
-        age = (t.message_buffer + t.reply_hold + p.buffer.settle_window + t.redis_lock_ttl + t.agent
+        # (A reply held for a typing lead, up to reply_hold, is not counted: re-queueing a
+        # lead whose turn is running only leaves the hand-off flag for it.)
+        age = (t.message_buffer + p.buffer.settle_window + t.redis_lock_ttl + t.agent
                + t.evolution_send * p.limits.send_attempts)
         stale = await self.store.stale_unanswered(age)
         for phone, message_id in stale:

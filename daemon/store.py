@@ -338,6 +338,14 @@ class Store:
             return None
         return FinishedTurn(row["turn_id"], list(row["outbox_ids"]), row["lead"])
 
+    async def newer_message(self, lead_id: int, last_id: int) -> bool:
+        """Whether the lead wrote a message after `last_id` that is still unanswered."""
+        return bool(await self.pool.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM messages WHERE lead_id = $1 AND direction = 'in'
+                                 AND turn_id IS NULL AND id > $2)""",
+            lead_id, last_id, timeout=self.timeout,
+        ))  # fmt: skip
+
     async def discard_reply(self, lead_id: int, message_ids: list[int], reason: str, agent_ms: float | None) -> None:
         """A reply the agent wrote, thrown away: an agent call paid for and unread."""
         await self.pool.execute(

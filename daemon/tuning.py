@@ -1,5 +1,6 @@
 """Tuning a profile: its knobs as data, validated edits written atomically, comparisons,
-and stage timeouts recommended from the latencies the `turns` table recorded.
+stage timeouts recommended from the latencies the `turns` table recorded, and the buffer's
+windows recommended from the pauses leads make inside their bursts (`messages`).
 
 `sdrctl tune` renders what these functions return; nothing here prints. Profiles are read
 without `SDR_` environment overrides: tune works on the file, not on one process's view."""
@@ -15,6 +16,7 @@ import tempfile
 import tomllib
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import tomli_w
 # The loader's own coercion and wording, so `tune set` accepts exactly what loading accepts.
 from daemon.config import (
     PROFILE_SECTIONS,
+    Buffer,
     Profile,
     Timeouts,
     _coerce,
@@ -330,7 +333,7 @@ def parse_duration(text: str, option: str = "--since") -> timedelta:
     return delta
 
 
-def check_options(headroom: float, min_samples: int) -> None:
+def check_options(headroom: float, min_samples: int, burst_coverage: float = 0.98) -> None:
     if not (math.isfinite(headroom) and MIN_HEADROOM <= headroom <= 100):
         raise ConfigError(
             f"--headroom {headroom:g}: must be from {MIN_HEADROOM:g} to 100; below twice the P99 "
@@ -338,6 +341,12 @@ def check_options(headroom: float, min_samples: int) -> None:
         )
     if min_samples < 1:
         raise ConfigError(f"--min-samples {min_samples}: must be at least 1")
+    if not (math.isfinite(burst_coverage) and COVERAGE_MIN <= burst_coverage <= COVERAGE_MAX):
+        raise ConfigError(
+            f"--burst-coverage {burst_coverage:g}: must be from {COVERAGE_MIN:g} to {COVERAGE_MAX:g}, "
+            "the share of the pauses inside bursts that settle_window waits out (0.98: all but the "
+            "longest 2 %)"
+        )
 
 
 async def stage_latencies(conn: asyncpg.Connection, since: timedelta) -> dict[str, StageStats]:
@@ -377,3 +386,197 @@ def propose(
             value, note = hi, f"cut to the knob's maximum {hi:g} s: the stage itself needs a look"
         out.append(Proposal(stage, key, current, s, value, note))
     return out
+
+
+# --- recommending the buffer's windows from the pauses inside bursts -------------------
+#
+# A lead types a burst at human speed: a pause of seconds between its messages (the time to
+# type the next one). An in-burst gap is the time between two consecutive inbound messages
+# of a conversation with no outbound message between them (no reply, no follow-up), both
+# received in the --since window, at most MAX_GAP apart (longer: a new conversation, not a
+# pause). received_at is our clock, to the microsecond (provider_ts is the phone's, in whole
+# seconds). A gap longer than settle_window lets the reply go before the next message: the
+# burst is split (the lead gets a reply in the middle of it).
+
+MAX_GAP = timedelta(seconds=120)
+GAP_QUANTILES = (0.5, 0.9, 0.95, 0.98, 0.99)
+SETTLE_CANDIDATES = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0)  # the trade-off table's rows (s)
+COVERAGE_MIN, COVERAGE_MAX = 0.5, 0.999
+GAPS_WORK_MEM = "64MB"  # as the report's: SET LOCAL, this query only
+
+# Conversations by the turns that finished in the window (turns_finished_at_idx), their
+# messages through messages (conversation_id, id): a lead's messages in order, reply or not.
+# $1: --since; $2: MAX_GAP; $3: the quantiles; $4: the coverage; $5: thresholds (s) to
+# count the gaps above. The gaps are numeric seconds (exact microseconds), so the covering
+# gap is rounded up to 0.1 s exactly (ceil(covering * 10) / 10), and that value is counted
+# too; the settle_window proposal is that value (within the knob's range).
+BURST_GAPS = """
+WITH conversations_read AS (
+    SELECT DISTINCT conversation_id AS id FROM turns WHERE finished_at >= now() - $1::interval),
+ordered AS (
+    SELECT m.direction, lag(m.direction) OVER w AS previous, m.received_at - lag(m.received_at) OVER w AS gap
+      FROM conversations_read c
+      CROSS JOIN LATERAL (SELECT m.conversation_id, m.id, m.direction, m.received_at FROM messages m
+                           WHERE m.conversation_id = c.id AND m.received_at >= now() - $1::interval) m
+    WINDOW w AS (PARTITION BY m.conversation_id ORDER BY m.received_at, m.id)),
+gaps AS MATERIALIZED (
+    SELECT extract(epoch FROM gap) AS s FROM ordered
+     WHERE direction = 'in' AND previous = 'in' AND gap <= $2::interval),
+stats AS (
+    SELECT count(*) AS samples,
+           percentile_cont($3::float8[]) WITHIN GROUP (ORDER BY s::float8) AS quantiles,
+           ceil(percentile_disc($4::float8) WITHIN GROUP (ORDER BY s) * 10) / 10 AS covering
+      FROM gaps),
+thresholds AS (
+    SELECT unnest($5::numeric[]) AS c UNION SELECT covering FROM stats WHERE covering IS NOT NULL)
+SELECT samples, quantiles, covering::float8 AS covering,
+       (SELECT array_agg(c::float8 ORDER BY c) FROM thresholds) AS thresholds,
+       (SELECT array_agg((SELECT count(*) FROM gaps WHERE s > c) ORDER BY c) FROM thresholds) AS over
+  FROM stats
+"""
+
+
+@dataclass(frozen=True)
+class GapStats:
+    """The in-burst gaps of the window: how many, their quantiles (s), the gap that covers
+    the asked share of them rounded up to 0.1 s, and how many are longer than each threshold."""
+
+    samples: int
+    quantiles: dict[float, float] = dataclasses.field(default_factory=dict)  # q -> seconds
+    covering_s: float | None = None
+    over: dict[float, int] = dataclasses.field(default_factory=dict)  # threshold (s) -> gaps longer
+
+    def share_over(self, seconds: float) -> float | None:
+        return self.over[seconds] / self.samples if self.samples else None
+
+
+@dataclass(frozen=True)
+class BufferChange:
+    key: str  # buffer.NAME
+    current: float
+    proposed: float | None  # None: not enough gaps
+    rule: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One candidate settle_window: the in-burst gaps longer than it (bursts it would
+    split, estimated) and what it adds to a reply's wait after the lead's last message."""
+
+    settle_window_s: float
+    gaps_over: int
+    share_over: float | None
+    added_wait_max_s: float  # settle - quiet_window: the reply goes no sooner than settle
+    added_wait_p50_s: float | None  # minus the agent's P50 (it runs while the reply is held)
+    marks: tuple[str, ...] = ()  # "current", "proposed"
+
+
+@dataclass(frozen=True)
+class BufferProposal:
+    gaps: GapStats
+    coverage: float
+    changes: list[BufferChange]
+    curve: list[CurvePoint]
+    notes: list[str]
+
+
+def _fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def gap_thresholds(profile: Profile) -> list[float]:
+    """The settle windows the trade-off counts gaps over: the candidates, the current value
+    and the knob's bounds (a proposal cut to them is shown with its own figures)."""
+    meta = _fields_of(Buffer)["settle_window"].metadata
+    return sorted({*SETTLE_CANDIDATES, profile.buffer.settle_window, float(meta["min"]), float(meta["max"])})
+
+
+async def burst_gaps(
+    conn: asyncpg.Connection, since: timedelta, coverage: float, thresholds: list[float]
+) -> GapStats:
+    """The window's in-burst gaps, aggregated in SQL (see BURST_GAPS)."""
+    async with conn.transaction(readonly=True):
+        await conn.execute(f"SET LOCAL work_mem = '{GAPS_WORK_MEM}'")  # the sort by conversation, in memory
+        row = await conn.fetchrow(BURST_GAPS, since, MAX_GAP, list(GAP_QUANTILES), coverage,
+                                  [_numeric(t) for t in thresholds])  # fmt: skip
+    assert row is not None
+    if not row["samples"]:
+        return GapStats(0, over=dict.fromkeys(thresholds, 0))
+    return GapStats(
+        row["samples"], dict(zip(GAP_QUANTILES, row["quantiles"], strict=True)), row["covering"],
+        dict(zip(row["thresholds"], row["over"], strict=True)),
+    )  # fmt: skip
+
+
+def _numeric(seconds: float) -> Decimal:
+    """A threshold as PostgreSQL numeric, spelled as the knob is (0.3, not 0.299999...)."""
+    return Decimal(repr(seconds))
+
+
+def _floor_tenth(seconds: float) -> float:
+    return math.floor(round(seconds * 10, 6)) / 10
+
+
+def propose_buffer(
+    profile: Profile, gaps: GapStats, coverage: float, min_samples: int, agent_p50_ms: float | None = None
+) -> BufferProposal:
+    """settle_window = the smallest observed in-burst gap with at least `coverage` of the
+    gaps at or below it, rounded up to 0.1 s, within the knob's range; quiet_window =
+    min(current, P50 gap) rounded down to 0.1 s, at least min_window, with speculate on
+    (unchanged with it off: then the window alone joins a burst). No change with fewer
+    than `min_samples` gaps."""
+    b = profile.buffer
+    notes: list[str] = []
+    settle_rule = (f"the shortest in-burst gap with at least {coverage * 100:g} % of the gaps at or below it, "
+                   "rounded up to 0.1 s")  # fmt: skip
+    quiet_rule = ("min(current, P50 gap), rounded down to 0.1 s, at least min_window, with speculate on: "
+                  "the agent starts after the median pause; the reply still waits for settle_window")  # fmt: skip
+    speculating = b.speculate and b.coalesce
+    settle: float | None = None
+    quiet: float | None = None
+    settle_note = quiet_note = ""
+    if gaps.samples < min_samples or gaps.covering_s is None:
+        settle_note = quiet_note = f"not enough in-burst gaps ({gaps.samples})"
+        notes.append(f"not enough in-burst gaps ({gaps.samples} < --min-samples {min_samples}): no buffer change")
+    else:
+        meta = _fields_of(Buffer)["settle_window"].metadata
+        lo, hi = float(meta["min"]), float(meta["max"])
+        settle = gaps.covering_s
+        if settle > hi:
+            settle, settle_note = hi, f"cut to the knob's maximum {hi:g} s"
+        elif settle < lo:
+            settle, settle_note = lo, f"raised to the knob's minimum {lo:g} s"
+        p50 = gaps.quantiles[0.5]
+        quiet = b.quiet_window
+        if not speculating:
+            quiet_note = "unchanged: speculate is off, so the window alone joins a burst"
+        elif p50 < b.quiet_window:
+            quiet = max(_floor_tenth(p50), b.min_window)
+            if quiet != _floor_tenth(p50):
+                quiet_note = f"raised to min_window {b.min_window:g} s"
+        else:
+            quiet_note = "unchanged: the median pause is not shorter"
+        if not speculating:
+            notes.append("[buffer] speculate is off: settle_window takes effect only with speculate "
+                         "(and coalesce) on")  # fmt: skip
+        if settle < b.presence_settle:
+            notes.append(f"presence_settle ({b.presence_settle:g} s) is longer than the proposed settle_window: "
+                         "leads whose typing we see would wait longer than the others")  # fmt: skip
+    changes = [
+        BufferChange("buffer.settle_window", b.settle_window, settle, settle_rule, settle_note),
+        BufferChange("buffer.quiet_window", b.quiet_window, quiet, quiet_rule, quiet_note),
+    ]
+    window = quiet if quiet is not None else b.quiet_window
+    agent_s = agent_p50_ms / 1000 if agent_p50_ms is not None else None
+    marks: dict[float, list[str]] = {s: [] for s in SETTLE_CANDIDATES}
+    marks.setdefault(b.settle_window, []).append("current")
+    if settle is not None:
+        marks.setdefault(settle, []).append("proposed")
+    curve = [
+        CurvePoint(s, gaps.over.get(s, 0), gaps.share_over(s) if s in gaps.over else None,
+                   round(max(0.0, s - window), 6),
+                   round(max(0.0, s - window - agent_s), 6) if agent_s is not None else None, tuple(m))
+        for s, m in sorted(marks.items())
+    ]  # fmt: skip
+    return BufferProposal(gaps, coverage, changes, curve, notes)

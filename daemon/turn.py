@@ -188,7 +188,7 @@ class TurnRunner:
                 await cancel_and_wait(kb_task)  # unused if the agent did not need it
 
         speculative = p.buffer.speculate and p.buffer.coalesce and self.buffer is not None
-        if speculative and await clock.run("hold", self._overtaken(phone, last), None):
+        if speculative and await clock.run("hold", self._overtaken(phone, burst), None):
             return await self._discard(phone, burst, clock, presence)
 
         local = self.sender is None
@@ -238,7 +238,7 @@ class TurnRunner:
             await self._deliver(phone, record.parts, done.turn_id, done.outbox_ids, last.received_at, clock)
         return True
 
-    async def _overtaken(self, phone: str, last: PendingMessage) -> bool:
+    async def _overtaken(self, phone: str, burst: list[PendingMessage]) -> bool:
         """Holds a finished reply until the lead has been quiet settle_window (presence_settle
         for a lead whose presence we see) and is not typing (for at most reply_hold).
         True when a newer message arrived meanwhile: the reply answers a burst that is
@@ -246,11 +246,15 @@ class TurnRunner:
         assert self.buffer is not None
         b, loop = self.profile.buffer, asyncio.get_running_loop()
         give_up = loop.time() + self.profile.timeouts.reply_hold
+        benign = ""  # an arming already found to be a re-delivered copy of the burst's own message
         while True:
             state = await self.buffer.state(phone)
-            if state.pending:
-                return True
-            quiet = (datetime.now(UTC) - last.received_at).total_seconds()  # both the database's clock (NTP)
+            if state.pending and state.pending != benign:
+                if await self.store.newer_message(burst[0].lead_id, max(m.id for m in burst)):
+                    return True
+                benign = state.pending
+            last_at = max(m.received_at for m in burst)
+            quiet = (datetime.now(UTC) - last_at).total_seconds()  # the database's clock and ours (NTP)
             left = (b.presence_settle if state.present else b.settle_window) - quiet
             if state.typing and loop.time() < give_up:
                 left = max(left, b.hold_poll)

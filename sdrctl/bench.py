@@ -20,12 +20,22 @@ from daemon.config import Config
 from daemon.errors import ConfigError
 from daemon.soak import Sample, SoakResult, parse_duration, run_soak
 from daemon.tasks import run_fast
-from sdrctl.workload import DurationOpt, LatencyOpt, LeadsOpt, RampOpt, ScaleOpt, SeedOpt, given
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
+from sdrctl.workload import (
+    DurationOpt, LatencyOpt, LeadsOpt, PresenceOpt, RampOpt, ScaleOpt, ScenarioOpt, SeedOpt, TypingOpt, given,
+)  # fmt: skip
 
 
 def _ms(value: float | None, scale: float = 1000) -> str:
     return "-" if value is None else f"{value * scale:,.0f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _num(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def results_table(results: list[ProfileResult]) -> Table:
@@ -39,8 +49,22 @@ def results_table(results: list[ProfileResult]) -> Table:
     def add(label: str, values: list[str]) -> None:
         rows.append((label, values))
 
+    def outcome(x: dict[str, Any], kind: str) -> int:
+        return int(x.get("bursts_by_outcome", {}).get(kind, 0))
+
+    # The burst response: last message -> the reply whose turn holds it (not any reply).
     for p in ("p50", "p95", "p99", "max"):
         add(f"response {p} (ms)", [_ms(x["response_s"][p]) for x in s])
+    add("lead wait p50 / p95 (ms)", [f"{_ms(x['lead_wait_s']['p50'])} / {_ms(x['lead_wait_s']['p95'])}" for x in s])
+    add("bursts whole / split / lost / unanswered", [
+        " / ".join(str(outcome(x, k)) for k in ("whole", "split", "lost", "unanswered")) for x in s
+    ])  # fmt: skip
+    if any(outcome(x, "refused") for x in s):
+        add("bursts refused (no post accepted)", [str(outcome(x, "refused")) for x in s])
+    add("split rate (2+ msgs / all)", [f"{_share(x.get('split_rate_multi'))} / {_share(x.get('split_rate'))}" for x in s])
+    add("replies per burst", [_num(x.get("replies_per_burst")) for x in s])
+    add("agent calls per turn", [_num(x.get("agent_calls_per_turn")) for x in s])
+    add("daemon CPU per turn (ms)", [_ms(x.get("cpu_s_per_turn")) for x in s])
     add("pipeline overhead p50 (ms)", [_ms(x["overhead_ms"]["p50"], 1) for x in s])
     add("pipeline overhead p95 (ms)", [_ms(x["overhead_ms"]["p95"], 1) for x in s])
     add("buffer wait p95 (ms)", [_ms(x["buffer_wait_ms"]["p95"], 1) for x in s])
@@ -50,12 +74,14 @@ def results_table(results: list[ProfileResult]) -> Table:
             f"{x['stages_ms'][st]['p50']:.1f} / {x['stages_ms'][st]['p95']:.1f}" if st in x["stages_ms"] else "-"
             for x in s
         ])  # fmt: skip
-    add("bursts answered / sent", [f"{len(r.tally.responses)} / {r.tally.bursts}" for r in results])
+    add("bursts / messages sent", [f"{x['bursts']} / {x['messages']}" for x in s])
     add("turns", [str(x["turns"]) for x in s])
     add("timeout rate", [f"{x['timeout_rate']:.2%}" for x in s])
     add("cache hit rate", ["-" if x["cache_hit_rate"] is None else f"{x['cache_hit_rate']:.1%}" for x in s])
-    add("missing replies", [str(x["missing_replies"]) for x in s])
+    add("no reply within patience", [str(x["missing_replies"]) for x in s])
     add("webhook errors", [str(x["webhook_errors"]) for x in s])
+    if any(x["presence_posts"] for x in s):
+        add("presence posts / errors", [f"{x['presence_posts']} / {x['presence_errors']}" for x in s])
     add("throughput (msgs/s)", [f"{x['throughput_msgs_per_s']:.1f}" for x in s])
     for label, values in rows:
         table.add_row(label, *values)
@@ -64,7 +90,7 @@ def results_table(results: list[ProfileResult]) -> Table:
 
 def progress_table(tallies: dict[str, Tally], elapsed: float) -> Table:
     table = Table(title=f"running… {elapsed:,.0f}s")
-    for col in ("profile", "messages", "bursts", "answered", "missing", "errors", "p95 so far (ms)"):
+    for col in ("profile", "messages", "bursts", "answered", "missing", "errors", "lead wait p95 (ms)"):
         table.add_column(col, justify="right")
     for name, t in tallies.items():
         table.add_row(
@@ -83,8 +109,12 @@ def bench(
     seed: SeedOpt = None,
     agent_latency: LatencyOpt = None,
     time_scale: ScaleOpt = None,
-    scenario: Annotated[Path | None, typer.Option(help="TOML scenario with the workload's keys")] = None,
-    vs: Annotated[str | None, typer.Option("--vs", help="a second profile, run at the same time (B in B/A)")] = None,
+    typing: TypingOpt = None,
+    presence: PresenceOpt = None,
+    scenario: ScenarioOpt = None,
+    vs: Annotated[
+        list[str] | None, typer.Option("--vs", help="another profile, run at the same time on the same leads (B in B/A); repeatable")
+    ] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON here")] = None,
     find_capacity: Annotated[
         bool, typer.Option("--find-capacity", help="double the leads until P95 breaks the SLO; report the largest that held")
@@ -105,17 +135,18 @@ def bench(
     profile: ProfileOpt = None,
 ) -> None:
     """Simulated leads against real daemons (embedded Postgres and Redis, simulated agent,
-    fake Evolution API over HTTP); prints percentiles and, with --vs, the ratios B/A."""
+    fake Evolution API over HTTP); prints what became of each burst (whole, split, lost,
+    unanswered), the response to its last message, and, with --vs, the ratios B/A."""
     cfg = load(ctx, config, profile)
     overrides = given(
         leads=leads, duration=duration, ramp=ramp, seed=seed, agent_latency=agent_latency,
-        time_scale=time_scale,
+        time_scale=time_scale, typing=typing, presence=presence,
     )
     if scenario is not None:
         workload = load_scenario(scenario, **overrides)
     else:
         workload = Workload(**overrides).validated()
-    profiles = [cfg.profile.source] + ([vs] if vs else [])
+    profiles = [cfg.profile.source] + list(vs or [])
     config_path = str(config or ctx.find_root().params.get("config") or "") or None
     if soak is not None:
         if vs or duration is not None:
@@ -133,7 +164,7 @@ def bench(
         return
     err.print(
         f"bench: {workload.leads} leads x {len(profiles)} profile(s), {workload.duration:g}s, "
-        f"agent {workload.agent_latency}"
+        f"{workload.typing} typing{' with presence' if workload.presence else ''}, agent {workload.agent_latency}"
         + (f", time-scale {workload.time_scale:g} (every window, timeout and latency scaled)"
            if workload.time_scale != 1 else "")
     )  # fmt: skip
@@ -147,15 +178,17 @@ def bench(
         "workload": workload.__dict__, "profiles": [r.summary() for r in results],
         "scaled": workload.time_scale != 1,
     }  # fmt: skip
-    if len(results) == 2:
-        ratios = compare(results[0], results[1])
-        report["ratios_b_over_a"] = ratios
+    for b in results[1:]:
+        ratios = compare(results[0], b)
+        if len(results) == 2:
+            report["ratios_b_over_a"] = ratios
+        report.setdefault("ratios_over_a", {})[b.profile] = ratios
         out.print(
-            f"B/A ({results[1].profile} / {results[0].profile}): "
+            f"B/A ({b.profile} / {results[0].profile}): "
             + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items())
         )
     if workload.time_scale != 1:
-        out.print(f"[yellow]time-scale {workload.time_scale:g}: response times are scaled; overhead is not[/]")
+        out.print(f"[yellow]time-scale {workload.time_scale:g}: response times are scaled; overhead and CPU are not[/]")
     if json_file is not None:
         json_file.write_text(json.dumps(report, indent=2, default=str))
         err.print(f"wrote {json_file}")
@@ -207,10 +240,16 @@ def _capacity(
     def show(name: str, steps: list[CapacityStep]) -> None:
         last = steps[-1]
         p95 = "-" if last.p95 is None else f"{last.p95 * 1000:,.0f} ms"
-        err.print(f"  {name}: {last.leads} leads -> P95 {p95}, {'held' if last.held else 'broke'} the SLO")
+        err.print(
+            f"  {name}: {last.leads} leads -> burst response P95 {p95}, {last.lost} lost, "
+            f"{last.unanswered} unanswered, {'held' if last.held else 'broke'} the SLO"
+        )
 
     limit = slo_p95 * workload.time_scale
-    err.print(f"bench --find-capacity: SLO P95 <= {limit:g}s, from {workload.leads} leads, doubling")
+    err.print(
+        f"bench --find-capacity: SLO burst response P95 <= {limit:g}s, no message lost, <= 1 % of bursts "
+        f"unanswered; from {workload.leads} leads, doubling"
+    )
     for profile in profiles:
         found[profile] = run_fast(
             find_capacity(
@@ -221,7 +260,7 @@ def _capacity(
     table = Table(title="capacity within the SLO")
     table.add_column("profile")
     table.add_column("leads held", justify="right")
-    table.add_column("steps (leads: P95 ms)")
+    table.add_column("steps (leads: burst response P95 ms)")
     for profile, steps in found.items():
         trail = ", ".join(f"{s.leads}: {_ms(s.p95)}{'' if s.held else ' x'}" for s in steps)
         table.add_row(Path(profile).stem, str(capacity(steps)), trail)

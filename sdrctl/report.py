@@ -14,12 +14,14 @@ from rich.text import Text
 
 from daemon.errors import ConfigError
 from daemon.report import (
+    INTERRUPT_WINDOW,
     REPLY_WITHIN,
     FollowUpStats,
     Report,
     build_report,
     format_target,
     format_value,
+    interrupt_window,
     resolve_window,
 )
 from daemon.report_html import render
@@ -61,6 +63,24 @@ def slowest_table(r: Report) -> Table:
     return table
 
 
+def burst_table(r: Report) -> Table:
+    """Bursts answered too soon (the lead was still typing) and replies thrown away."""
+    b = r.bursts
+    seconds = f"{b.interrupt_window.total_seconds():g}"
+    table = Table(title="bursts: replies while the lead was still typing")
+    for col in ("figure", "value", "how it is counted"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    rate = format_value(b.interrupted_rate, "percent")
+    table.add_row("interrupted replies (estimate)", f"{b.interrupted:,} of {b.replies:,} ({rate})",
+                  f"the lead wrote within {seconds} s after the reply was delivered, a message the reply "
+                  "did not answer")  # fmt: skip
+    table.add_row("discarded replies", f"{b.discarded:,}",
+                  "replies written and thrown away: a newer message of the lead overtook them")  # fmt: skip
+    table.add_row("agent calls per turn", format_value(b.agent_calls_per_turn, "ratio"),
+                  f"(turns {b.turns:,} + discarded {b.discarded:,}) / turns {b.turns:,}")  # fmt: skip
+    return table
+
+
 def followup_table(r: Report) -> Table:
     hours = int(REPLY_WITHIN.total_seconds() // 3600)
     table = Table(title="follow-ups (sent, failed, cancelled in the window; pending now)")
@@ -87,6 +107,7 @@ def print_report(r: Report) -> None:
     out.print(stage_table(r))
     outcomes = ", ".join(f"{escape(name)} {n:,} ({format_value(n / r.turns, 'percent')})" for name, n in r.outcomes.items())
     out.print(f"outcomes: {outcomes}")
+    out.print(burst_table(r))
     out.print(slowest_table(r))
 
 
@@ -98,6 +119,10 @@ def report(
     start: Annotated[str | None, typer.Option("--from", help="window start, ISO 8601 (local time when no offset)")] = None,
     end: Annotated[str | None, typer.Option("--to", help="window end, ISO 8601 [default: now]")] = None,
     slowest: Annotated[int, typer.Option(help="how many of the slowest turns to list", min=0, max=1000)] = 10,
+    interrupt_seconds: Annotated[str, typer.Option(
+        "--interrupt-window", metavar="SECONDS",
+        help="a lead's message this soon after a reply was delivered, not answered by it, means the "
+             "reply interrupted the lead's burst: 0.1 to 60")] = f"{INTERRUPT_WINDOW.total_seconds():g}",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (times in ms, rates as 0..1)")] = False,
     html_file: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML page with charts")] = None,
     check: Annotated[bool, typer.Option(
@@ -106,11 +131,13 @@ def report(
     profile: ProfileOpt = None,
 ) -> None:  # fmt: skip
     """KPIs of the turns in a window against the SLOs in sdr.toml: P95 response time, timeout
-    rate, cache hit rate, peak concurrent leads; latency per stage, outcomes, slowest turns;
-    follow-ups per kind (sent, failed, cancelled, pending, replies within 24 h)."""
-    cfg = load(ctx, config, profile)
+    rate, cache hit rate, peak concurrent leads; latency per stage, outcomes, interrupted
+    bursts and agent calls per turn, slowest turns; follow-ups per kind (sent, failed,
+    cancelled, pending, replies within 24 h)."""
     window = resolve_window(since, start, end)
-    r = with_connection(cfg, lambda conn: build_report(conn, window, cfg.slo, slowest))
+    within = interrupt_window(interrupt_seconds)
+    cfg = load(ctx, config, profile)
+    r = with_connection(cfg, lambda conn: build_report(conn, window, cfg.slo, slowest, within))
     if html_file is not None:
         try:
             html_file.write_text(render(r), encoding="utf-8")

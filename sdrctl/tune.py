@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import asyncpg
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -136,32 +137,46 @@ def new(
 @friendly_errors
 def recommend(
     ctx: typer.Context,
-    since: Annotated[str, typer.Option(help="turns started within this: 30m, 24h, 7d")] = "24h",
+    since: Annotated[str, typer.Option(help="turns started (messages received) within this: 30m, 24h, 7d")] = "24h",
     headroom: Annotated[float, typer.Option(help="timeout = P99 x this (at least 2)")] = 3.0,
-    min_samples: Annotated[int, typer.Option(help="fewer samples than this: no proposal")] = 200,
+    min_samples: Annotated[int, typer.Option(help="fewer samples (or in-burst gaps) than this: no proposal")] = 200,
+    burst_coverage: Annotated[float, typer.Option(
+        help="settle_window waits out this share of the pauses inside bursts: 0.5 to 0.999")] = 0.98,
     write: Annotated[bool, typer.Option("--write", help="apply the proposals to the profile")] = False,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
-    """Stage timeouts from the latencies recorded in the turns table."""
+    """Stage timeouts from the latencies recorded in the turns table; the buffer's
+    settle_window and quiet_window from the pauses leads make inside their bursts."""
     window = tuning.parse_duration(since)
-    tuning.check_options(headroom, min_samples)
+    tuning.check_options(headroom, min_samples, burst_coverage)
     name = _which(ctx, config, profile)
     if write:
         tuning.writable_path(name)  # refuse before querying, not after
     current = tuning.read(name)
     cfg = load(ctx, config, name)
-    stats = with_connection(cfg, lambda conn: tuning.stage_latencies(conn, window))
+
+    async def measure(conn: asyncpg.Connection) -> tuple[dict[str, tuning.StageStats], tuning.GapStats]:
+        stages = await tuning.stage_latencies(conn, window)
+        gaps = await tuning.burst_gaps(conn, window, burst_coverage, tuning.gap_thresholds(current))
+        return stages, gaps
+
+    stats, gaps = with_connection(cfg, measure)
     proposals = tuning.propose(current, stats, headroom, min_samples)
+    agent = stats.get("agent")
+    buffer = tuning.propose_buffer(current, gaps, burst_coverage, min_samples, agent.p50_ms if agent else None)
     updates = {p.key: p.proposed for p in proposals if p.proposed is not None}
+    updates |= {c.key: c.proposed for c in buffer.changes if c.proposed is not None}
     result: dict[str, Any] = {
         "profile": current.source, "since": since, "headroom": headroom,
         "stages": [{**vars(p.stats), "key": p.key, "current": p.current, "proposed": p.proposed,
                     "note": p.note} for p in proposals],
+        "buffer": _buffer_json(buffer),
     }  # fmt: skip
     if not as_json:
         out.print(_proposal_table(proposals, since, headroom))
+        _print_buffer(buffer, since)
     try:
         if not updates:
             raise SdrError(f"no stage has {min_samples} samples in the last {since}; nothing to recommend")
@@ -196,3 +211,56 @@ def _proposal_table(proposals: list[tuning.Proposal], since: str, headroom: floa
         row = [p.stage, p.key, str(s.samples), str(s.timed_out), *pct, fmt(p.current), proposed]
         table.add_row(*row, Text(p.note))
     return table
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def _buffer_json(b: tuning.BufferProposal) -> dict[str, Any]:
+    g = b.gaps
+    quantiles = {f"p{round(q * 100)}_s": g.quantiles.get(q) for q in tuning.GAP_QUANTILES}
+    return {
+        "max_gap_s": tuning.MAX_GAP.total_seconds(), "burst_coverage": b.coverage,
+        "gaps": {"samples": g.samples, **quantiles, "covering_s": g.covering_s},
+        "proposals": [vars(c) for c in b.changes],
+        "curve": [{**vars(p), "marks": list(p.marks)} for p in b.curve],
+        "notes": b.notes,
+    }  # fmt: skip
+
+
+def _print_buffer(b: tuning.BufferProposal, since: str) -> None:
+    g = b.gaps
+    max_gap = f"{tuning.MAX_GAP.total_seconds():g}"
+    gaps = Table("in-burst gaps", *(f"P{round(q * 100)} s" for q in tuning.GAP_QUANTILES), title=(
+        f"pauses inside bursts, last {since}: between a lead's consecutive messages with no message "
+        f"of ours between them, at most {max_gap} s"))  # fmt: skip
+    for column in gaps.columns:
+        column.justify = "right"
+    gaps.add_row(str(g.samples), *(_seconds(g.quantiles.get(q)) for q in tuning.GAP_QUANTILES))
+    out.print(gaps)
+    out.print(Text("(a pause our reply interrupted has that reply between its messages, so it is left out: "
+                   "when `sdrctl report` shows many interrupted replies, real pauses run longer than these)"))  # fmt: skip
+    if g.samples:
+        curve = Table("settle_window s", "gaps longer (bursts split, est.)", "share", "added wait ≤ s",
+                      "at agent P50 s", "", title="settle_window trade-off: a reply goes only after "
+                      "this much silence; a longer pause lets it interrupt the burst")  # fmt: skip
+        for column in curve.columns[:5]:
+            column.justify = "right"
+        for p in b.curve:
+            share = f"{p.share_over:.2%}".replace("%", " %") if p.share_over is not None else "-"
+            curve.add_row(fmt(p.settle_window_s), str(p.gaps_over), share, _seconds(p.added_wait_max_s),
+                          _seconds(p.added_wait_p50_s), ", ".join(p.marks))  # fmt: skip
+        out.print(curve)
+    changes = Table("knob", "current s", "proposed s", "note",
+                    title=f"buffer windows, from the in-burst gaps (--burst-coverage {b.coverage:g})")  # fmt: skip
+    for column in changes.columns[1:3]:
+        column.justify = "right"
+    for c in b.changes:
+        proposed = fmt(c.proposed) if c.proposed is not None else "-"
+        changes.add_row(c.key, fmt(c.current), proposed, Text(c.note))
+    out.print(changes)
+    for c in b.changes:
+        out.print(Text(f"rule: {c.key.split('.')[1]} = {c.rule}"))
+    for note in b.notes:
+        out.print(Text(f"note: {note}"))

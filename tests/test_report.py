@@ -1,6 +1,7 @@
 """`sdrctl report`: KPIs from known turns, computed here independently of the SQL; the
 JSON, --check, the empty window, bad input; the follow-up KPIs from known follow-ups and
-replies; the HTML page rendered by a real headless Chromium; and a scale run on 200k turns."""
+replies; interrupted and discarded replies from a known history; the HTML page rendered by
+a real headless Chromium; and a scale run on 200k turns."""
 
 from __future__ import annotations
 
@@ -167,7 +168,9 @@ async def test_json_has_stable_keys_and_check_exits_1_only_on_a_miss(clean: Endp
     assert code == 1, err
     doc = json.loads(out)
     assert set(doc) == {"from", "to", "empty", "turns", "slo_met", "missed", "kpis", "response_ms",
-                        "stages", "outcomes", "slowest", "timeline", "histogram", "followups"}  # fmt: skip
+                        "stages", "outcomes", "slowest", "timeline", "histogram", "followups", "bursts"}  # fmt: skip
+    assert set(doc["bursts"]) == {"interrupt_window_s", "replies", "interrupted", "interrupted_rate",
+                                  "discarded_replies", "agent_calls", "agent_calls_per_turn"}  # fmt: skip
     assert (doc["from"], doc["to"], doc["turns"], doc["empty"]) == ("2026-03-01T12:00:00Z", "2026-03-01T13:00:00Z", 12, False)
     assert list(doc["kpis"]) == ["response_p95_ms", "timeout_rate", "cache_hit_rate",
                                  "peak_concurrent_leads", "turns", "messages_per_turn"]  # fmt: skip
@@ -368,6 +371,183 @@ async def test_no_followups_no_section(clean: Endpoints, tmp_path: Path) -> None
     assert list(doc["kinds"]) == ["reengage", "nurture", "meeting_confirmation", "meeting_reminder"]
 
 
+# --- bursts: interrupted replies, discarded replies, agent calls per turn --------------------
+
+
+@dataclass
+class R:
+    """A turn of the burst history: seconds after T0 of its lead's messages (each answered by
+    this turn unless listed in `other`: None for unanswered, or the key of another turn),
+    its end and its outbox parts as (status, seconds of sent_at or None)."""
+
+    key: str
+    lead: str
+    messages: list[float]
+    end: float
+    parts: list[tuple[str, float | None]]
+    identity: str | None = None  # the outbox rows' phone_number (default: the lead's phone)
+
+
+BURST_LEADS = {"D": ("5511900000004", None), "E": ("5511900000005", None),
+               "F": ("5511900000006", "123456789012345@lid"), "G": ("5511900000007", None)}  # fmt: skip
+BURST_TURNS = [
+    # Delivered at 15, the lead writes again at 18 (its next turn's message): interrupted.
+    R("d1", "D", [10, 11], 14, [("sent", 15), ("sent", 15.5)]),
+    # Delivered at 23; D's next message is 17 s later (interrupted only with a 20 s window);
+    # E writes at 25, but E is another lead.
+    R("d2", "D", [18], 22, [("sent", 23)]),
+    # The first part failed (the second went out): no reply delivered, whatever follows.
+    R("d3", "D", [40], 44, [("failed", None), ("sent", 45)]),
+    # Delivered at 105, E writes at 110, exactly 5 s later: interrupted (the window is closed).
+    R("e1", "E", [100], 104, [("sent", 105)]),
+    # Delivered at 114; E writes at 114 (the same instant: not after) and at 119.5 (5.5 s).
+    R("e2", "E", [110], 113, [("sent", 114)]),
+    # A message of this very turn stored after its delivery (clocks apart): never an interruption.
+    R("e3", "E", [200, 203], 201, [("sent", 202)]),
+    # Sent under the lead's LID (before it was linked to the phone); F writes 2 s later.
+    R("f1", "F", [300], 302, [("sent", 303)], identity="123456789012345@lid"),
+    # Finished before the window: not counted, though G wrote 2 s after it.
+    R("g0", "G", [-25], -20, [("sent", -19)]),
+    # Kept for `sdrctl chat` ('local'): not a delivered reply.
+    R("g1", "G", [495], 500, [("local", 500)]),
+    # Finished in the window, delivered after it ends: counted; G writes 2 s later.
+    R("g2", "G", [3580], 3590, [("sent", 3601)]),
+]
+# Inbound messages no turn of BURST_TURNS lists: (lead, seconds, the turn that answered it).
+BURST_LATER = [("D", 46, None), ("E", 25, None), ("E", 114, None), ("E", 119.5, None), ("F", 305, None),
+               ("G", -17, None), ("G", 502, None), ("G", 3603, None)]  # fmt: skip
+# discarded_at, seconds after T0: [start, end) counts.
+DISCARDED = [("D", 12), ("E", 108), ("E", 111), ("D", -60), ("G", 3600)]
+INTERRUPTED = {5: ["d1", "e1", "f1", "g2"], 20: ["d1", "d2", "e1", "e2", "f1", "g2"]}
+
+
+async def insert_bursts(endpoints: Endpoints) -> None:
+    conn = await connect(endpoints)
+    try:
+        ids = {}
+        for key, (phone, lid) in BURST_LEADS.items():
+            lead = await conn.fetchval(
+                "INSERT INTO leads (phone_number, lid) VALUES ($1, $2) RETURNING id", phone, lid)
+            conv = await conn.fetchval(
+                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone)
+            ids[key] = (lead, conv)
+
+        def at(seconds: float) -> datetime:
+            return T0 + timedelta(seconds=seconds)
+
+        for r in BURST_TURNS:
+            lead, conv = ids[r.lead]
+            turn = await conn.fetchval(
+                """INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
+                       last_message_at, started_at, finished_at, buffer_wait_ms, agent_backend, outcome)
+                   VALUES ($1, $2, $3, $4, $5, $5, $6, 0, 'playbook', 'ok') RETURNING id""",
+                lead, conv, len(r.messages), at(r.messages[0]), at(r.messages[-1]), at(r.end))  # fmt: skip
+            for seconds in r.messages:
+                await conn.execute(
+                    """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at, turn_id)
+                       VALUES ($1, $2, 'in', 'oi', $3, $3, $4)""", conv, lead, at(seconds), turn)  # fmt: skip
+            await conn.execute(
+                """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
+                   VALUES ($1, $2, 'out', 'resposta', $3, $3)""", conv, lead, at(r.end))  # fmt: skip
+            for status, sent in r.parts:
+                await conn.execute(
+                    """INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, sent_at)
+                       VALUES ($1, $2, $3, 'parte', $4, $5)""",
+                    lead, turn, r.identity or BURST_LEADS[r.lead][0], status, None if sent is None else at(sent),
+                )  # fmt: skip
+        for key, seconds, _ in BURST_LATER:
+            lead, conv = ids[key]
+            await conn.execute(
+                """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
+                   VALUES ($1, $2, 'in', 'mais', $3, $3)""", conv, lead, at(seconds))  # fmt: skip
+        for key, seconds in DISCARDED:
+            await conn.execute(
+                """INSERT INTO discarded_replies (lead_id, discarded_at, message_ids, reason, agent_ms)
+                   VALUES ($1, $2, '{}', 'newer_message', 900)""", ids[key][0], at(seconds))  # fmt: skip
+    finally:
+        await conn.close()
+
+
+def expected_bursts(window_s: float) -> dict[str, float | int | None]:
+    """The burst figures computed here from BURST_TURNS, independently of the SQL."""
+    end = (WINDOW.end - T0).total_seconds()
+    turns = [r for r in BURST_TURNS if 0 <= r.end < end]
+    replies = [r for r in turns if r.parts[0][0] == "sent"]
+    later = [(lead, s) for lead, s, _ in BURST_LATER] + [
+        (r.lead, s) for r in BURST_TURNS for s in r.messages]  # with the turn that answered it
+
+    def interrupted(r: R) -> bool:
+        sent = r.parts[0][1]
+        assert sent is not None
+        return any(lead == r.lead and sent < s <= sent + window_s and s not in r.messages for lead, s in later)
+
+    hit = [r.key for r in replies if interrupted(r)]
+    assert hit == INTERRUPTED[int(window_s)]  # the cases say what they are
+    discarded = sum(0 <= s < end for _, s in DISCARDED)
+    return {"interrupt_window_s": float(window_s), "replies": len(replies), "interrupted": len(hit),
+            "interrupted_rate": len(hit) / len(replies), "discarded_replies": discarded,
+            "agent_calls": len(turns) + discarded, "agent_calls_per_turn": (len(turns) + discarded) / len(turns)}  # fmt: skip
+
+
+async def test_interrupted_and_discarded_replies_from_a_known_history(clean: Endpoints, tmp_path: Path) -> None:
+    await insert_bursts(clean)
+    env = {"SDR_DATABASE_URL": clean.database_url, "COLUMNS": "200"}
+    code, out, err = await sdrctl("report", *SPAN, "--json", env=env)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["turns"] == 9
+    assert doc["bursts"] == expected_bursts(5) == {
+        "interrupt_window_s": 5.0, "replies": 7, "interrupted": 4, "interrupted_rate": pytest.approx(4 / 7),
+        "discarded_replies": 3, "agent_calls": 12, "agent_calls_per_turn": pytest.approx(12 / 9),
+    }  # fmt: skip
+
+    code, out, err = await sdrctl("report", *SPAN, "--interrupt-window", "20", "--json", env=env)
+    assert code == 0, err
+    assert json.loads(out)["bursts"] == expected_bursts(20)
+    assert json.loads(out)["bursts"]["interrupted"] == 6
+
+    page = tmp_path / "report.html"
+    code, out, err = await sdrctl("report", *SPAN, "--html", str(page), env=env)
+    assert code == 0, err
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.splitlines() if line.count("│") == 4}  # fmt: skip
+    assert rows["interrupted replies (estimate)"][0] == "4 of 7 (57.14 %)"
+    assert "within 5 s after the reply was delivered" in rows["interrupted replies (estimate)"][1]
+    assert rows["discarded replies"][0] == "3"
+    assert rows["agent calls per turn"] == ["1.33", "(turns 9 + discarded 3) / turns 9"]
+    text = page.read_text()
+    section = text[text.index("<h2>Bursts</h2>"):text.index("<h2>Slowest turns</h2>")]
+    assert "<td>interrupted replies (estimate)</td><td>4 of 7 (57.14 %)</td>" in section
+    assert "<td>agent calls per turn</td><td>1.33</td>" in section
+
+
+async def test_bursts_without_replies_or_turns(clean: Endpoints) -> None:
+    """No reply delivered: no rate (not 0 %); no turn: no agent calls per turn, but the
+    discarded replies of the window are still counted."""
+    await insert_known(clean)  # turns without outbox rows
+    conn = await connect(clean)
+    try:
+        r = await build_report(conn, WINDOW, SloSettings())
+        lead = await conn.fetchval("SELECT id FROM leads LIMIT 1")
+        await conn.execute("""INSERT INTO discarded_replies (lead_id, discarded_at, message_ids, reason)
+                              VALUES ($1, $2, '{}', 'typing')""", lead, T0 + timedelta(days=1))  # fmt: skip
+        empty = await build_report(conn, Window(T0 + timedelta(days=1), T0 + timedelta(days=2)), SloSettings())
+    finally:
+        await conn.close()
+    assert r.bursts.to_dict() == {"interrupt_window_s": 5.0, "replies": 0, "interrupted": 0, "interrupted_rate": None,
+                                  "discarded_replies": 0, "agent_calls": 12, "agent_calls_per_turn": 1.0}  # fmt: skip
+    assert empty.empty and empty.bursts.discarded == 1 and empty.bursts.agent_calls_per_turn is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "60.5", "abc", "nan", "inf"])
+async def test_a_bad_interrupt_window_exits_2_saying_what_is_allowed(value: str) -> None:
+    code, out, err = await sdrctl("report", "--interrupt-window", value,
+                                  env={"SDR_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"})  # fmt: skip
+    assert code == 2 and out == ""
+    assert err.strip() == (f"error: --interrupt-window {value!r}: use a number of seconds from 0.1 to 60, such as "
+                           "5: how soon after a reply is delivered a message of the lead means it was still typing")  # fmt: skip
+
+
 # --- the HTML page -----------------------------------------------------------------------
 
 
@@ -475,7 +655,16 @@ SELECT 1 + i % {SCALE_LEADS}, 1 + i % {SCALE_LEADS}, 1 + i % 2, f - interval '2.
        CASE WHEN i % 50 = 0 THEN '{{agent}}'::text[] ELSE '{{}}' END,
        i % 4, 1, 'simulated', CASE WHEN i % 50 = 0 THEN 'fallback' ELSE 'ok' END
   FROM generate_series(1, {SCALE_TURNS}) i, LATERAL (SELECT '{T0.isoformat()}'::timestamptz + i * interval '1 s' AS f) x;
-ANALYZE turns;
+-- Each turn answers one message and is delivered 0.5 s after it ends; after every tenth
+-- reply its lead writes again 2 s later (interrupted); the lead's next turn is 1000 s later.
+INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at, turn_id)
+SELECT lead_id, lead_id, 'in', 'oi', last_message_at, last_message_at, id FROM turns;
+INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
+SELECT lead_id, lead_id, 'in', 'mais', finished_at + interval '2 s', finished_at + interval '2 s' FROM turns WHERE id % 10 = 0;
+INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, sent_at)
+SELECT t.lead_id, t.id, l.phone_number, 'resposta', 'sent', t.finished_at + interval '0.5 s'
+  FROM turns t JOIN leads l ON l.id = t.lead_id ORDER BY t.id;
+ANALYZE turns, messages, outbox;
 """
 
 
@@ -508,3 +697,4 @@ async def test_a_report_on_200k_turns_is_quick_and_right(clean: Endpoints) -> No
     assert stages["agent"].p99_ms == pytest.approx(percentile_cont([v / 2 for v in responses], 0.99), rel=1e-12)
     assert sum(p.turns for p in r.timeline) == n and len(r.timeline) <= 48
     assert len(r.slowest) == 10 and r.slowest[0].response_ms == 1000
+    assert (r.bursts.replies, r.bursts.interrupted, r.bursts.agent_calls_per_turn) == (n, n // 10, 1.0)

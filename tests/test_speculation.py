@@ -175,3 +175,20 @@ async def test_a_lead_known_to_send_presence_gets_the_presence_window(endpoints:
     finally:
         await r.flushdb()
         await r.aclose()
+
+
+async def test_a_copy_of_the_bursts_own_message_does_not_throw_the_reply_away(clean: Endpoints) -> None:
+    """Evolution delivers some webhooks twice: the copy re-arms the lead, but it is not a
+    newer message, so the held reply still goes (no agent call wasted)."""
+    cfg = make_config(clean, SDR_BUFFER_SETTLE_WINDOW="1.5")
+    first = event(PHONE, "Oi, quanto custa?")
+    async with run_daemon(cfg) as d:
+        await post(d.url, first)
+        await asyncio.sleep(cfg.profile.buffer.quiet_window + 0.5)  # the reply is written and held
+        assert await d.runtime.redis.zscore(DUE, PHONE) is None
+        await post(d.url, first)  # the same message id, again
+        await wait_for(lambda: replies(clean), timeout=20)
+        await asyncio.sleep(cfg.profile.buffer.quiet_window + 0.3)
+        sent = await replies(clean)
+        thrown = await discarded(clean)
+    assert len(sent) == 1 and thrown == []

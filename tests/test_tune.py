@@ -10,8 +10,10 @@ import math
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +126,11 @@ def test_set_keeps_a_hand_written_files_order_and_opening_comments(workdir: Path
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[timeouts]", "[buffer]", "[limits]", "[cache]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert keys == [
-        "message_buffer", "shutdown_grace", "embedded_start",
-        "min_window", "quiet_window", "extended_window", "poll_interval",
-        "lock_backoff", "send_backoff", "history_limit", "enabled",
-    ]  # fmt: skip
+    # The file's keys in its order (whatever tests/fast.toml holds today), the new ones
+    # at the end of their section, a new section at the end.
+    original = tomllib.loads((REPO / "tests" / "fast.toml").read_text())
+    assert list(original) == ["timeouts", "buffer", "limits"] and "history_limit" not in original["limits"]
+    assert keys == [*original["timeouts"], *original["buffer"], *original["limits"], "history_limit", "enabled"]
     p = load_profile("part", {})
     assert (p.buffer.quiet_window, p.limits.history_limit, p.cache.enabled) == (0.3, 20, False)
     # Writing again does not stack our header.
@@ -359,6 +361,9 @@ async def test_recommend_refuses_without_enough_samples(clean: Endpoints, mine: 
         (["--since", "0h"], "--since '0h': must be longer than zero"),
         (["--headroom", "1.5"], "--headroom 1.5: must be from 2 to 100"),
         (["--min-samples", "0"], "--min-samples 0: must be at least 1"),
+        (["--burst-coverage", "0.3"], "--burst-coverage 0.3: must be from 0.5 to 0.999"),
+        (["--burst-coverage", "1"], "--burst-coverage 1: must be from 0.5 to 0.999"),
+        (["--burst-coverage", "nan"], "--burst-coverage nan: must be from 0.5 to 0.999"),
     ],
 )
 def test_recommend_refuses_bad_options_before_touching_the_database(
@@ -368,9 +373,210 @@ def test_recommend_refuses_bad_options_before_touching_the_database(
     r = tune("recommend", *args, env={"SDR_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"})
     assert r.returncode == 2
     assert message in r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
 def test_since_accepts_minutes_hours_and_days() -> None:
     assert tuning.parse_duration("30m") == timedelta(minutes=30)
     assert tuning.parse_duration("24h") == timedelta(hours=24)
     assert tuning.parse_duration("7d") == timedelta(days=7)
+
+
+# --- recommend: the buffer's windows from the pauses inside bursts --------------------
+
+# 250 pauses inside bursts, 0.3 s to 5.28 s, in ms (exact in the database's microseconds).
+GAPS_MS = [300 + 20 * k for k in range(250)]
+
+
+async def insert_bursts(url: str, gaps_ms: list[int], *, agent_ms: float | None = 800.0) -> list[int]:
+    """Two leads typing bursts at once, each pause of `gaps_ms` between two of a lead's
+    messages, our reply after each burst of up to 5 pauses; plus pauses that must not count:
+    a reply between two messages, one over 120 s, messages before the --since window (1h).
+    Returns the pauses that count (ms), in the order inserted."""
+    conn = await asyncpg.connect(url)
+    try:
+        now: datetime = await conn.fetchval("SELECT now()")
+        counted: list[int] = []
+        rows = []
+        for n, phone in enumerate(("5511900002221", "5511900002222")):
+            lead = await conn.fetchval("INSERT INTO leads (phone_number) VALUES ($1) RETURNING id", phone)
+            conv = await conn.fetchval(
+                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone)
+            await conn.execute(
+                """INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
+                       last_message_at, started_at, finished_at, buffer_wait_ms, stages, agent_backend, outcome)
+                   VALUES ($1, $2, 1, $3, $3, $3, $3, 0, $4::jsonb, 'playbook', 'ok')""",
+                lead, conv, now - timedelta(minutes=1), json.dumps({} if agent_ms is None else {"agent": agent_ms}),
+            )  # fmt: skip
+            mine = gaps_ms[n::2]
+            at = now - timedelta(minutes=55) + timedelta(milliseconds=7 * n)  # the leads' messages interleave
+            # Before the window: a 10 ms pause that must not count.
+            old = now - timedelta(hours=2)
+            rows += [(conv, lead, "in", old), (conv, lead, "in", old + timedelta(milliseconds=10))]
+            for i in range(0, len(mine), 5):
+                rows.append((conv, lead, "in", at))
+                for gap in mine[i:i + 5]:
+                    at += timedelta(milliseconds=gap)
+                    rows.append((conv, lead, "in", at))
+                    counted.append(gap)
+                at += timedelta(seconds=1)
+                rows.append((conv, lead, "out", at))  # our reply: the next message starts a burst
+                at += timedelta(milliseconds=900)
+            if n == 0:  # 120 s apart counts (a slow typist); 120.5 s is a new conversation
+                rows += [(conv, lead, "in", at), (conv, lead, "in", at + timedelta(seconds=120)),
+                         (conv, lead, "in", at + timedelta(seconds=240.5))]  # fmt: skip
+                counted.append(120_000)
+        await conn.executemany(
+            """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
+               VALUES ($1, $2, $3, 'oi', $4, $4)""", rows)  # fmt: skip
+        assert max(r[3] for r in rows) < now
+        return counted
+    finally:
+        await conn.close()
+
+
+def percentile_disc(values: list[int], q: float) -> int:
+    """PostgreSQL's percentile_disc: the first value whose position reaches the fraction."""
+    v = sorted(values)
+    return v[max(math.ceil(q * len(v)) - 1, 0)]
+
+
+def tenth_up(ms: int) -> float:
+    return math.ceil(Decimal(ms) / 100) / 10
+
+
+def over(gaps_ms: list[int], seconds: float) -> int:
+    return sum(g > Decimal(repr(seconds)) * 1000 for g in gaps_ms)
+
+
+async def test_recommend_proposes_settle_window_from_the_gaps_inside_bursts(clean: Endpoints, mine: Path) -> None:
+    gaps = await insert_bursts(clean.database_url, GAPS_MS)
+    assert sorted(gaps) == sorted([*GAPS_MS, 120_000])
+    current = values("mine")
+    env = {"SDR_DATABASE_URL": clean.database_url}
+    r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", "1h", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    buffer = doc["buffer"]
+    assert (buffer["max_gap_s"], buffer["burst_coverage"], buffer["notes"]) == (120.0, 0.98, [])
+    g = buffer["gaps"]
+    assert g["samples"] == len(gaps) == 251
+    seconds = [ms / 1000 for ms in gaps]
+    for q in (0.5, 0.9, 0.95, 0.98, 0.99):
+        assert g[f"p{round(q * 100)}_s"] == pytest.approx(percentile_cont(seconds, q)), q
+    assert g["p50_s"] == pytest.approx(2.8)
+    # 98 % of 251 gaps: the 246th shortest, 5.2 s.
+    assert g["covering_s"] == tenth_up(percentile_disc(gaps, 0.98)) == 5.2
+    settle, quiet = buffer["proposals"]
+    assert settle["key"] == "buffer.settle_window" and settle["proposed"] == 5.2
+    assert settle["current"] == current["buffer.settle_window"]
+    assert "98 % of the gaps at or below it, rounded up to 0.1 s" in settle["rule"]
+    # The median pause (2.8 s) is longer than quiet_window (1.0 s in recommended): unchanged.
+    window = current["buffer.quiet_window"]
+    assert window < 2.8 and (quiet["key"], quiet["current"], quiet["proposed"]) == ("buffer.quiet_window", window, window)
+    assert "min(current, P50 gap)" in quiet["rule"] and quiet["note"] == "unchanged: the median pause is not shorter"
+
+    curve = {p["settle_window_s"]: p for p in buffer["curve"]}
+    assert list(curve) == sorted({1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, current["buffer.settle_window"], 5.2})
+    for s, point in curve.items():
+        assert point["gaps_over"] == over(gaps, s), s
+        assert point["share_over"] == pytest.approx(over(gaps, s) / 251)
+        assert point["added_wait_max_s"] == pytest.approx(max(0.0, s - window))
+        assert point["added_wait_p50_s"] == pytest.approx(max(0.0, s - window - 0.8))  # the agent's P50: 800 ms
+    assert curve[5.2]["marks"] == ["proposed"] and curve[5.2]["gaps_over"] == 4 + 1  # 5220..5280 ms, and 120 s
+    assert "current" in curve[current["buffer.settle_window"]]["marks"]
+    assert curve[2.0]["gaps_over"] == (250 - 86) + 1  # 2020..5280 ms, and 120 s
+
+    # No stage has enough samples: the buffer's proposal alone is what --write would apply.
+    agent = next(s for s in doc["stages"] if s["stage"] == "agent")
+    assert (agent["samples"], agent["proposed"]) == (2, None)
+    assert "write_refused" not in doc
+
+    # The text says the same, rules included.
+    r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", "1h", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in r.stdout.splitlines() if line.count("│") > 3}  # fmt: skip
+    assert rows["251"] == [f"{percentile_cont(seconds, q):.2f}" for q in (0.5, 0.9, 0.95, 0.98, 0.99)]
+    assert rows["5.2"] == ["5", "1.99 %", f"{5.2 - window:.2f}", f"{5.2 - window - 0.8:.2f}", "proposed"]
+    assert rows["buffer.settle_window"][:2] == [str(current["buffer.settle_window"]), "5.2"]
+    assert "rule: settle_window = the shortest in-burst gap with at least 98 % of the gaps at or below it" in r.stdout
+    assert "rule: quiet_window = min(current, P50 gap)" in r.stdout
+
+
+async def test_recommend_writes_the_buffer_windows_and_shortens_a_long_quiet_window(
+    clean: Endpoints, mine: Path
+) -> None:
+    await insert_bursts(clean.database_url, GAPS_MS)
+    assert tune("set", "-p", "mine", "buffer.extended_window=4.5", "buffer.quiet_window=4").returncode == 0
+    before = values("mine")
+    env = {"SDR_DATABASE_URL": clean.database_url}
+    r = await asyncio.to_thread(
+        tune, "recommend", "-p", "mine", "--since", "1h", "--burst-coverage", "0.9", "--write", env=env)
+    assert r.returncode == 0, r.stderr
+    # 90 % of 251: the 226th shortest gap, 4.8 s; the median 2.8 s is shorter than quiet_window 4.
+    assert tenth_up(percentile_disc([*GAPS_MS, 120_000], 0.9)) == 4.8
+    assert f"buffer.settle_window: {before['buffer.settle_window']} -> 4.8" in r.stdout
+    assert "buffer.quiet_window: 4.0 -> 2.8" in r.stdout
+    assert values("mine") == {**before, "buffer.settle_window": 4.8, "buffer.quiet_window": 2.8}
+
+    # With a P50 (0.225 s) below min_window (0.5 s in recommended), quiet_window stops at min_window.
+    await asyncpg_execute(clean.database_url, "TRUNCATE leads, conversations, messages, turns RESTART IDENTITY CASCADE")
+    await insert_bursts(clean.database_url, [100 + k for k in range(250)])
+    r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", "1h", "--json", env=env)
+    quiet = json.loads(r.stdout)["buffer"]["proposals"][1]
+    low = before["buffer.min_window"]
+    assert low > 0.2 and (quiet["current"], quiet["proposed"], quiet["note"]) == (2.8, low, f"raised to min_window {low:g} s")
+
+
+async def asyncpg_execute(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def test_recommend_makes_no_buffer_change_with_too_few_gaps(clean: Endpoints, mine: Path) -> None:
+    await insert_turns(clean.database_url, known_turns())  # enough stage samples
+    gaps = await insert_bursts(clean.database_url, GAPS_MS[:150], agent_ms=None)
+    before = values("mine")
+    env = {"SDR_DATABASE_URL": clean.database_url}
+    r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", "1h", "--write", env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"note: not enough in-burst gaps ({len(gaps)} < --min-samples 200): no buffer change" in r.stdout
+    after = values("mine")
+    assert after["timeouts.agent"] == expected_timeout(AGENT_MS)  # the stages' proposals are written
+    assert {k: v for k, v in after.items() if k.startswith("buffer.")} == {
+        k: v for k, v in before.items() if k.startswith("buffer.")}  # fmt: skip
+    # Fewer are enough when asked for.
+    r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", "1h", "--min-samples", "150", "--json",
+                                env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    settle = json.loads(r.stdout)["buffer"]["proposals"][0]
+    assert settle["proposed"] == tenth_up(percentile_disc(gaps, 0.98)) and settle["note"] == ""
+
+
+def test_propose_buffer_rules() -> None:
+    """The rules on hand-made gap figures: the knob's bounds, speculate off, min_window."""
+    shipped = tuning.read(str(REPO / "profiles" / "recommended.toml"))
+    p = dataclasses.replace(shipped, buffer=dataclasses.replace(shipped.buffer, speculate=True, coalesce=True))
+    b = p.buffer
+    thresholds = tuning.gap_thresholds(p)
+    gaps = tuning.GapStats(300, {0.5: 0.05, 0.9: 3.0, 0.95: 4.0, 0.98: 130.0, 0.99: 150.0}, 130.0,
+                           {**dict.fromkeys(thresholds, 7), 130.0: 0})  # fmt: skip
+    out = tuning.propose_buffer(p, gaps, 0.98, 200, agent_p50_ms=None)
+    settle, quiet = out.changes
+    assert (settle.proposed, settle.note) == (120.0, "cut to the knob's maximum 120 s")
+    assert (quiet.proposed, quiet.note) == (b.min_window, f"raised to min_window {b.min_window:g} s")
+    assert [c.marks for c in out.curve if c.settle_window_s == 120.0] == [("proposed",)]
+    assert all(c.added_wait_p50_s is None for c in out.curve)
+
+    off = dataclasses.replace(p, buffer=dataclasses.replace(b, speculate=False))
+    out = tuning.propose_buffer(off, gaps, 0.98, 200)
+    assert out.changes[1].proposed == b.quiet_window and "speculate is off" in out.changes[1].note
+    assert any("speculate is off" in n for n in out.notes)
+
+    few = tuning.propose_buffer(p, dataclasses.replace(gaps, samples=199), 0.98, 200)
+    assert [c.proposed for c in few.changes] == [None, None]
+    assert few.notes == ["not enough in-burst gaps (199 < --min-samples 200): no buffer change"]
