@@ -263,7 +263,7 @@ class Timeouts:
         unit="s", min=0, max=300,
     )
     message_buffer: float = knob(
-        5.0, "upper bound of a lead's buffer window (first message -> turn)", unit="s", min=0.05, max=60
+        20.0, "upper bound of a lead's buffer window (first message -> turn)", unit="s", min=0.05, max=60
     )
     agent: float = knob(30.0, "agent call for one turn", unit="s", min=0.05, max=300)
     multimodal: float = knob(20.0, "whole media analysis of a turn", unit="s", min=0.05, max=300)
@@ -310,11 +310,11 @@ class Buffer:
         "message is thrown away and the whole burst answered again",
     )
     settle_window: float = knob(
-        3.0, "silence after a lead's last message before a reply may be sent (speculate), for a lead "
+        5.0, "silence after a lead's last message before a reply may be sent (speculate), for a lead "
         "whose typing presence is not seen", unit="s", min=0, max=120,
     )  # fmt: skip
     presence_settle: float = knob(
-        2.0, "the same for a lead whose typing presence was seen within presence_memory: 'composing' "
+        3.0, "the same for a lead whose typing presence was seen within presence_memory: 'composing' "
         "holds the reply, so only the pause before typing has to be waited out", unit="s", min=0, max=120,
     )  # fmt: skip
     typing_ttl: float = knob(

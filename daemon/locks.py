@@ -47,6 +47,7 @@ class LeadLocks:
         self.attempts = attempts
         self.backoff = backoff
         self._release = redis.register_script(_RELEASE)
+        self._stragglers: set[asyncio.Task[None]] = set()
         self._renew = redis.register_script(_RENEW)
 
     async def try_acquire(self, phone: str) -> str | None:
@@ -82,11 +83,19 @@ class LeadLocks:
         if token is None:
             yield False
             return
-        renewer = asyncio.create_task(self._keep(phone, token), name=f"lock-renew:{phone}")
+        stop = asyncio.Event()
+        renewer = asyncio.create_task(self._keep(phone, token, stop), name=f"lock-renew:{phone}")
         try:
             yield True
         finally:
-            await cancel_and_wait(renewer)
+            # Bounded: a renewal cancelled inside the Redis client may not end at once
+            # (seen in benches: the turn, and with it the lead, waited forever). It stops
+            # at its next step (the flag), and is kept here until then, owned.
+            stop.set()
+            if not await cancel_and_wait(renewer, self.ttl_ms / 1000):
+                log.warning("a lock renewal did not end when cancelled; it ends at its next step")
+                self._stragglers.add(renewer)
+                renewer.add_done_callback(self._stragglers.discard)
             try:
                 handoff = await self.release(phone, token)
             except Exception as exc:  # it expires by its TTL anyway
@@ -95,14 +104,22 @@ class LeadLocks:
             if handoff:
                 await on_handoff()
 
-    async def _keep(self, phone: str, token: str) -> None:
-        while True:
+    async def close(self, timeout: float) -> None:
+        """Cancels the renewals that did not end with their turn (shutdown)."""
+        for task in list(self._stragglers):
+            await cancel_and_wait(task, timeout)
+
+    async def _keep(self, phone: str, token: str, stop: asyncio.Event) -> None:
+        while not stop.is_set():
             await asyncio.sleep(self.ttl_ms / 3000)
+            if stop.is_set():
+                return
             try:
                 renewed = await self._renew(keys=[lock_key(phone)], args=[token, self.ttl_ms])
             except Exception as exc:
                 log.warning("could not renew the lock of a lead: %s", exc)
                 continue
             if not renewed:
-                log.warning("lost the lock of a lead mid-turn (it expired)")
+                if not stop.is_set():
+                    log.warning("lost the lock of a lead mid-turn (it expired)")
                 return

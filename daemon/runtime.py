@@ -200,6 +200,7 @@ class Runtime:
             if late:
                 log.warning("cancelled %d turn(s); their messages are answered on next start", len(late))
         await self.intake.close()
+        await self.runner.locks.close(p.timeouts.redis)
         # 3. Close clients and pools.
         if self._sender is not None:
             await self._sender.close()

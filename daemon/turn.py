@@ -230,7 +230,7 @@ class TurnRunner:
             await self.leads.set(phone, done.lead)
         self.metrics.turns.labels(outcome).inc()
         if presence is not None:  # never "typing..." after the reply: no request outlives the turn
-            await cancel_and_wait(presence)
+            await self._stop_typing(presence)
         if local:
             self.metrics.sends.labels("local").inc(len(record.parts))
             self.metrics.response_time.observe(record.response_ms / 1000)  # type: ignore[operator]
@@ -270,7 +270,7 @@ class TurnRunner:
         claimed by a turn that found us holding the lead), the lead is armed again."""
         assert self.buffer is not None
         if presence is not None:
-            await cancel_and_wait(presence)
+            await self._stop_typing(presence)
         reason = "newer_message"
         self.metrics.discarded.labels(reason).inc()
         await self.store.discard_reply(burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"))
@@ -353,6 +353,12 @@ class TurnRunner:
                 log.info("typing presence not shown: %s", exc.__class__.__name__)
 
         return asyncio.create_task(show(), name=f"typing:{phone[-4:]}")
+
+    async def _stop_typing(self, presence: asyncio.Task[None]) -> None:
+        """Cancels "typing...": bounded, so a library that swallows a cancellation cannot
+        hold the turn (and the lead's lock) forever; the task ends at its next request."""
+        if not await cancel_and_wait(presence, self.profile.timeouts.evolution_send):
+            log.warning("the typing-presence task did not end when cancelled")
 
     async def _postpone(self, outbox_id: int, phone: str, exc: SendFailed) -> None:
         await self.store.postpone(outbox_id, str(exc), self.profile.limits.redeliver_backoff, uncertain=exc.uncertain)

@@ -83,7 +83,7 @@ def test_invalid_config_names_the_file_the_key_and_what_is_allowed(
     [
         ("[timeouts]\nagent = -1\n", "[timeouts] agent = -1: must be a number from 0.05 to 300 (s)"),
         ("[timeouts]\nagnet = 3\n", "unknown key [timeouts] agnet"),
-        ("[buffer]\nquiet_window = 9.0\n", "quiet_window = 9 must not exceed [timeouts] message_buffer = 5"),
+        ("[buffer]\nquiet_window = 25.0\n", "quiet_window = 25 must not exceed [timeouts] message_buffer = 20"),
         ("[pools]\ndb_min_size = 20\ndb_max_size = 5\n", "db_min_size = 20 must not exceed db_max_size = 5"),
     ],
 )

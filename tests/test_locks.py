@@ -71,6 +71,37 @@ async def test_a_held_lock_is_renewed_past_its_ttl_and_freed_after(clean: Endpoi
     assert got and during is None and after == 0
 
 
+async def test_a_turn_ends_even_if_its_lock_renewal_swallows_the_cancel(clean: Endpoints) -> None:
+    """The bench's rare unanswered bursts: a renewal cancelled inside the Redis client did
+    not end, the turn waited for it forever with the lock still renewed, and the lead was
+    never answered again. The turn now ends, frees the lock, and the renewal stops."""
+    r = aioredis.Redis.from_url(clean.redis_url)
+    locks = LeadLocks(r, ttl=0.3, attempts=1, backoff=0.01)
+    renew = locks._renew
+    inside = asyncio.Event()
+
+    async def swallows_one_cancel(keys: list[str], args: list[object]) -> object:
+        inside.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:  # like a client that finishes its own clean-up first
+            await asyncio.sleep(0.05)
+            return await renew(keys=keys, args=args)
+        return None
+
+    locks._renew = swallows_one_cancel  # type: ignore[assignment]
+    try:
+        async with asyncio.timeout(5):
+            async with locks.held(PHONE, nothing) as got:
+                await inside.wait()
+            after = await r.exists(lock_key(PHONE))
+            while locks._stragglers:  # it stops on its own at its next step
+                await asyncio.sleep(0.05)
+    finally:
+        await r.aclose()
+    assert got and after == 0
+
+
 async def test_acquisition_backs_off_and_succeeds_when_the_holder_lets_go(clean: Endpoints) -> None:
     r = aioredis.Redis.from_url(clean.redis_url)
     locks = LeadLocks(r, ttl=5, attempts=6, backoff=0.02)

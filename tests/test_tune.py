@@ -150,7 +150,7 @@ def test_set_keeps_a_hand_written_files_order_and_opening_comments(workdir: Path
         ("buffer.coalesce=maybe", "buffer.coalesce=maybe: must be true or false"),
         ("buffer.quiet_window=4", "[buffer] windows must satisfy min_window (0.5) <= quiet_window (4) <= extended_window (3)"),
         ("pools.db_min_size=11", "[pools] db_min_size = 11 must not exceed db_max_size = 10"),
-        ("buffer.extended_window=6", "[buffer] extended_window = 6 must not exceed [timeouts] message_buffer = 5"),
+        ("buffer.extended_window=21", "[buffer] extended_window = 21 must not exceed [timeouts] message_buffer = 20"),
         ("timeouts.knowledge_base=31", "[timeouts] knowledge_base = 31 must not exceed agent = 30 while [features] parallel_context is on"),
         ("timeouts.redis_lock_ttl=6", "[timeouts] redis_lock_ttl = 6 must be more than 3 x redis = 2"),
     ],
