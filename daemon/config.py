@@ -325,7 +325,7 @@ class Buffer:
         3600.0, "a lead whose presence was seen this recently is known to send it", unit="s", min=1, max=86400 * 30
     )
     hold_poll: float = knob(
-        0.1, "how often a held reply checks for a newer message or typing", unit="s", min=0.005, max=5
+        0.25, "how often a held reply checks for a newer message or typing", unit="s", min=0.005, max=5
     )
 
 

@@ -152,7 +152,12 @@ class TurnRunner:
         media = media_task.result() if media_task is not None else []
         texts = _texts(burst, media)
 
-        presence = self._show_typing(phone)
+        speculative = p.buffer.speculate and p.buffer.coalesce and self.buffer is not None
+        # Speculating, the lead may still be typing: "typing..." from us then would talk over
+        # it (and hold a connection for nothing). It shows once the lead has been quiet for
+        # the settle window, if the reply is not out by then.
+        quiet = (datetime.now(UTC) - max(m.received_at for m in burst)).total_seconds()
+        presence = self._show_typing(phone, p.buffer.settle_window - quiet if speculative else 0.0)
         kb_task: asyncio.Task[list[KbEntry]] | None = None
         query = self.agent.knowledge_query(texts)
         if not p.features.parallel_context:  # legacy: always the search first, then the rest
@@ -187,7 +192,6 @@ class TurnRunner:
             if kb_task is not None:
                 await cancel_and_wait(kb_task)  # unused if the agent did not need it
 
-        speculative = p.buffer.speculate and p.buffer.coalesce and self.buffer is not None
         if speculative and await clock.run("hold", self._overtaken(phone, burst), None):
             return await self._discard(phone, burst, clock, presence)
 
@@ -332,7 +336,7 @@ class TurnRunner:
         clock.cache_use(not loaded)
         return entries
 
-    def _show_typing(self, phone: str) -> asyncio.Task[None] | None:
+    def _show_typing(self, phone: str, not_before: float) -> asyncio.Task[None] | None:
         """"typing..." once the turn has run `typing_after`, for at most the agent's budget;
         best effort, owned by the turn. Evolution holds each request for its delay and,
         past 20 s, loops composing -> paused -> composing on its own (which would show
@@ -344,7 +348,7 @@ class TurnRunner:
         loop = asyncio.get_running_loop()
 
         async def show() -> None:
-            await asyncio.sleep(self.profile.features.typing_after)
+            await asyncio.sleep(max(self.profile.features.typing_after, not_before))
             until = loop.time() + t.agent
             try:
                 while (left := until - loop.time()) > 0.05:
