@@ -8,10 +8,12 @@ each lead is due, and a restart re-arms every lead with unanswered messages."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from daemon.config import Buffer
 from daemon.connections import Redis
+from daemon.tasks import cancel_and_wait
 
 # One hash tag for all: the scripts touch them together, so in Redis Cluster they must live
 # in one slot. (Per-lead keys, like locks, are tagged with the lead's phone instead.)
@@ -119,18 +121,21 @@ if due then return tostring(due - now) end
 return false
 """
 
-# What a held reply needs to know: whether the lead is armed again (in DUE: a message
-# arrived, or a copy of one Evolution delivered twice), is typing, is known to send presence.
-_STATE = """
+# What held replies need to know, for all of them in one call: whether each lead is armed
+# again (in DUE: a message arrived, or a copy of one Evolution delivered twice), is
+# typing, is known to send presence. ARGV: presence memory, then the members.
+_STATES = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local typing = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]))
-local seen = tonumber(redis.call('ZSCORE', KEYS[4], ARGV[1]))
-return {
-  redis.call('ZSCORE', KEYS[1], ARGV[1]) or '',
-  (typing and typing > now) and 1 or 0,
-  (seen and seen > now - tonumber(ARGV[2])) and 1 or 0,
-}
+local out = {}
+for i = 2, #ARGV do
+  local typing = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[i]))
+  local seen = tonumber(redis.call('ZSCORE', KEYS[4], ARGV[i]))
+  out[#out + 1] = redis.call('ZSCORE', KEYS[1], ARGV[i]) or ''
+  out[#out + 1] = (typing and typing > now) and 1 or 0
+  out[#out + 1] = (seen and seen > now - tonumber(ARGV[1])) and 1 or 0
+end
+return out
 """
 
 
@@ -145,7 +150,7 @@ class MessageBuffer:
     def __init__(
         self, redis: Redis, quiet_window: float, cap: float, claim_batch: int, *,
         presence_window: float = 0.0, typing_ttl: float = 10.0, presence_memory: float = 3600.0,
-        typing_hold: float = 0.0,
+        typing_hold: float = 0.0, poll: float = 0.25,
     ) -> None:  # fmt: skip
         self.redis = redis
         self.quiet_window = quiet_window
@@ -159,7 +164,12 @@ class MessageBuffer:
         self._touch_many = redis.register_script(_TOUCH_MANY)
         self._claim = redis.register_script(_CLAIM)
         self._presence = redis.register_script(_PRESENCE)
-        self._state = redis.register_script(_STATE)
+        self._states = redis.register_script(_STATES)
+        # Held replies ask for their lead's state; one poller answers them all with one
+        # call per `poll`, however many are held (a call each would crowd the Redis pool).
+        self.poll = poll
+        self._asking: dict[str, list[asyncio.Future[LeadState]]] = {}
+        self._poller: asyncio.Task[None] | None = None
 
     def _presence_args(self) -> list[float]:
         return [self.presence_window, self.presence_memory]
@@ -199,8 +209,42 @@ class MessageBuffer:
         return None if left is None else float(left)
 
     async def state(self, member: str) -> LeadState:
-        pending, typing, present = await self._state(keys=KEYS, args=[member, self.presence_memory])
-        return LeadState(pending.decode() if isinstance(pending, bytes) else str(pending), bool(typing), bool(present))
+        """The lead's state as of the next poll (at most `poll` from now)."""
+        future: asyncio.Future[LeadState] = asyncio.get_running_loop().create_future()
+        self._asking.setdefault(member, []).append(future)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="buffer-states")
+        return await future
+
+    async def _poll(self) -> None:
+        while self._asking:
+            asking, self._asking = self._asking, {}
+            members = list(asking)
+            try:
+                flat = await self._states(keys=KEYS, args=[self.presence_memory, *members])
+            except Exception as exc:  # each asker fails its own way (the turn is re-queued)
+                for futures in asking.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(exc)
+            else:
+                for i, member in enumerate(members):
+                    pending, typing, present = flat[3 * i : 3 * i + 3]
+                    state = LeadState(pending.decode() if isinstance(pending, bytes) else str(pending),
+                                      bool(typing), bool(present))  # fmt: skip
+                    for f in asking[member]:
+                        if not f.done():
+                            f.set_result(state)
+            await asyncio.sleep(self.poll)
+
+    async def close(self) -> None:
+        """Stops the poller (shutdown); askers still waiting get CancelledError."""
+        if self._poller is not None:
+            await cancel_and_wait(self._poller)
+        for futures in self._asking.values():
+            for f in futures:
+                f.cancel()
+        self._asking.clear()
 
     async def claim_due(self) -> list[str]:
         """Takes the members whose window has closed (and who are not typing); each is

@@ -93,6 +93,7 @@ class Runtime:
             self.redis, b.quiet_window, p.timeouts.message_buffer, b.claim_batch,
             presence_window=b.presence_settle if b.speculate else 0.0, typing_ttl=b.typing_ttl,
             presence_memory=b.presence_memory, typing_hold=p.timeouts.reply_hold if self._presence_aware() else 0.0,
+            poll=b.hold_poll,
         )  # fmt: skip
         locks = LeadLocks(
             self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff
@@ -201,6 +202,7 @@ class Runtime:
                 log.warning("cancelled %d turn(s); their messages are answered on next start", len(late))
         await self.intake.close()
         await self.runner.locks.close(p.timeouts.redis)
+        await self.buffer.close()
         # 3. Close clients and pools.
         if self._sender is not None:
             await self._sender.close()

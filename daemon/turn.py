@@ -264,7 +264,9 @@ class TurnRunner:
                 left = max(left, b.hold_poll)
             if left <= 0:
                 return False
-            await asyncio.sleep(min(left, b.hold_poll))
+            if left > b.hold_poll:  # the next state comes one poll later anyway
+                continue
+            await asyncio.sleep(left)
 
     async def _discard(
         self, phone: str, burst: list[PendingMessage], clock: StageClock, presence: asyncio.Task[None] | None,
