@@ -392,9 +392,19 @@ class EvolutionClient:
             timeout=httpx.Timeout(p.timeouts.evolution_send, connect=p.timeouts.evolution_read),
             limits=httpx.Limits(max_connections=p.pools.http_max_connections),
         )
+        # "typing..." requests are cancelled when the reply is ready, and httpcore 1.0.9
+        # can lose a pool slot for good when a request is cancelled while its connection
+        # is being set up (encode/httpcore#1093): on their own pool, that can cost a
+        # missing "typing...", never a reply (at 1,000 leads it starved sendText).
+        self.presence_http = httpx.AsyncClient(
+            base_url=config.evolution.base_url.rstrip("/"),
+            headers=headers,
+            limits=httpx.Limits(max_connections=p.pools.http_max_connections),
+        )
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.presence_http.aclose()
 
     async def get_media(self, key: dict[str, Any], instance: str | None, timeout: float) -> str:
         """A media message's file, as base64, from the Evolution API (it decrypts it)."""
@@ -464,7 +474,7 @@ class EvolutionClient:
         """Shows "typing..." for `delay_ms` (Evolution holds the request that long, so the
         read timeout is the delay plus `timeout`); never more than one Evolution slice."""
         delay_ms = min(delay_ms, PRESENCE_MAX_MS)
-        resp = await self.http.post(
+        resp = await self.presence_http.post(
             f"/chat/sendPresence/{self.instance}",
             json={"number": number, "presence": "composing", "delay": delay_ms},
             timeout=httpx.Timeout(delay_ms / 1000 + timeout, connect=timeout),
