@@ -88,7 +88,9 @@ NAMES = ["Ana", "Bruno", "Carla", "Diego", "Eduarda", "Felipe", "Gabriela", "Hei
 TYPING_MODELS = ("human", "quick")
 WPM_MIN, WPM_MAX = 10.0, 100.0  # a lead's typing speed is clamped to this (words per minute)
 CHARS_PER_WORD = 5  # the text-entry literature's "word"
-PRESENCE_REFRESH = 10.0  # a lead still typing re-posts "composing" this often (WhatsApp's rhythm)
+# A lead still typing re-posts "composing" this often. An assumption: WhatsApp clients
+# re-send their chat state while typing, but we found no published interval.
+PRESENCE_REFRESH = 10.0
 
 
 @dataclass(frozen=True)

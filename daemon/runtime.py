@@ -202,6 +202,7 @@ class Runtime:
                 log.warning("cancelled %d turn(s); their messages are answered on next start", len(late))
         await self.intake.close()
         await self.runner.locks.close(p.timeouts.redis)
+        await self.runner.close()
         await self.buffer.close()
         # 3. Close clients and pools.
         if self._sender is not None:

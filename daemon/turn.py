@@ -103,6 +103,7 @@ class TurnRunner:
         # With [buffer] speculate, where a finished reply learns whether the lead wrote again
         # or is typing (daemon.buffer keeps both).
         self.buffer = buffer
+        self._stragglers: set[asyncio.Task[None]] = set()
         self.locks = locks
         self.agent = agent
         self.sender = sender
@@ -251,13 +252,13 @@ class TurnRunner:
         b, loop = self.profile.buffer, asyncio.get_running_loop()
         give_up = loop.time() + self.profile.timeouts.reply_hold
         benign = ""  # an arming already found to be a re-delivered copy of the burst's own message
+        last_id, last_at = max(m.id for m in burst), max(m.received_at for m in burst)
         while True:
             state = await self.buffer.state(phone)
             if state.pending and state.pending != benign:
-                if await self.store.newer_message(burst[0].lead_id, max(m.id for m in burst)):
+                if await self.store.newer_message(burst[0].lead_id, last_id):
                     return True
                 benign = state.pending
-            last_at = max(m.received_at for m in burst)
             quiet = (datetime.now(UTC) - last_at).total_seconds()  # the database's clock and ours (NTP)
             left = (b.presence_settle if state.present else b.settle_window) - quiet
             if state.typing and loop.time() < give_up:
@@ -362,9 +363,16 @@ class TurnRunner:
 
     async def _stop_typing(self, presence: asyncio.Task[None]) -> None:
         """Cancels "typing...": bounded, so a library that swallows a cancellation cannot
-        hold the turn (and the lead's lock) forever; the task ends at its next request."""
+        hold the turn (and the lead's lock) forever."""
         if not await cancel_and_wait(presence, self.profile.timeouts.evolution_send):
             log.warning("the typing-presence task did not end when cancelled")
+            self._stragglers.add(presence)  # owned until it ends; cancelled again at shutdown
+            presence.add_done_callback(self._stragglers.discard)
+
+    async def close(self) -> None:
+        """Shutdown: cancels the typing tasks that did not end with their turn."""
+        for task in list(self._stragglers):
+            await cancel_and_wait(task, self.profile.timeouts.evolution_send)
 
     async def _postpone(self, outbox_id: int, phone: str, exc: SendFailed) -> None:
         await self.store.postpone(outbox_id, str(exc), self.profile.limits.redeliver_backoff, uncertain=exc.uncertain)
