@@ -50,8 +50,10 @@ class Refusals:
         if now - self.warned_at >= self.every:
             log.warning(
                 "webhooks refused with 503 (%d since the last such warning): %d already in flight, "
-                "the limit ([pools] webhooks_in_flight)", self.since_warned, limit,
-            )  # fmt: skip
+                "the limit ([pools] webhooks_in_flight)",
+                self.since_warned,
+                limit,
+            )
             self.since_warned, self.warned_at = 0, now
 
 
@@ -104,8 +106,11 @@ def create_app(rt: Runtime) -> Starlette:
         count.labels("unauthorized").inc()
         # The address only: a token, even a wrong one, never goes to the log.
         log.warning("webhook refused: no valid credentials from %s", request.client.host if request.client else "?")
-        return error(401, "missing or invalid credentials: send `Authorization: Bearer <token>`, post to "
-                          "/webhook/evolution/<token>, or carry the instance token in the body's `apikey`")
+        return error(
+            401,
+            "missing or invalid credentials: send `Authorization: Bearer <token>`, post to "
+            "/webhook/evolution/<token>, or carry the instance token in the body's `apikey`",
+        )
 
     async def handle(request: Request) -> Response:
         # Three ways in, for every Evolution set-up (README: Webhook authentication): the
@@ -120,7 +125,7 @@ def create_app(rt: Runtime) -> Starlette:
         elif not authed and path_event is not None and hmac.compare_digest(path_event.encode(), token_raw):
             authed, path_event = True, None  # /webhook/evolution/<token>
         if not authed:
-            authed = hmac.compare_digest(request.headers.get("authorization", "").encode(), token)
+            authed = hmac.compare_digest(request.headers.get("authorization", "").encode(), token or b"")
         if not authed and body_key is None:
             return refuse(request)
         if not rt.accepting:
@@ -155,10 +160,13 @@ def create_app(rt: Runtime) -> Starlette:
         if wait:
             count.labels("rate_limited").inc()
             return JSONResponse(
-                {"error": f"too many webhooks for this lead: the limit is {limiter.rate:g}/s "
-                 f"(bursts of {limiter.burst}) per lead; retry later"},
-                status_code=429, headers={"Retry-After": retry_after(wait)},
-            )  # fmt: skip
+                {
+                    "error": f"too many webhooks for this lead: the limit is {limiter.rate:g}/s "
+                    f"(bursts of {limiter.burst}) per lead; retry later"
+                },
+                status_code=429,
+                headers={"Retry-After": retry_after(wait)},
+            )
         try:
             async with asyncio.timeout(webhook_timeout):
                 if isinstance(event, Typing):
@@ -215,5 +223,5 @@ def create_app(rt: Runtime) -> Starlette:
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
-        ]
+        ],
     )

@@ -49,12 +49,23 @@ from daemon.store import init_connection
 # knowledge-base cache sees repeats); statements vary.
 QUESTIONS = [
     # short
-    "Quanto custa?", "E à noite?", "Qual a garantia?", "Tem desconto?",
+    "Quanto custa?",
+    "E à noite?",
+    "Qual a garantia?",
+    "Tem desconto?",
     # medium
-    "quanto custa a instalação?", "Tem financiamento?", "Funciona em dia nublado?",
-    "Quanto tempo demora a instalação?", "Precisa de manutenção?", "Quanto vou economizar?",
-    "O que é a lei 14.300?", "Vocês instalam em telhado de metal?", "E se faltar luz?",
-    "Quanto tempo para pagar o investimento?", "Vocês atendem empresas?", "Precisa de bateria?",
+    "quanto custa a instalação?",
+    "Tem financiamento?",
+    "Funciona em dia nublado?",
+    "Quanto tempo demora a instalação?",
+    "Precisa de manutenção?",
+    "Quanto vou economizar?",
+    "O que é a lei 14.300?",
+    "Vocês instalam em telhado de metal?",
+    "E se faltar luz?",
+    "Quanto tempo para pagar o investimento?",
+    "Vocês atendem empresas?",
+    "Precisa de bateria?",
     # long
     "Vocês fazem a visita técnica de graça ou cobram alguma coisa?",
     "Dá pra parcelar no cartão ou só financiando pelo banco?",
@@ -62,16 +73,36 @@ QUESTIONS = [
     "Quanto tempo depois da instalação a conta de luz já começa a baixar?",
     "Meu telhado é de telha colonial, tem algum problema pra instalar as placas?",
     "Vocês cuidam da papelada com a distribuidora ou eu preciso ir lá resolver alguma coisa?",
-]  # fmt: skip
+]
 STATEMENTS = [
     # short
-    "Oi", "Ok", "Sim", "Entendi", "Legal", "Olá, boa tarde", "{name}", "É casa", "Vou ver aqui",
-    "uns {value} reais", "Bom dia!", "Ah sim", "Certo", "Quero saber mais",
+    "Oi",
+    "Ok",
+    "Sim",
+    "Entendi",
+    "Legal",
+    "Olá, boa tarde",
+    "{name}",
+    "É casa",
+    "Vou ver aqui",
+    "uns {value} reais",
+    "Bom dia!",
+    "Ah sim",
+    "Certo",
+    "Quero saber mais",
     # medium
-    "Vi o anúncio de vocês", "Meu nome é {name}", "Minha conta vem uns R$ {value}",
-    "Moro em apartamento", "Tenho um comércio", "Sou eu que decido", "Eu e minha esposa",
-    "Pode ser amanhã de manhã", "Moro em Campinas, interior de SP", "A casa é própria, faz 10 anos",
-    "Tenho interesse sim", "Depois das 18h é melhor pra mim",
+    "Vi o anúncio de vocês",
+    "Meu nome é {name}",
+    "Minha conta vem uns R$ {value}",
+    "Moro em apartamento",
+    "Tenho um comércio",
+    "Sou eu que decido",
+    "Eu e minha esposa",
+    "Pode ser amanhã de manhã",
+    "Moro em Campinas, interior de SP",
+    "A casa é própria, faz 10 anos",
+    "Tenho interesse sim",
+    "Depois das 18h é melhor pra mim",
     # long
     "Oi, boa tarde! Vi o anúncio de vocês no Instagram",
     "Minha conta de luz vem uns R$ {value} por mês, às vezes mais no verão",
@@ -82,7 +113,7 @@ STATEMENTS = [
     "A casa é térrea, o telhado é grande e bate sol a tarde inteira",
     "Já pedi orçamento em outra empresa mas achei caro, por isso tô pesquisando",
     "Boa noite, desculpa a demora pra responder, tava no trabalho. Ainda tenho interesse sim",
-]  # fmt: skip
+]
 NAMES = ["Ana", "Bruno", "Carla", "Diego", "Eduarda", "Felipe", "Gabriela", "Heitor", "Isabela", "João"]
 
 TYPING_MODELS = ("human", "quick")
@@ -238,19 +269,27 @@ class DaemonUnderTest:
 
 @contextlib.asynccontextmanager
 async def start_daemon(
-    profile: Profile, evolution_url: str, workload: Workload, config_path: str | None, ready_timeout: float,
-    *, extra_env: Mapping[str, str] | None = None,
-) -> AsyncIterator[DaemonUnderTest]:  # fmt: skip
+    profile: Profile,
+    evolution_url: str,
+    workload: Workload,
+    config_path: str | None,
+    ready_timeout: float,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+) -> AsyncIterator[DaemonUnderTest]:
     data_dir = Path(tempfile.mkdtemp(prefix=f"sdrctl-bench-{profile.name}-", dir="/tmp"))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
     env.update(
-        SDR_DAEMON_DATA_DIR=str(data_dir / "var"), SDR_DAEMON_PORT=str(port), SDR_DAEMON_HOST="127.0.0.1",
-        SDR_DAEMON_LOG_LEVEL="warning", SDR_EVOLUTION_BASE_URL=evolution_url,
+        SDR_DAEMON_DATA_DIR=str(data_dir / "var"),
+        SDR_DAEMON_PORT=str(port),
+        SDR_DAEMON_HOST="127.0.0.1",
+        SDR_DAEMON_LOG_LEVEL="warning",
+        SDR_EVOLUTION_BASE_URL=evolution_url,
         SDR_AGENT_BACKEND="simulated",
         SDR_AGENT_SIMULATED_LATENCY=_scaled_spec(workload.agent_latency, workload.time_scale),
         **scaled_overrides(profile, workload.time_scale),
-    )  # fmt: skip
+    )
     env.update(extra_env or {})
     args = [sys.executable, "-m", "sdrctl", "serve", "--profile", profile.source]
     if config_path:
@@ -372,9 +411,7 @@ class LeadSimulator:
         return 0.0 if cps is None else len(text) / cps * self.scale
 
     def _statement(self) -> str:
-        return self.rng.choice(STATEMENTS).format(
-            name=self.rng.choice(NAMES), value=self.rng.randrange(150, 2500, 10)
-        )
+        return self.rng.choice(STATEMENTS).format(name=self.rng.choice(NAMES), value=self.rng.randrange(150, 2500, 10))
 
     def plan(self) -> BurstPlan:
         size = self.rng.randint(self.w.burst_min, self.w.burst_max)
@@ -390,9 +427,7 @@ class LeadSimulator:
         duplicate = self.rng.randrange(size) if self.rng.random() < self.w.duplicate_share else None
         return BurstPlan(texts, waits, duplicate, self.think.sample(self.rng))
 
-    async def run(
-        self, http: RawClient, fake: FakeEvolution, tally: Tally, start_at: float, stop_at: float
-    ) -> None:
+    async def run(self, http: RawClient, fake: FakeEvolution, tally: Tally, start_at: float, stop_at: float) -> None:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         while time.monotonic() < stop_at:
             plan = self.plan()
@@ -447,7 +482,9 @@ class LeadSimulator:
     async def _presence(self, http: RawClient, state: str, tally: Tally) -> None:
         tally.presence_posts += 1
         try:
-            ok = await http.post("/webhook/evolution", _encode(presence_event(self.phone, state, instance="sdr"))) == 200
+            ok = (
+                await http.post("/webhook/evolution", _encode(presence_event(self.phone, state, instance="sdr"))) == 200
+            )
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             ok = False
         if not ok:
@@ -509,9 +546,7 @@ async def turn_stats(database_url: str, since: float) -> dict[str, Any]:
                  FROM turns WHERE started_at >= to_timestamp($1)""",
             since,
         )
-        unanswered = await conn.fetchval(
-            "SELECT count(*) FROM messages WHERE direction = 'in' AND turn_id IS NULL"
-        )
+        unanswered = await conn.fetchval("SELECT count(*) FROM messages WHERE direction = 'in' AND turn_id IS NULL")
         failed_sends = await conn.fetchval("SELECT count(*) FROM outbox WHERE status <> 'sent'")
     finally:
         await conn.close()
@@ -555,8 +590,9 @@ async def settle(database_url: str, ids: list[str], deadline: float) -> None:
                     WHERE m.direction = 'in' AND m.provider_id = ANY($1::text[])
                       AND (m.turn_id IS NULL OR EXISTS (
                            SELECT 1 FROM outbox o WHERE o.turn_id = m.turn_id AND o.status = ANY($2::text[])))""",
-                ids, _OPEN_SENDS,
-            )  # fmt: skip
+                ids,
+                _OPEN_SENDS,
+            )
             if not open_:
                 return
             await asyncio.sleep(0.1)
@@ -667,8 +703,7 @@ async def run_bench(
     async with run_fake_evolution(keep_bodies=False) as fake, contextlib.AsyncExitStack() as stack:
         ready = max(p.timeouts.embedded_start for p in loaded) * 4
         daemons = [
-            await stack.enter_async_context(start_daemon(p, fake.url, workload, config_path, ready))
-            for p in loaded
+            await stack.enter_async_context(start_daemon(p, fake.url, workload, config_path, ready)) for p in loaded
         ]
         return await _drive(daemons, fake, workload, progress, progress_every)
 
@@ -682,9 +717,13 @@ def patience_for(p: Profile, w: Workload) -> float:
 
 
 async def _drive(
-    daemons: Sequence[Target], fake: FakeEvolution, w: Workload, progress: Progress | None,
-    every: float, run: int = 0,
-) -> list[ProfileResult]:  # fmt: skip
+    daemons: Sequence[Target],
+    fake: FakeEvolution,
+    w: Workload,
+    progress: Progress | None,
+    every: float,
+    run: int = 0,
+) -> list[ProfileResult]:
     since = time.time()
     meters = [CpuMeter(getattr(getattr(d, "process", None), "pid", None)) for d in daemons]
     for m in meters:
@@ -783,17 +822,25 @@ def held_slo(s: dict[str, Any], limit: float, max_timeout_rate: float) -> bool:
     outcomes = s.get("bursts_by_outcome", {})
     budget = 0.01 * max(1, s["bursts"])
     return (
-        p95 is not None and p95 <= limit and outcomes.get("lost", 0) == 0
-        and outcomes.get("unanswered", 0) <= budget and s["missing_replies"] <= budget
+        p95 is not None
+        and p95 <= limit
+        and outcomes.get("lost", 0) == 0
+        and outcomes.get("unanswered", 0) <= budget
+        and s["missing_replies"] <= budget
         and s["timeout_rate"] <= max_timeout_rate
-    )  # fmt: skip
+    )
 
 
 async def find_capacity(
-    profile: str, workload: Workload, slo_p95: float, max_timeout_rate: float, *,
-    config_path: str | None = None, max_leads: int = 5000,
+    profile: str,
+    workload: Workload,
+    slo_p95: float,
+    max_timeout_rate: float,
+    *,
+    config_path: str | None = None,
+    max_leads: int = 5000,
     progress: Callable[[str, list[CapacityStep]], None] | None = None,
-) -> list[CapacityStep]:  # fmt: skip
+) -> list[CapacityStep]:
     """Doubles the leads from `workload.leads` until the burst response's P95 breaks the SLO
     (or messages are lost, bursts go unanswered, timeouts pass the SLO: `held_slo`), then
     bisects once between the last that held and the first that broke. One daemon for the
@@ -810,11 +857,18 @@ async def find_capacity(
                 [r] = await _drive([daemon], fake, w, None, 1.0, run=len(steps) + 1)
                 s = r.summary()
                 outcomes = s.get("bursts_by_outcome", {})
-                steps.append(CapacityStep(
-                    leads, s["response_s"]["p95"], r.tally.missing, s["timeout_rate"],
-                    held_slo(s, limit, max_timeout_rate), outcomes.get("lost", 0), outcomes.get("unanswered", 0),
-                    s.get("split_rate"),
-                ))  # fmt: skip
+                steps.append(
+                    CapacityStep(
+                        leads,
+                        s["response_s"]["p95"],
+                        r.tally.missing,
+                        s["timeout_rate"],
+                        held_slo(s, limit, max_timeout_rate),
+                        outcomes.get("lost", 0),
+                        outcomes.get("unanswered", 0),
+                        s.get("split_rate"),
+                    )
+                )
                 if progress is not None:
                     progress(p.name, steps)
                 return steps[-1]
@@ -850,9 +904,25 @@ class IntakeResult:
 @contextlib.asynccontextmanager
 async def _bare_server(ready_timeout: float) -> AsyncIterator[str]:
     port = _free_port()
-    args = [sys.executable, "-m", "uvicorn", "daemon.bare_app:app", "--host", "127.0.0.1",
-            "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-            "--log-level", "warning", "--lifespan", "off"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "daemon.bare_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--lifespan",
+        "off",
+    ]
     proc = await asyncio.create_subprocess_exec(*args)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -886,7 +956,9 @@ async def run_intake(
     async with run_fake_evolution(keep_bodies=False) as fake:
         async with _bare_server(p.timeouts.embedded_start) as bare_url:
             await post_load(f"{bare_url}/webhook/evolution", body, connections=connections, duration=1.0)
-            baseline = await post_load(f"{bare_url}/webhook/evolution", body, connections=connections, duration=duration)
+            baseline = await post_load(
+                f"{bare_url}/webhook/evolution", body, connections=connections, duration=duration
+            )
         # The per-lead rate limit off: this floods a few hundred leads at thousands of
         # requests/s to measure intake capacity, not the limiter (which would answer 429).
         no_limit = {"SDR_LIMITS_LEAD_RATE": "0"}

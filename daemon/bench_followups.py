@@ -43,8 +43,9 @@ async def run_followups(config: Config, count: int) -> FollowUpBench:
                    c AS (INSERT INTO conversations (lead_id, phone_number) SELECT id, phone_number FROM l)
                    INSERT INTO follow_ups (lead_id, kind, step, due_at, created_at)
                    SELECT id, 'reengage', 1, $2::timestamptz, $2::timestamptz - interval '1 hour' FROM l""",
-                count, due,
-            )  # fmt: skip
+                count,
+                due,
+            )
         rt.followups.clock = lambda: due + timedelta(seconds=1)
         start = time.perf_counter()
         passes = 0
@@ -52,6 +53,8 @@ async def run_followups(config: Config, count: int) -> FollowUpBench:
             passes += 1
         seconds = time.perf_counter() - start
         async with rt.pool.acquire() as conn:
-            sent = await conn.fetchval("SELECT count(*) FROM follow_ups WHERE kind = 'reengage' AND step = 1 AND status = 'sent'")
+            sent = await conn.fetchval(
+                "SELECT count(*) FROM follow_ups WHERE kind = 'reengage' AND step = 1 AND status = 'sent'"
+            )
         k = config.profile.followups
         return FollowUpBench(count, seconds, passes, int(sent), k.concurrency, k.claim_batch)

@@ -59,7 +59,9 @@ redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 return tostring(deadline - now)
 """
 
-_TOUCH_MANY = _PRESENT_WINDOW + """
+_TOUCH_MANY = (
+    _PRESENT_WINDOW
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local cap = tonumber(ARGV[1])
@@ -74,6 +76,7 @@ for i = 2, #ARGV - 2, 2 do
 end
 return (#ARGV - 3) / 2
 """
+)
 
 # A due lead who is typing is not claimed yet: it is re-armed for when its "composing"
 # runs out (a refresh, "paused" or a message decide sooner), but never past its first
@@ -148,10 +151,18 @@ class LeadState:
 
 class MessageBuffer:
     def __init__(
-        self, redis: Redis, quiet_window: float, cap: float, claim_batch: int, *,
-        presence_window: float = 0.0, typing_ttl: float = 10.0, presence_memory: float = 3600.0,
-        typing_hold: float = 0.0, poll: float = 0.25,
-    ) -> None:  # fmt: skip
+        self,
+        redis: Redis,
+        quiet_window: float,
+        cap: float,
+        claim_batch: int,
+        *,
+        presence_window: float = 0.0,
+        typing_ttl: float = 10.0,
+        presence_memory: float = 3600.0,
+        typing_hold: float = 0.0,
+        poll: float = 0.25,
+    ) -> None:
         self.redis = redis
         self.quiet_window = quiet_window
         self.cap = cap
@@ -230,8 +241,9 @@ class MessageBuffer:
             else:
                 for i, member in enumerate(members):
                     pending, typing, present = flat[3 * i : 3 * i + 3]
-                    state = LeadState(pending.decode() if isinstance(pending, bytes) else str(pending),
-                                      bool(typing), bool(present))  # fmt: skip
+                    state = LeadState(
+                        pending.decode() if isinstance(pending, bytes) else str(pending), bool(typing), bool(present)
+                    )
                     for f in asking[member]:
                         if not f.done():
                             f.set_result(state)

@@ -153,9 +153,12 @@ def percentile(values: list[float], p: float) -> float | None:
 
 def spread(values: list[float]) -> dict[str, float | None]:
     return {
-        "p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
-        "max": max(values) if values else None, "n": len(values),
-    }  # fmt: skip
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+        "n": len(values),
+    }
 
 
 def account(
@@ -174,14 +177,14 @@ def account(
     for b in bursts:
         answering.setdefault(b.phone, set()).update(t for m in b.ids if (t := stored.get(m)) is not None)
     received = {
-        phone: sorted(at for t in turns_of for at in deliveries.get(t, ()))
-        for phone, turns_of in answering.items()
-    }  # fmt: skip
+        phone: sorted(at for t in turns_of for at in deliveries.get(t, ())) for phone, turns_of in answering.items()
+    }
     outcomes = [classify(b, stored, deliveries, received.get(b.phone, ())) for b in bursts]
     if cpu_seconds is not None and not math.isfinite(cpu_seconds):
         cpu_seconds = None
     problems = [
         {"kind": o.kind, "phone": b.phone, "ids": b.ids, "turns": [stored.get(m, "not stored") for m in b.ids]}
-        for b, o in zip(bursts, outcomes, strict=True) if o.kind in ("lost", "unanswered")
-    ][:MAX_PROBLEMS]  # fmt: skip
+        for b, o in zip(bursts, outcomes, strict=True)
+        if o.kind in ("lost", "unanswered")
+    ][:MAX_PROBLEMS]
     return BurstFigures(outcomes, [len(b.ids) for b in bursts], turns, discarded, cpu_seconds, problems)

@@ -34,9 +34,17 @@ REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 class TwoTierCache(Generic[T]):
     def __init__(
-        self, name: str, redis: Redis, value_type: type[T], *, ttl: float, local_ttl: float,
-        size: int, enabled: bool, metrics: Metrics,
-    ) -> None:  # fmt: skip
+        self,
+        name: str,
+        redis: Redis,
+        value_type: type[T],
+        *,
+        ttl: float,
+        local_ttl: float,
+        size: int,
+        enabled: bool,
+        metrics: Metrics,
+    ) -> None:
         if SEP in name:
             raise ValueError(f"cache name {name!r} must not contain \\x1f")
         self.name = name
@@ -99,6 +107,7 @@ class TwoTierCache(Generic[T]):
     async def _load(self, key: str, loader: Callable[[], Awaitable[T]]) -> T:
         fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut  # before any await, so concurrent callers join this load
+        data: bytes | None
         try:
             found = await self._redis_get(key)
             if found is not None:
@@ -257,8 +266,11 @@ class TwoTierCache(Generic[T]):
             self._redis_down = True
             log.warning(
                 "cache %s: Redis %s failed (%s: %s); serving from the loader until it is back",
-                self.name, what, exc.__class__.__name__, exc,
-            )  # fmt: skip
+                self.name,
+                what,
+                exc.__class__.__name__,
+                exc,
+            )
 
     def _redis_ok(self) -> None:
         if self._redis_down:
@@ -311,11 +323,13 @@ class CacheInvalidations:
                     self._clear()  # from now on we cannot hear other daemons' changes
                     log.warning(
                         "cache invalidations: lost Redis (%s: %s); retrying every %.1fs",
-                        exc.__class__.__name__, exc, self.retry_delay,
-                    )  # fmt: skip
+                        exc.__class__.__name__,
+                        exc,
+                        self.retry_delay,
+                    )
             finally:
                 if pubsub is not None:
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
             await asyncio.sleep(self.retry_delay)
 
     def _apply(self, data: bytes | str) -> None:

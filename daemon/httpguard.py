@@ -81,8 +81,9 @@ class _RequestDeadline(HttpToolsProtocol):
         self.on_expired()
         log.debug(
             "closing the connection from %s: no whole request within %gs",
-            "%s:%d" % self.client if self.client else "?", self.seconds,
-        )  # fmt: skip
+            f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+            self.seconds,
+        )
         # abort, not close: close would wait to flush what we owe a client that may not read.
         self.transport.abort()
 

@@ -87,13 +87,15 @@ class IngestBatcher:
         for i, result in zip(order, stored, strict=True):
             results[i] = result
         arms: list[tuple[str, float]] = []
-        for m, result in zip(msgs, results, strict=True):
-            assert result is not None
-            message_id, _, unanswered, lead = result
+        for m, got in zip(msgs, results, strict=True):
+            assert got is not None
+            message_id, _, unanswered, lead = got
             if lead is not None:
                 await self.on_lead(m.phone, lead)
             if unanswered:  # also for a retried delivery: the first may have missed the buffer
-                arms.append((member(m.phone, message_id, self.settings.coalesce), window_for(m.kind, m.body, self.settings)))
+                arms.append(
+                    (member(m.phone, message_id, self.settings.coalesce), window_for(m.kind, m.body, self.settings))
+                )
         await self.buffer.add_many(arms)
         return ["stored" if r is not None and r[1] else "duplicate" for r in results]
 

@@ -38,9 +38,14 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
 
 
 async def post_load(
-    url: str, body: Callable[[int], bytes], *, connections: int, duration: float,
-    headers: dict[str, str] | None = None, sample_every: int = 10,
-) -> LoadResult:  # fmt: skip
+    url: str,
+    body: Callable[[int], bytes],
+    *,
+    connections: int,
+    duration: float,
+    headers: dict[str, str] | None = None,
+    sample_every: int = 10,
+) -> LoadResult:
     """POSTs `body(n)` (n counts requests) as fast as `connections` keep-alive connections
     allow, for `duration` seconds."""
     parts = urlsplit(url)

@@ -16,7 +16,6 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from daemon.connections import Redis
-
 from daemon.tasks import cancel_and_wait
 
 log = logging.getLogger("sdr.locks")

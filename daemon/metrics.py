@@ -19,13 +19,18 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.response_time = Histogram(
-            "sdr_response_time_seconds", "Lead's last message of a burst -> reply sent",
-            buckets=BUCKETS, registry=r,
-        )  # fmt: skip
+            "sdr_response_time_seconds",
+            "Lead's last message of a burst -> reply sent",
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.stage_time = Histogram(
-            "sdr_stage_seconds", "Time spent in each turn stage", ["stage"],
-            buckets=STAGE_BUCKETS, registry=r,
-        )  # fmt: skip
+            "sdr_stage_seconds",
+            "Time spent in each turn stage",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.timeouts = Counter("sdr_timeouts_total", "Stages that timed out", ["stage"], registry=r)
         self.failures = Counter("sdr_stage_failures_total", "Stages that failed", ["stage"], registry=r)
         self.webhooks = Counter("sdr_webhooks_total", "Webhook requests by outcome", ["outcome"], registry=r)
@@ -33,14 +38,15 @@ class Metrics:
             "sdr_http_read_timeouts_total",
             "Connections closed because a request did not arrive whole within [timeouts] request_read",
             registry=r,
-        )  # fmt: skip
+        )
         self.ignored = Counter("sdr_ignored_total", "Events not from a lead, by reason", ["reason"], registry=r)
         self.turns = Counter("sdr_turns_total", "Turns by outcome", ["outcome"], registry=r)
         self.discarded = Counter(
             "sdr_replies_discarded_total",
             "Agent replies thrown away because a newer message of the lead overtook them (each an agent call)",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            ["reason"],
+            registry=r,
+        )
         self.sends = Counter("sdr_sends_total", "Replies delivered, by status", ["status"], registry=r)
         # sendText answers that were not a delivery: transient (retried), uncertain (looked
         # up before any re-send), unreachable (exists: false), refused (another 4xx).
@@ -48,8 +54,9 @@ class Metrics:
         self.uncertain = Counter(
             "sdr_uncertain_sends_total",
             "Sends of unknown outcome, by how they were settled (arrived, absent, resend, skip)",
-            ["outcome"], registry=r,
-        )  # fmt: skip
+            ["outcome"],
+            registry=r,
+        )
         self.turns_in_flight = Gauge("sdr_turns_in_flight", "Turns running now", registry=r)
         self.active_leads = Gauge("sdr_active_leads", "Leads with a burst waiting in the buffer", registry=r)
         self.cache_hits = Counter("sdr_cache_hits", "Cache hits", ["cache", "tier"], registry=r)

@@ -161,9 +161,9 @@ async def status(conn: asyncpg.Connection, folder: Path | None = None) -> Status
             state = "missing"
         else:
             state = "applied" if m.checksum == r["checksum"] else "edited"
-        states.append(MigrationState(
-            version, r["name"], r["applied_at"], state, m.checksum if m else None, r["checksum"]
-        ))  # fmt: skip
+        states.append(
+            MigrationState(version, r["name"], r["applied_at"], state, m.checksum if m else None, r["checksum"])
+        )
     return Status(states, await invalid_indexes(conn))
 
 
@@ -275,9 +275,7 @@ async def _run(conn: asyncpg.Connection, m: Migration, number: int, stmt: str) -
         await conn.execute(stmt)
     except asyncpg.PostgresError as exc:
         first = _strip_comments(stmt).strip().splitlines()[0][:100]
-        raise MigrationError(
-            f"{m.file}, statement {number + 1} ({first}): {exc.__class__.__name__}: {exc}"
-        ) from None
+        raise MigrationError(f"{m.file}, statement {number + 1} ({first}): {exc.__class__.__name__}: {exc}") from None
 
 
 # --- SQL text -------------------------------------------------------------------------

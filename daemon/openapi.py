@@ -32,19 +32,21 @@ def _event_schema(required: list[str]) -> dict[str, Any]:
         "required": required,
         "properties": {
             "event": {
-                "type": "string", "example": "messages.upsert",
+                "type": "string",
+                "example": "messages.upsert",
                 "description": "messages.upsert or presence.update, in any spelling "
                 "(MESSAGES_UPSERT, messages-upsert); on /webhook/evolution/{event} the path names it",
             },
             "instance": {"type": "string", "nullable": True, "example": "sdr"},
             "data": {"anyOf": [_ref("MessageData"), _ref("PresenceData"), _ref("EditData")]},
             "apikey": {
-                "type": "string", "nullable": True,
+                "type": "string",
+                "nullable": True,
                 "description": "the instance token (Evolution sends it with AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES"
                 "=true): authenticates a webhook that carries no bearer header (the global webhook)",
             },
         },
-    }  # fmt: skip
+    }
 
 
 SCHEMAS: dict[str, Any] = {
@@ -58,16 +60,23 @@ SCHEMAS: dict[str, Any] = {
         "required": ["remoteJid", "id"],
         "properties": {
             "remoteJid": {
-                "type": "string", "example": "5511987654321@s.whatsapp.net",
+                "type": "string",
+                "example": "5511987654321@s.whatsapp.net",
                 "description": "the chat: a lead is <8-15 digits>@s.whatsapp.net or <lid>@lid; groups "
                 "(@g.us), broadcasts and newsletters are ignored",
             },
-            "id": {"type": "string", "maxLength": 256, "example": "3EB0C767D26A8B4E1A2F",
-                   "description": "WhatsApp's message id: de-duplicates retried deliveries"},
+            "id": {
+                "type": "string",
+                "maxLength": 256,
+                "example": "3EB0C767D26A8B4E1A2F",
+                "description": "WhatsApp's message id: de-duplicates retried deliveries",
+            },
             "fromMe": {"type": "boolean", "default": False, "description": "true = sent by us: ignored"},
             "participant": {"type": "string", "nullable": True},
             "remoteJidAlt": {
-                "type": "string", "nullable": True, "example": "5511987654321@s.whatsapp.net",
+                "type": "string",
+                "nullable": True,
+                "example": "5511987654321@s.whatsapp.net",
                 "description": "Evolution >= 2.3.5: with remoteJid <lid>@lid, the phone (when WhatsApp gives it)",
             },
             "addressingMode": {"type": "string", "nullable": True, "example": "lid"},
@@ -100,13 +109,15 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "conversation": {"type": "string", "description": "a plain text message"},
             "extendedTextMessage": {
-                "type": "object", "properties": {"text": {"type": "string"}},
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
                 "description": "a text message with a link preview, quote or formatting",
             },
             "imageMessage": _ref("MediaPart"),
             "audioMessage": _ref("MediaPart"),
             "base64": {
-                "type": "string", "description": "the decrypted file, when the instance has 'webhook base64' on"
+                "type": "string",
+                "description": "the decrypted file, when the instance has 'webhook base64' on",
             },
         },
     },
@@ -119,7 +130,8 @@ SCHEMAS: dict[str, Any] = {
             "message": {"allOf": [_ref("Message")], "nullable": True},
             "messageType": {"type": "string", "nullable": True, "example": "conversation"},
             "messageTimestamp": {
-                "oneOf": [{"type": "integer"}, {"type": "number"}, {"type": "string"}], "nullable": True,
+                "oneOf": [{"type": "integer"}, {"type": "number"}, {"type": "string"}],
+                "nullable": True,
                 "description": "Unix time in seconds (milliseconds accepted); missing or invalid = now",
             },
         },
@@ -133,10 +145,13 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "additionalProperties": {
                     "type": "object",
-                    "properties": {"lastKnownPresence": {
-                        "type": "string", "example": "composing",
-                        "description": "composing or recording: the lead's buffer window waits longer",
-                    }},
+                    "properties": {
+                        "lastKnownPresence": {
+                            "type": "string",
+                            "example": "composing",
+                            "description": "composing or recording: the lead's buffer window waits longer",
+                        }
+                    },
                 },
             },
         },
@@ -148,7 +163,8 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status"],
         "properties": {
             "status": {
-                "type": "string", "enum": ["stored", "duplicate", "ignored", "presence", "edit"],
+                "type": "string",
+                "enum": ["stored", "duplicate", "ignored", "presence", "edit"],
                 "description": "stored: kept durably, a reply follows; duplicate: already stored "
                 "(a retried delivery); ignored: not a lead's message; presence: a typing event; "
                 "edit: a lead's edit of one of its messages",
@@ -159,11 +175,13 @@ SCHEMAS: dict[str, Any] = {
                 "description": "why it was ignored (status ignored)",
             },
             "buffer": {
-                "type": "string", "enum": ["extended", "ignored"],
+                "type": "string",
+                "enum": ["extended", "ignored"],
                 "description": "status presence: whether the lead's pending burst now waits longer",
             },
             "edit": {
-                "type": "string", "enum": ["replaced", "correction", "duplicate", "unknown"],
+                "type": "string",
+                "enum": ["replaced", "correction", "duplicate", "unknown"],
                 "description": "status edit: replaced in a burst still waiting; stored as a correction "
                 "for the next turn; already stored; or an edit of a message we never saw",
             },
@@ -186,12 +204,27 @@ SCHEMAS: dict[str, Any] = {
 def _webhook(config: Config, with_event: bool, with_token: bool = False) -> dict[str, Any]:
     limits = config.profile.limits
     body = "WebhookEventNamedInPath" if with_event else "WebhookEvent"
-    params = [{"name": "event", "in": "path", "required": True, "schema": {"type": "string"},
-               "description": "the event name, for Evolution's 'webhook by events' URLs (or, alone, "
-               "the webhook token: /webhook/evolution/<token>)"}]
+    params = [
+        {
+            "name": "event",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "the event name, for Evolution's 'webhook by events' URLs (or, alone, "
+            "the webhook token: /webhook/evolution/<token>)",
+        }
+    ]
     if with_token:
-        params.insert(0, {"name": "token", "in": "path", "required": True, "schema": {"type": "string"},
-                          "description": "the webhook token, for set-ups that cannot send headers"})
+        params.insert(
+            0,
+            {
+                "name": "token",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "the webhook token, for set-ups that cannot send headers",
+            },
+        )
     op: dict[str, Any] = {
         "summary": "Receive an Evolution API webhook",
         "description": "Stores a lead's message durably and answers at once; the reply is "
@@ -199,11 +232,15 @@ def _webhook(config: Config, with_event: bool, with_token: bool = False) -> dict
         "operationId": ("webhookByTokenAndEvent" if with_token else "webhookByEvent") if with_event else "webhook",
         "requestBody": {"required": True, "content": {_JSON: {"schema": _ref(body)}}},
         "responses": {
-            "200": {"description": "stored, duplicate, ignored, or a typing event taken into account",
-                    "content": {_JSON: {"schema": _ref("WebhookResult")}}},
+            "200": {
+                "description": "stored, duplicate, ignored, or a typing event taken into account",
+                "content": {_JSON: {"schema": _ref("WebhookResult")}},
+            },
             "400": _error("the body is not valid JSON (or nests too deeply)"),
-            "401": _error("a token is configured and the request carries none of: the bearer header, "
-                          "the token in the path, the instance token in the body's apikey"),
+            "401": _error(
+                "a token is configured and the request carries none of: the bearer header, "
+                "the token in the path, the instance token in the body's apikey"
+            ),
             "413": _error(f"the body is larger than [webhook] max_body_bytes ({config.webhook.max_body_bytes})"),
             "422": _error("valid JSON but not an Evolution event: the message names the field"),
             "429": {
@@ -238,39 +275,66 @@ def openapi(config: Config) -> dict[str, Any]:
             "/webhook/evolution": _webhook(config, with_event=False),
             "/webhook/evolution/{event}": _webhook(config, with_event=True),
             "/webhook/evolution/{token}/{event}": _webhook(config, with_event=True, with_token=True),
-            "/healthz": {"get": {
-                "summary": "Liveness: the process answers", "operationId": "healthz",
-                "security": [],
-                "responses": {"200": {"description": "alive", "content": {_JSON: {"schema": {
-                    "type": "object", "required": ["status"],
-                    "properties": {"status": {"type": "string", "enum": ["ok"]}},
-                }}}}},
-            }},
-            "/readyz": {"get": {
-                "summary": "Readiness: PostgreSQL and Redis answer and intake is open",
-                "operationId": "readyz", "security": [],
-                "responses": {
-                    "200": {"description": "ready", "content": {_JSON: {"schema": _ref("Readiness")}}},
-                    "503": {"description": "not ready: the failing check says why",
-                            "content": {_JSON: {"schema": _ref("Readiness")}}},
-                },
-            }},
-            "/metrics": {"get": {
-                "summary": "Prometheus metrics (text exposition format)", "operationId": "metrics",
-                "security": [],
-                "responses": {"200": {"description": "the daemon's series", "content": text}},
-            }},
-            "/openapi.json": {"get": {
-                "summary": "This document", "operationId": "openapi", "security": [],
-                "responses": {"200": {"description": "OpenAPI 3.0",
-                                      "content": {_JSON: {"schema": {"type": "object"}}}}},
-            }},
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness: the process answers",
+                    "operationId": "healthz",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "alive",
+                            "content": {
+                                _JSON: {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["status"],
+                                        "properties": {"status": {"type": "string", "enum": ["ok"]}},
+                                    }
+                                }
+                            },
+                        }
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: PostgreSQL and Redis answer and intake is open",
+                    "operationId": "readyz",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "ready", "content": {_JSON: {"schema": _ref("Readiness")}}},
+                        "503": {
+                            "description": "not ready: the failing check says why",
+                            "content": {_JSON: {"schema": _ref("Readiness")}},
+                        },
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text exposition format)",
+                    "operationId": "metrics",
+                    "security": [],
+                    "responses": {"200": {"description": "the daemon's series", "content": text}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.0", "content": {_JSON: {"schema": {"type": "object"}}}}
+                    },
+                }
+            },
         },
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {
                 "bearer": {
-                    "type": "http", "scheme": "bearer",
+                    "type": "http",
+                    "scheme": "bearer",
                     "description": "the token in the environment variable [webhook] token_env; "
                     "when unset the daemon binds to loopback only and asks for none",
                 },

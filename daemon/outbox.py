@@ -66,7 +66,8 @@ class UncertainSends:
             self._warned = True
             log.warning(
                 "a reply's send is uncertain and the Evolution instance keeps no history to check it "
-                "(DATABASE_SAVE_DATA_NEW_MESSAGE=true lets it): following on_uncertain_send = %s", self.policy,
-            )  # fmt: skip
+                "(DATABASE_SAVE_DATA_NEW_MESSAGE=true lets it): following on_uncertain_send = %s",
+                self.policy,
+            )
         self.metrics.uncertain.labels(self.policy).inc()
         return self.policy, None

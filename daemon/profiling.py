@@ -27,7 +27,7 @@ from pyinstrument.renderers import ConsoleRenderer, HTMLRenderer, JSONRenderer
 from pyinstrument.renderers.base import ProcessorList
 from pyinstrument.session import Session
 
-from daemon.bench import Progress, ProfileResult, Workload, _drive, _scaled_spec, percentile, scaled_overrides
+from daemon.bench import ProfileResult, Progress, Workload, _drive, _scaled_spec, percentile, scaled_overrides
 from daemon.config import Config, Profile, load_config
 from daemon.errors import SdrError
 from daemon.fake_evolution import run_fake_evolution
@@ -104,16 +104,25 @@ def breakdown_from_turns(rows: list[Mapping[str, Any]], *, parallel_knowledge: b
     total = sum(r["response_ms"] for r in answered) or 1.0
     out = [
         StageRow(
-            name, percentile(values, 50), percentile(values, 95), sum(values) / len(values) if values else None,
-            sum(values), sum(values) / total, on_path=name != "knowledge" or not parallel_knowledge,
-        )  # fmt: skip
+            name,
+            percentile(values, 50),
+            percentile(values, 95),
+            sum(values) / len(values) if values else None,
+            sum(values),
+            sum(values) / total,
+            on_path=name != "knowledge" or not parallel_knowledge,
+        )
         for name, values in ((n, series[n]) for n in [*_ordered(set(series) - {REST}), REST])
     ]
     responses = [r["response_ms"] for r in answered]
     return Breakdown(
-        "turn records", len(answered), percentile(responses, 50), percentile(responses, 95),
-        sum(responses) / len(responses) if responses else None, out,
-    )  # fmt: skip
+        "turn records",
+        len(answered),
+        percentile(responses, 50),
+        percentile(responses, 95),
+        sum(responses) / len(responses) if responses else None,
+        out,
+    )
 
 
 async def turn_breakdown(database_url: str, since: float, *, parallel_knowledge: bool) -> Breakdown:
@@ -198,18 +207,29 @@ def breakdown_from_metrics(text: str, *, parallel_knowledge: bool, source: str =
         h = stages[name]
         on_path = name != "knowledge" or not parallel_knowledge
         p50, p95 = bucket_quantile(0.5, h.buckets), bucket_quantile(0.95, h.buckets)
-        rows.append(StageRow(
-            name, None if p50 is None else p50 * 1000, None if p95 is None else p95 * 1000,
-            h.sum * 1000 / h.count if h.count else None, h.sum * 1000, h.sum * 1000 / total, on_path,
-        ))  # fmt: skip
+        rows.append(
+            StageRow(
+                name,
+                None if p50 is None else p50 * 1000,
+                None if p95 is None else p95 * 1000,
+                h.sum * 1000 / h.count if h.count else None,
+                h.sum * 1000,
+                h.sum * 1000 / total,
+                on_path,
+            )
+        )
         if on_path:
             left -= h.sum * 1000
     rows.insert(0, StageRow(REST_UNSPLIT, None, None, left / response.count, left, left / total, True))
     p50, p95 = bucket_quantile(0.5, response.buckets), bucket_quantile(0.95, response.buckets)
     return Breakdown(
-        source, int(response.count), None if p50 is None else p50 * 1000, None if p95 is None else p95 * 1000,
-        total / response.count, rows,
-    )  # fmt: skip
+        source,
+        int(response.count),
+        None if p50 is None else p50 * 1000,
+        None if p95 is None else p95 * 1000,
+        total / response.count,
+        rows,
+    )
 
 
 async def metrics_breakdown(url: str, *, parallel_knowledge: bool, timeout: float = 10.0) -> Breakdown:

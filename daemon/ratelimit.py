@@ -18,9 +18,7 @@ from collections.abc import Callable
 class LeadRateLimiter:
     """`rate` webhooks per second per phone, bursts of up to `burst`; `rate` 0 = no limit."""
 
-    def __init__(
-        self, rate: float, burst: int, tracked: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, rate: float, burst: int, tracked: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = burst
         self.tracked = tracked

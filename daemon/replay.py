@@ -30,13 +30,13 @@ import httpx
 from daemon.bench import spread
 from daemon.buffer import window_for
 from daemon.config import Config
+from daemon.connections import pg_options
 from daemon.embedded import services
 from daemon.errors import ConfigError, SdrError, UnavailableError
 from daemon.evolution import text_event
 from daemon.fake_evolution import run_fake_evolution
-from daemon.inprocess import inprocess_daemon, with_changes
-from daemon.connections import pg_options
 from daemon.identity import IDENTITY_HELP, parse_identity
+from daemon.inprocess import inprocess_daemon, with_changes
 from daemon.store import connect, init_connection
 
 REQUIRED = ("conversation", "phone", "direction", "text", "ts")
@@ -117,14 +117,12 @@ def parse_docs(docs: Iterable[tuple[str, Any]], source: str) -> list[Conversatio
         if conv is None:
             if line.direction == "out":
                 raise ConfigError(
-                    f"{where}: conversation {line.conversation!r} starts with an \"out\" line; a "
-                    "replay re-sends the lead's messages, so each conversation starts with an \"in\" line"
+                    f'{where}: conversation {line.conversation!r} starts with an "out" line; a '
+                    'replay re-sends the lead\'s messages, so each conversation starts with an "in" line'
                 )
             conv = conversations[line.conversation] = Conversation(line.conversation, line.phone, [])
         elif line.phone != conv.phone:
-            raise ConfigError(
-                f"{where}: conversation {line.conversation!r} was with {conv.phone}, not {line.phone}"
-            )
+            raise ConfigError(f"{where}: conversation {line.conversation!r} was with {conv.phone}, not {line.phone}")
         if line.direction == "out":
             conv.bursts[-1].recorded.append(line)
             continue
@@ -132,7 +130,7 @@ def parse_docs(docs: Iterable[tuple[str, Any]], source: str) -> list[Conversatio
         if before is not None and line.ts < before:
             raise ConfigError(
                 f"{where}: ts {line.ts.isoformat()} is earlier than the conversation's previous "
-                "\"in\" line; the lines of a conversation go in time order"
+                '"in" line; the lines of a conversation go in time order'
             )
         last_in[line.conversation] = line.ts
         if conv.bursts and not conv.bursts[-1].recorded:
@@ -160,8 +158,7 @@ def _line(doc: Any, where: str) -> Line:
     direction, phone, text = doc["direction"], doc["phone"], doc["text"]
     if direction not in DIRECTIONS:
         raise ConfigError(
-            f"{where}: unknown direction {direction!r}; "
-            "use \"in\" (the lead's message) or \"out\" (the bot's reply)"
+            f'{where}: unknown direction {direction!r}; use "in" (the lead\'s message) or "out" (the bot\'s reply)'
         )
     if not isinstance(phone, str) or parse_identity(phone) != phone:
         raise ConfigError(f"{where}: phone {phone!r} must be {IDENTITY_HELP}")
@@ -178,10 +175,10 @@ def _media(value: Any, direction: str, where: str) -> dict[str, str] | None:
     if value is None:
         return None
     if direction != "in":
-        raise ConfigError(f"{where}: media is for the lead's (\"in\") messages only")
+        raise ConfigError(f'{where}: media is for the lead\'s ("in") messages only')
     if not isinstance(value, dict) or value.get("kind") not in MEDIA_KINDS:
         kinds = ", ".join(MEDIA_KINDS)
-        raise ConfigError(f"{where}: media must be {{\"kind\": one of {kinds}, \"ref\": \"...\"}}")
+        raise ConfigError(f'{where}: media must be {{"kind": one of {kinds}, "ref": "..."}}')
     return {"kind": value["kind"], "ref": str(value.get("ref", ""))}
 
 
@@ -279,15 +276,34 @@ class ReplayReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "target": self.target, "speed": self.speed, "elapsed_s": self.elapsed,
-            "counts": self.counts(), "differences": self.differences(), "latency_s": self.latency(),
+            "target": self.target,
+            "speed": self.speed,
+            "elapsed_s": self.elapsed,
+            "counts": self.counts(),
+            "differences": self.differences(),
+            "latency_s": self.latency(),
             "conversations": [
-                {"id": c.id, "phone": c.phone, "counts": c.counts(), "latency_s": c.latency(),
-                 "turns": [{"line": t.where, "status": t.status, "sent": t.sent, "expected": t.expected,
-                            "got": t.got, "parts": t.parts, "latency_s": t.latency} for t in c.turns]}
+                {
+                    "id": c.id,
+                    "phone": c.phone,
+                    "counts": c.counts(),
+                    "latency_s": c.latency(),
+                    "turns": [
+                        {
+                            "line": t.where,
+                            "status": t.status,
+                            "sent": t.sent,
+                            "expected": t.expected,
+                            "got": t.got,
+                            "parts": t.parts,
+                            "latency_s": t.latency,
+                        }
+                        for t in c.turns
+                    ],
+                }
                 for c in self.conversations
             ],
-        }  # fmt: skip
+        }
 
 
 def _counts(turns: list[TurnResult]) -> dict[str, int]:
@@ -331,9 +347,13 @@ def check_speed(speed: float) -> None:
 
 
 async def replay(
-    conversations: list[Conversation], config: Config, *, url: str | None = None, speed: float = 10.0,
+    conversations: list[Conversation],
+    config: Config,
+    *,
+    url: str | None = None,
+    speed: float = 10.0,
     progress: Callable[[ConversationResult], None] | None = None,
-) -> ReplayReport:  # fmt: skip
+) -> ReplayReport:
     """Replays the conversations against an in-process daemon (or the one at `url`)."""
     check_speed(speed)
     started = time.monotonic()
@@ -374,9 +394,7 @@ class Replayer:
             (await self.http.get("/healthz")).raise_for_status()
         except httpx.HTTPError:
             await self.http.aclose()
-            raise UnavailableError(
-                f"no daemon answers at {self.target.url}; start one with `sdrctl serve`"
-            ) from None
+            raise UnavailableError(f"no daemon answers at {self.target.url}; start one with `sdrctl serve`") from None
         try:
             self.pool = await connect(self.target.database_url, self.config.profile, pooled=self.target.pooled)
         except (OSError, asyncpg.PostgresError) as exc:
@@ -434,12 +452,17 @@ class Replayer:
                 if message_id is not None:
                     accepted.append(message_id)
             parts, arrived = await self._reply(c.phone, accepted)
-            turns.append(TurnResult(
-                conversation=c.id, where=burst.messages[0].where, sent=[m.text for m in burst.messages],
-                expected=burst.expected, parts=parts,
-                latency=None if arrived is None or last_sent is None else max(0.0, arrived - last_sent),
-                status=classify(burst.expected, "\n\n".join(parts) if parts else None),
-            ))  # fmt: skip
+            turns.append(
+                TurnResult(
+                    conversation=c.id,
+                    where=burst.messages[0].where,
+                    sent=[m.text for m in burst.messages],
+                    expected=burst.expected,
+                    parts=parts,
+                    latency=None if arrived is None or last_sent is None else max(0.0, arrived - last_sent),
+                    status=classify(burst.expected, "\n\n".join(parts) if parts else None),
+                )
+            )
         return ConversationResult(c.id, c.phone, turns)
 
     def _gap(self, previous: Line, msg: Line, within_burst: bool) -> float:
@@ -454,9 +477,13 @@ class Replayer:
         """Posts one message; its id when the daemon stored it (None when it ignored it)."""
         message_id = next(self.ids)
         event = text_event(
-            phone, msg.text, message_id=message_id, instance=self.config.evolution.instance,
-            push_name=msg.name, timestamp=msg.ts.timestamp(),
-        )  # fmt: skip
+            phone,
+            msg.text,
+            message_id=message_id,
+            instance=self.config.evolution.instance,
+            push_name=msg.name,
+            timestamp=msg.ts.timestamp(),
+        )
         try:
             resp = await self.http.post("/webhook/evolution", json=event)
         except httpx.HTTPError as exc:
@@ -465,8 +492,7 @@ class Replayer:
             ) from None
         if resp.status_code != 200:
             raise UnavailableError(
-                f"the daemon at {self.target.url} refused {msg.where}: "
-                f"HTTP {resp.status_code} {resp.text[:200]}"
+                f"the daemon at {self.target.url} refused {msg.where}: HTTP {resp.status_code} {resp.text[:200]}"
             )
         return message_id if resp.json().get("status") in ("stored", "duplicate") else None
 
@@ -498,7 +524,7 @@ UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime | None:
-    """"7d", "12h", "30m", "2w", a date or time (ISO 8601), or "all" (None)."""
+    """ "7d", "12h", "30m", "2w", a date or time (ISO 8601), or "all" (None)."""
     value = text.strip().lower()
     if value == "all":
         return None
@@ -542,9 +568,13 @@ def pseudonym(phone: str, salt: str = "") -> str:
 
 
 async def export(
-    config: Config, *, since: datetime | None, lead: str | None = None, anonymize: bool = False,
+    config: Config,
+    *,
+    since: datetime | None,
+    lead: str | None = None,
+    anonymize: bool = False,
     salt: str = "",
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """The configured database's conversations as recording lines (whole conversations
     active since `since`): each turn's messages, then the reply parts it sent."""
     messages, replies = await _fetch(config, since, lead)
@@ -586,9 +616,10 @@ async def _fetch(
         endpoints = await asyncio.to_thread(stack.enter_context, services(config, redis=False))
         try:
             conn = await asyncpg.connect(
-                endpoints.direct_url, timeout=config.profile.timeouts.database,
+                endpoints.direct_url,
+                timeout=config.profile.timeouts.database,
                 **pg_options(endpoints.direct_pooled),
-            )  # fmt: skip
+            )
         except (OSError, asyncpg.PostgresError) as exc:
             raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
         try:
@@ -602,9 +633,7 @@ async def _fetch(
     return messages, replies
 
 
-async def from_database(
-    config: Config, *, since: datetime | None, lead: str | None = None
-) -> list[Conversation]:
+async def from_database(config: Config, *, since: datetime | None, lead: str | None = None) -> list[Conversation]:
     lines = await export(config, since=since, lead=lead)
     if not lines:
         raise ConfigError("database: no conversations to replay (try a longer --since, or another --lead)")

@@ -95,9 +95,7 @@ def interrupt_window(text: str | float) -> timedelta:
     return timedelta(microseconds=round(seconds * 1_000_000))
 
 
-def resolve_window(
-    since: str | None, start: str | None, end: str | None, now: datetime | None = None
-) -> Window:
+def resolve_window(since: str | None, start: str | None, end: str | None, now: datetime | None = None) -> Window:
     """--since D (up to now; 24h by default), or --from T [--to T] (--to defaults to now)."""
     if since is not None and (start is not None or end is not None):
         raise ConfigError("use either --since or --from/--to, not both")
@@ -242,11 +240,14 @@ class BurstStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "interrupt_window_s": self.interrupt_window.total_seconds(), "replies": self.replies,
-            "interrupted": self.interrupted, "interrupted_rate": self.interrupted_rate,
-            "discarded_replies": self.discarded, "agent_calls": self.agent_calls,
+            "interrupt_window_s": self.interrupt_window.total_seconds(),
+            "replies": self.replies,
+            "interrupted": self.interrupted,
+            "interrupted_rate": self.interrupted_rate,
+            "discarded_replies": self.discarded,
+            "agent_calls": self.agent_calls,
             "agent_calls_per_turn": self.agent_calls_per_turn,
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,14 @@ class Report:
     @property
     def followups_total(self) -> FollowUpStats:
         f = self.followups
-        return FollowUpStats("total", sum(s.sent for s in f), sum(s.failed for s in f), sum(s.cancelled for s in f),
-                             sum(s.pending for s in f), sum(s.replied for s in f))  # fmt: skip
+        return FollowUpStats(
+            "total",
+            sum(s.sent for s in f),
+            sum(s.failed for s in f),
+            sum(s.cancelled for s in f),
+            sum(s.pending for s in f),
+            sum(s.replied for s in f),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Stable keys for machines: times in ms, rates as ratios 0..1, instants in ISO 8601."""
@@ -293,12 +300,22 @@ class Report:
             "slo_met": not self.missed,
             "missed": [k.key for k in self.missed],
             "kpis": {
-                k.key: {"label": k.label, "value": k.value, "unit": k.unit, "target": k.target,
-                        "objective": k.objective, "met": k.met}
+                k.key: {
+                    "label": k.label,
+                    "value": k.value,
+                    "unit": k.unit,
+                    "target": k.target,
+                    "objective": k.objective,
+                    "met": k.met,
+                }
                 for k in self.kpis
             },
-            "response_ms": {"p50": self.response_p50_ms, "p95": self.kpi("response_p95_ms").value,
-                            "p99": self.response_p99_ms, "responded": self.responded},
+            "response_ms": {
+                "p50": self.response_p50_ms,
+                "p95": self.kpi("response_p95_ms").value,
+                "p99": self.response_p99_ms,
+                "responded": self.responded,
+            },
             "stages": [asdict(s) for s in self.stages],
             "outcomes": self.outcomes,
             "slowest": [{**asdict(t), "finished_at": _iso(t.finished_at)} for t in self.slowest],
@@ -333,19 +350,34 @@ def format_target(kpi: Kpi) -> str:
     return ("≤ " if kpi.objective == "max" else "≥ ") + format_value(kpi.target, kpi.shown)
 
 
-def kpis(slo: SloSettings, *, turns: int = 0, p95: float | None = None, timed_out: int = 0,
-         hits: int = 0, misses: int = 0, peak: int | None = None, messages: int = 0) -> list[Kpi]:  # fmt: skip
+def kpis(
+    slo: SloSettings,
+    *,
+    turns: int = 0,
+    p95: float | None = None,
+    timed_out: int = 0,
+    hits: int = 0,
+    misses: int = 0,
+    peak: int | None = None,
+    messages: int = 0,
+) -> list[Kpi]:
     """The KPI rows in display order, against the [slo] targets (response_p95 is in s)."""
     return [
         Kpi("response_p95_ms", "P95 response time", p95, "ms", slo.response_p95 * 1000, "max"),
         Kpi("timeout_rate", "timeout rate", timed_out / turns if turns else None, "ratio", slo.timeout_rate, "max"),
-        Kpi("cache_hit_rate", "cache hit rate", hits / (hits + misses) if hits + misses else None, "ratio",
-            slo.cache_hit_rate, "min"),
+        Kpi(
+            "cache_hit_rate",
+            "cache hit rate",
+            hits / (hits + misses) if hits + misses else None,
+            "ratio",
+            slo.cache_hit_rate,
+            "min",
+        ),
         # Green while traffic stays within the load the SLOs are sized for; red above it.
         Kpi("peak_concurrent_leads", "peak concurrent leads", peak, "count", slo.concurrent_leads, "max"),
         Kpi("turns", "turns", turns, "count"),
         Kpi("messages_per_turn", "messages per turn", messages / turns if turns else None, "ratio"),
-    ]  # fmt: skip
+    ]
 
 
 # --- the queries ---------------------------------------------------------------------------
@@ -532,9 +564,12 @@ def histogram_edges(upper_ms: float) -> list[float]:
 
 
 async def build_report(
-    conn: asyncpg.Connection, window: Window, slo: SloSettings, slowest: int = 10,
+    conn: asyncpg.Connection,
+    window: Window,
+    slo: SloSettings,
+    slowest: int = 10,
     interrupt_window: timedelta = INTERRUPT_WINDOW,
-) -> Report:  # fmt: skip
+) -> Report:
     """The report of the turns that finished in `window`, against `slo`."""
     args = (window.start, window.end)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -554,10 +589,18 @@ async def build_report(
         stages = _stages(keys, row, await conn.fetch(INCIDENTS, *args))
         outcomes = {r["outcome"]: r["n"] for r in await conn.fetch(OUTCOMES, *args)}
         slow = [
-            SlowTurn(r["id"], r["phone_number"], r["name"], r["finished_at"], r["response_ms"],
-                     r["outcome"], _ordered(json.loads(r["stages"])), list(r["timeouts"]))
+            SlowTurn(
+                r["id"],
+                r["phone_number"],
+                r["name"],
+                r["finished_at"],
+                r["response_ms"],
+                r["outcome"],
+                _ordered(json.loads(r["stages"])),
+                list(r["timeouts"]),
+            )
             for r in await conn.fetch(SLOWEST, *args, slowest)
-        ]  # fmt: skip
+        ]
         step = timeline_step(window)
         timeline = [
             Point(r["at"], r["turns"], r["p95"], r["hit_rate"], r["timeout_rate"])
@@ -566,13 +609,30 @@ async def build_report(
         # Bins up to the P99 (or the SLO when higher): the tail beyond is one last bin.
         histogram = await _histogram(conn, args, max(p99, slo.response_p95 * 1000)) if p99 is not None else []
     return Report(
-        window, row["turns"],
-        kpis(slo, turns=row["turns"], p95=p95, timed_out=row["timed_out"], hits=row["hits"],
-             misses=row["misses"], peak=peak, messages=row["messages"]),
-        response_p50_ms=p50, response_p99_ms=p99, responded=row["responded"], stages=stages,
-        outcomes=outcomes, slowest=slow, step=step, timeline=timeline, histogram=histogram,
-        followups=followups, bursts=bursts,
-    )  # fmt: skip
+        window,
+        row["turns"],
+        kpis(
+            slo,
+            turns=row["turns"],
+            p95=p95,
+            timed_out=row["timed_out"],
+            hits=row["hits"],
+            misses=row["misses"],
+            peak=peak,
+            messages=row["messages"],
+        ),
+        response_p50_ms=p50,
+        response_p99_ms=p99,
+        responded=row["responded"],
+        stages=stages,
+        outcomes=outcomes,
+        slowest=slow,
+        step=step,
+        timeline=timeline,
+        histogram=histogram,
+        followups=followups,
+        bursts=bursts,
+    )
 
 
 def _stages(keys: list[str], row: asyncpg.Record, incidents: list[asyncpg.Record]) -> list[StageStats]:
@@ -581,7 +641,9 @@ def _stages(keys: list[str], row: asyncpg.Record, incidents: list[asyncpg.Record
     stages = []
     for name in sorted(set(keys) | set(counted), key=stage_sort_key):
         n, p = (row[f"n{keys.index(name)}"], row[f"p{keys.index(name)}"]) if name in keys else (0, None)
-        stages.append(StageStats(name, n, *(p or (None, None, None)), *counted.get(name, (0, 0))))
+        p50, p95, p99 = p or (None, None, None)
+        timeouts, failures = counted.get(name, (0, 0))
+        stages.append(StageStats(name, n, p50, p95, p99, timeouts, failures))
     return stages
 
 
@@ -589,7 +651,7 @@ async def _histogram(conn: asyncpg.Connection, args: tuple[datetime, datetime], 
     edges = histogram_edges(upper_ms)
     counts = {r["bin"]: r["n"] for r in await conn.fetch(HISTOGRAM, *args, edges)}
     highs: list[float | None] = [*edges[1:], None]
-    return [Bin(lo, hi, counts.get(i + 1, 0)) for i, (lo, hi) in enumerate(zip(edges, highs))]
+    return [Bin(lo, hi, counts.get(i + 1, 0)) for i, (lo, hi) in enumerate(zip(edges, highs, strict=True))]
 
 
 async def _followups(conn: asyncpg.Connection, args: tuple[datetime, datetime]) -> list[FollowUpStats]:

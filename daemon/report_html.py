@@ -65,14 +65,22 @@ def render(report: Report) -> str:
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{e(title)}</title><style>{CSS}</style></head><body><main>"
-        f"<h1>SDR agent: KPIs against the SLOs</h1><p class=\"sub\">turns finished between "
+        f'<h1>SDR agent: KPIs against the SLOs</h1><p class="sub">turns finished between '
         f"{e(report.window.describe())} (UTC)</p>"
     )
     if report.empty:
         body = f'<p class="empty">Nothing to report between {e(report.window.describe())}: no turns finished in this window.</p>'
     else:
-        body = "".join((_cards(report), _charts(report), _stage_table(report.stages),
-                        _outcomes(report), _bursts(report), _slowest(report)))  # fmt: skip
+        body = "".join(
+            (
+                _cards(report),
+                _charts(report),
+                _stage_table(report.stages),
+                _outcomes(report),
+                _bursts(report),
+                _slowest(report),
+            )
+        )
     # Follow-ups go out on their own schedule: shown even in a window without turns.
     if report.followups_total.active:
         body += _followups(report)
@@ -94,9 +102,10 @@ def _cards(report: Report) -> str:
         )
     missed = report.missed
     verdict = (
-        '<p class="verdict met">Every SLO met.</p>' if not missed
+        '<p class="verdict met">Every SLO met.</p>'
+        if not missed
         else f'<p class="verdict missed">SLO missed: {e(", ".join(k.label for k in missed))}.</p>'
-    )  # fmt: skip
+    )
     return verdict + f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -106,20 +115,24 @@ def _charts(report: Report) -> str:
     step = report.step
     figures = [
         ("Response time histogram (turns)", _histogram(report.histogram, target_ms)),
-        (f"P95 response time per {_step_name(step)}",
-         _timeline(report.timeline, lambda p: p.response_p95_ms, target_ms, _ms_label, step)),
+        (
+            f"P95 response time per {_step_name(step)}",
+            _timeline(report.timeline, lambda p: p.response_p95_ms, target_ms, _ms_label, step),
+        ),
         ("P50 / P95 by stage", _stage_bars(report.stages)),
-        (f"Cache hit rate per {_step_name(step)}",
-         _timeline(report.timeline, lambda p: p.cache_hit_rate, hit_target, _pct_label, step, top=1.0)),
-    ]  # fmt: skip
+        (
+            f"Cache hit rate per {_step_name(step)}",
+            _timeline(report.timeline, lambda p: p.cache_hit_rate, hit_target, _pct_label, step, top=1.0),
+        ),
+    ]
     inner = "".join(f"<figure><figcaption>{e(t)}</figcaption>{svg}</figure>" for t, svg in figures)
     return f'<h2>Charts</h2><div class="charts">{inner}</div>'
 
 
 def _stage_table(stages: Sequence[StageStats]) -> str:
     rows = "".join(
-        f'<tr><td>{e(s.stage)}</td><td>{s.turns:,}</td><td>{e(format_value(s.p50_ms, "ms"))}</td>'
-        f'<td>{e(format_value(s.p95_ms, "ms"))}</td><td>{e(format_value(s.p99_ms, "ms"))}</td>'
+        f"<tr><td>{e(s.stage)}</td><td>{s.turns:,}</td><td>{e(format_value(s.p50_ms, 'ms'))}</td>"
+        f"<td>{e(format_value(s.p95_ms, 'ms'))}</td><td>{e(format_value(s.p99_ms, 'ms'))}</td>"
         f"<td>{s.timeouts:,}</td><td>{s.failures:,}</td></tr>"
         for s in stages
     )
@@ -139,24 +152,34 @@ def _bursts(report: Report) -> str:
     b = report.bursts
     seconds = f"{b.interrupt_window.total_seconds():g}"
     rows = (
-        ("interrupted replies (estimate)",
-         f"{b.interrupted:,} of {b.replies:,} ({format_value(b.interrupted_rate, 'percent')})",
-         f"the lead wrote within {seconds} s after the reply was delivered, a message the reply did not answer"),
-        ("discarded replies", f"{b.discarded:,}",
-         "replies written and thrown away: a newer message of the lead overtook them"),
-        ("agent calls per turn", format_value(b.agent_calls_per_turn, "ratio"),
-         f"(turns {b.turns:,} + discarded {b.discarded:,}) / turns {b.turns:,}"),
-    )  # fmt: skip
+        (
+            "interrupted replies (estimate)",
+            f"{b.interrupted:,} of {b.replies:,} ({format_value(b.interrupted_rate, 'percent')})",
+            f"the lead wrote within {seconds} s after the reply was delivered, a message the reply did not answer",
+        ),
+        (
+            "discarded replies",
+            f"{b.discarded:,}",
+            "replies written and thrown away: a newer message of the lead overtook them",
+        ),
+        (
+            "agent calls per turn",
+            format_value(b.agent_calls_per_turn, "ratio"),
+            f"(turns {b.turns:,} + discarded {b.discarded:,}) / turns {b.turns:,}",
+        ),
+    )
     body = "".join(f'<tr><td>{e(k)}</td><td>{e(v)}</td><td class="l wrap">{e(how)}</td></tr>' for k, v, how in rows)
     head = '<tr><th>figure</th><th>value</th><th class="l">how it is counted</th></tr>'
-    return (f'<h2>Bursts</h2><p class="sub">replies sent while the lead was still typing, and replies '
-            f'thrown away</p><div class="scroll"><table>{head}{body}</table></div>')  # fmt: skip
+    return (
+        f'<h2>Bursts</h2><p class="sub">replies sent while the lead was still typing, and replies '
+        f'thrown away</p><div class="scroll"><table>{head}{body}</table></div>'
+    )
 
 
 def _slowest(report: Report) -> str:
     rows = "".join(
         f'<tr><td>{t.turn_id}</td><td class="l">{e(t.phone)}</td><td class="l">{e(t.name or "")}</td>'
-        f"<td>{e(format_value(t.response_ms, 'ms'))}</td><td class=\"l\">{e(t.outcome)}</td>"
+        f'<td>{e(format_value(t.response_ms, "ms"))}</td><td class="l">{e(t.outcome)}</td>'
         f'<td class="l">{e(_stages_text(t.stages, t.timeouts))}</td></tr>'
         for t in report.slowest
     )
@@ -167,16 +190,23 @@ def _slowest(report: Report) -> str:
 def _followups(report: Report) -> str:
     def row(s: FollowUpStats, tag: str = "td") -> str:
         cells = (s.sent, s.failed, s.cancelled, s.pending, s.replied)
-        return (f'<tr><{tag} class="l">{e(s.kind)}</{tag}>' + "".join(f"<{tag}>{n:,}</{tag}>" for n in cells)
-                + f"<{tag}>{e(format_value(s.reply_rate, 'percent'))}</{tag}></tr>")  # fmt: skip
+        return (
+            f'<tr><{tag} class="l">{e(s.kind)}</{tag}>'
+            + "".join(f"<{tag}>{n:,}</{tag}>" for n in cells)
+            + f"<{tag}>{e(format_value(s.reply_rate, 'percent'))}</{tag}></tr>"
+        )
 
     hours = int(REPLY_WITHIN.total_seconds() // 3600)
-    head = ('<tr><th class="l">kind</th><th>sent</th><th>failed</th><th>cancelled</th><th>pending now</th>'
-            f"<th>replied ≤ {hours} h</th><th>reply rate</th></tr>")  # fmt: skip
+    head = (
+        '<tr><th class="l">kind</th><th>sent</th><th>failed</th><th>cancelled</th><th>pending now</th>'
+        f"<th>replied ≤ {hours} h</th><th>reply rate</th></tr>"
+    )
     rows = "".join(row(s) for s in report.followups) + row(report.followups_total, "th")
-    return (f'<h2>Follow-ups</h2><p class="sub">sent, failed and cancelled in the window; pending now; '
-            f'a reply is a message from the lead within {hours} h of the follow-up</p>'
-            f'<div class="scroll"><table>{head}{rows}</table></div>')  # fmt: skip
+    return (
+        f'<h2>Follow-ups</h2><p class="sub">sent, failed and cancelled in the window; pending now; '
+        f"a reply is a message from the lead within {hours} h of the follow-up</p>"
+        f'<div class="scroll"><table>{head}{rows}</table></div>'
+    )
 
 
 def _stages_text(stages: dict[str, float], timeouts: Sequence[str]) -> str:
@@ -191,13 +221,12 @@ def _svg(label: str, body: str) -> str:
     return f'<svg viewBox="0 0 {W} {H}" role="img" aria-label="{e(label)}">{body}</svg>'
 
 
-
 def _nice_top(value: float) -> float:
     """A round figure (1, 2 or 5 times a power of ten) at or above `value`."""
     if value <= 0:
         return 1.0
     magnitude = 10 ** math.floor(math.log10(value))
-    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= value)
+    return float(next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= value))
 
 
 def _y_axis(top: float, label: Callable[[float], str]) -> str:
@@ -206,8 +235,10 @@ def _y_axis(top: float, label: Callable[[float], str]) -> str:
     for i in range(5):
         v = top * i / 4
         y = _y(v, top)
-        out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}" stroke="#e2e8f0"/>'
-                   f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{e(label(v))}</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{LEFT}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}" stroke="#e2e8f0"/>'
+            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{e(label(v))}</text>'
+        )
     return "".join(out)
 
 
@@ -219,9 +250,11 @@ def _target_line(target: float | None, top: float) -> str:
     if target is None or target > top:
         return ""
     y = _y(target, top)
-    return (f'<line x1="{LEFT}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}" stroke="{RED}" '
-            f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{W - RIGHT}" y="{y - 4:.1f}" '
-            f'text-anchor="end" fill="{RED}">SLO</text>')  # fmt: skip
+    return (
+        f'<line x1="{LEFT}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}" stroke="{RED}" '
+        f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{W - RIGHT}" y="{y - 4:.1f}" '
+        f'text-anchor="end" fill="{RED}">SLO</text>'
+    )
 
 
 def _ms_label(v: float) -> str:
@@ -242,24 +275,32 @@ def _histogram(bins: Sequence[Bin], target_ms: float | None) -> str:
         x, y = LEFT + i * width, _y(b.turns, top)
         over = target_ms is not None and b.low_ms >= target_ms
         span = f"{_ms_label(b.low_ms)} – {_ms_label(b.high_ms)}" if b.high_ms else f"≥ {_ms_label(b.low_ms)}"
-        out.append(f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{max(width - 2, 1):.1f}" '
-                   f'height="{H - BOTTOM - y:.1f}" fill="{RED if over else BLUE}">'
-                   f"<title>{e(span)}: {b.turns:,} turns</title></rect>")  # fmt: skip
+        out.append(
+            f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{max(width - 2, 1):.1f}" '
+            f'height="{H - BOTTOM - y:.1f}" fill="{RED if over else BLUE}">'
+            f"<title>{e(span)}: {b.turns:,} turns</title></rect>"
+        )
         if i % max(1, len(bins) // 5) == 0:
             out.append(f'<text x="{x:.1f}" y="{H - BOTTOM + 16}" text-anchor="middle">{e(_ms_label(b.low_ms))}</text>')
     step = bins[1].low_ms - bins[0].low_ms if len(bins) > 1 else 0
     if target_ms is not None and step and target_ms <= bins[-1].low_ms:  # the SLO as a vertical line
         x = LEFT + width * target_ms / step
-        out.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{H - BOTTOM}" stroke="{RED}" '
-                   f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{x + 4:.1f}" y="{TOP + 10}" '
-                   f'fill="{RED}">SLO</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{H - BOTTOM}" stroke="{RED}" '
+            f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{x + 4:.1f}" y="{TOP + 10}" '
+            f'fill="{RED}">SLO</text>'
+        )
     return _svg("response time histogram", "".join(out))
 
 
 def _timeline(
-    points: Sequence[Point], value: Callable[[Point], float | None], target: float | None,
-    label: Callable[[float], str], step: timedelta, top: float | None = None,
-) -> str:  # fmt: skip
+    points: Sequence[Point],
+    value: Callable[[Point], float | None],
+    target: float | None,
+    label: Callable[[float], str],
+    step: timedelta,
+    top: float | None = None,
+) -> str:
     values = [value(p) for p in points]
     known = [v for v in values if v is not None]
     if not known:
@@ -280,10 +321,14 @@ def _timeline(
             segment = []
             continue
         segment.append(f"{x(i):.1f},{_y(v, top):.1f}")
-        out.append(f'<circle cx="{x(i):.1f}" cy="{_y(v, top):.1f}" r="2.5" fill="{BLUE}">'
-                   f"<title>{e(_when(points[i].at, step))}: {e(label(v))}</title></circle>")  # fmt: skip
+        out.append(
+            f'<circle cx="{x(i):.1f}" cy="{_y(v, top):.1f}" r="2.5" fill="{BLUE}">'
+            f"<title>{e(_when(points[i].at, step))}: {e(label(v))}</title></circle>"
+        )
     for i, anchor in {0: "start", n // 2: "middle", n - 1: "end"}.items():  # first, middle, last
-        out.append(f'<text x="{x(i):.1f}" y="{H - BOTTOM + 16}" text-anchor="{anchor}">{e(_when(points[i].at, step))}</text>')
+        out.append(
+            f'<text x="{x(i):.1f}" y="{H - BOTTOM + 16}" text-anchor="{anchor}">{e(_when(points[i].at, step))}</text>'
+        )
     return _svg("timeline", "".join(out))
 
 
@@ -302,11 +347,15 @@ def _stage_bars(stages: Sequence[StageStats]) -> str:
         out.append(f'<text x="94" y="{y + 18}" text-anchor="end">{e(s.stage)}</text>')
         for j, (v, colour) in enumerate(((s.p50_ms or 0, LIGHT), (s.p95_ms or 0, BLUE))):
             w = max(span * v / top, 1)
-            out.append(f'<rect x="100" y="{y + j * 15:.1f}" width="{w:.1f}" height="14" fill="{colour}"/>'
-                       f'<text x="{104 + w:.1f}" y="{y + j * 15 + 12:.1f}">{e(format_value(v, "ms"))}</text>')  # fmt: skip
+            out.append(
+                f'<rect x="100" y="{y + j * 15:.1f}" width="{w:.1f}" height="14" fill="{colour}"/>'
+                f'<text x="{104 + w:.1f}" y="{y + j * 15 + 12:.1f}">{e(format_value(v, "ms"))}</text>'
+            )
     legend_y = height - 8
-    out.append(f'<rect x="100" y="{legend_y - 10}" width="11" height="11" fill="{LIGHT}"/><text x="115" y="{legend_y}">P50</text>'
-               f'<rect x="160" y="{legend_y - 10}" width="11" height="11" fill="{BLUE}"/><text x="175" y="{legend_y}">P95</text>')  # fmt: skip
+    out.append(
+        f'<rect x="100" y="{legend_y - 10}" width="11" height="11" fill="{LIGHT}"/><text x="115" y="{legend_y}">P50</text>'
+        f'<rect x="160" y="{legend_y - 10}" width="11" height="11" fill="{BLUE}"/><text x="175" y="{legend_y}">P95</text>'
+    )
     return f'<svg viewBox="0 0 {W} {height}" role="img" aria-label="stage latency">{"".join(out)}</svg>'
 
 

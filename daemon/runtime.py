@@ -9,8 +9,8 @@ import asyncio
 import logging
 import math
 import time
-from datetime import datetime
 from collections.abc import Coroutine
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -19,20 +19,20 @@ from redis.exceptions import RedisError
 from daemon import migrations
 from daemon.agents import make_agent
 from daemon.buffer import MessageBuffer, member, parse_member, window_for
-from daemon.followups.executor import FollowUpExecutor
-from daemon.followups.jobs import CrmPush, Jobs, KnowledgeRefresh
-from daemon.followups.planner import Planner
-from daemon.followups.store import FollowUpStore
-from daemon.intake import IngestBatcher
-from daemon.media.processor import MediaProcessor
 from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import Config
 from daemon.connections import pg_options, redis_client
 from daemon.embedded import Endpoints
 from daemon.errors import MigrationError, UnavailableError
 from daemon.evolution import Edit, EvolutionClient, SendFailed, Typing
+from daemon.followups.executor import FollowUpExecutor
+from daemon.followups.jobs import CrmPush, Jobs, KnowledgeRefresh
+from daemon.followups.planner import Planner
+from daemon.followups.store import FollowUpStore
 from daemon.identity import Identities
+from daemon.intake import IngestBatcher
 from daemon.locks import LeadLocks
+from daemon.media.processor import MediaProcessor
 from daemon.metrics import Metrics
 from daemon.outbox import UncertainSends
 from daemon.store import Inbound, KbEntry, Store, connect
@@ -90,23 +90,38 @@ class Runtime:
         self.store = Store(self.pool, p)
         b = p.buffer
         self.buffer = MessageBuffer(
-            self.redis, b.quiet_window, p.timeouts.message_buffer, b.claim_batch,
-            presence_window=b.presence_settle if b.speculate else 0.0, typing_ttl=b.typing_ttl,
-            presence_memory=b.presence_memory, typing_hold=p.timeouts.reply_hold if self._presence_aware() else 0.0,
+            self.redis,
+            b.quiet_window,
+            p.timeouts.message_buffer,
+            b.claim_batch,
+            presence_window=b.presence_settle if b.speculate else 0.0,
+            typing_ttl=b.typing_ttl,
+            presence_memory=b.presence_memory,
+            typing_hold=p.timeouts.reply_hold if self._presence_aware() else 0.0,
             poll=b.hold_poll,
-        )  # fmt: skip
-        locks = LeadLocks(
-            self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff
         )
+        locks = LeadLocks(self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff)
         c = p.cache
         self.leads: TwoTierCache[dict[str, Any]] = TwoTierCache(
-            "lead", self.redis, dict[str, Any], ttl=c.lead_ttl, local_ttl=c.local_ttl,
-            size=c.lead_size, enabled=c.enabled, metrics=self.metrics,
-        )  # fmt: skip
+            "lead",
+            self.redis,
+            dict[str, Any],
+            ttl=c.lead_ttl,
+            local_ttl=c.local_ttl,
+            size=c.lead_size,
+            enabled=c.enabled,
+            metrics=self.metrics,
+        )
         self.knowledge: TwoTierCache[list[KbEntry]] = TwoTierCache(
-            "knowledge", self.redis, list[KbEntry], ttl=c.kb_ttl, local_ttl=c.local_ttl,
-            size=c.kb_size, enabled=c.enabled, metrics=self.metrics,
-        )  # fmt: skip
+            "knowledge",
+            self.redis,
+            list[KbEntry],
+            ttl=c.kb_ttl,
+            local_ttl=c.local_ttl,
+            size=c.kb_size,
+            enabled=c.enabled,
+            metrics=self.metrics,
+        )
         intake_store = Store(self.intake_pool, p)
         self.identities = Identities(intake_store, c.lead_size, self._leads_changed)
         self.intake = IngestBatcher(intake_store, self.buffer, p, self._lead_written, self.identities)
@@ -116,22 +131,42 @@ class Runtime:
             self.uncertain = UncertainSends(cfg, self._sender, self.store, self.metrics)
         self.agent = make_agent(cfg)
         media_cache: TwoTierCache[dict[str, Any]] = TwoTierCache(
-            "media", self.redis, dict[str, Any], ttl=p.media.result_ttl, local_ttl=c.local_ttl,
-            size=p.media.result_size, enabled=c.enabled, metrics=self.metrics,
-        )  # fmt: skip
+            "media",
+            self.redis,
+            dict[str, Any],
+            ttl=p.media.result_ttl,
+            local_ttl=c.local_ttl,
+            size=p.media.result_size,
+            enabled=c.enabled,
+            metrics=self.metrics,
+        )
         self.media = MediaProcessor(cfg, self._sender, media_cache, self.metrics)
         self.planner = Planner(cfg.followups)
         self.followup_store = FollowUpStore(self.pool, p.timeouts.database)
         self.runner = TurnRunner(
-            store=self.store, locks=locks, agent=self.agent, sender=self._sender,
-            metrics=self.metrics, profile=p, leads=self.leads, knowledge=self.knowledge,
-            media=self.media, after_turn=self._plan_follow_ups, on_send_failed=self._send_failed,
+            store=self.store,
+            locks=locks,
+            agent=self.agent,
+            sender=self._sender,
+            metrics=self.metrics,
+            profile=p,
+            leads=self.leads,
+            knowledge=self.knowledge,
+            media=self.media,
+            after_turn=self._plan_follow_ups,
+            on_send_failed=self._send_failed,
             buffer=self.buffer,
-        )  # fmt: skip
+        )
         self.followups = FollowUpExecutor(
-            cfg, self.followup_store, locks, self._sender, self.metrics, on_handoff=self._hand_back,
-            settle=self._settle, unreachable=self.store.mark_unreachable,
-        )  # fmt: skip
+            cfg,
+            self.followup_store,
+            locks,
+            self._sender,
+            self.metrics,
+            on_handoff=self._hand_back,
+            settle=self._settle,
+            unreachable=self.store.mark_unreachable,
+        )
         self.jobs = self._schedule()
         # Bursts a previous run accepted but never answered are answered now.
         # Only those without a buffer entry: with several daemons, a burst still being
@@ -142,9 +177,7 @@ class Runtime:
             await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
         if recovered:
             log.info("re-queued %d unanswered message(s)", len(recovered))
-        invalidations = CacheInvalidations(
-            self.redis, [self.leads, self.knowledge], retry_delay=p.timeouts.redis
-        )
+        invalidations = CacheInvalidations(self.redis, [self.leads, self.knowledge], retry_delay=p.timeouts.redis)
         self._background = [
             asyncio.create_task(self._flush_loop(), name="buffer-flush"),
             asyncio.create_task(invalidations.run(), name="cache-invalidations"),
@@ -170,9 +203,7 @@ class Runtime:
             await conn.close()
         if waiting:
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in waiting)
-            raise MigrationError(
-                f"{len(waiting)} migration(s) pending ({names}); run `sdrctl migrate` first"
-            )
+            raise MigrationError(f"{len(waiting)} migration(s) pending ({names}); run `sdrctl migrate` first")
 
     async def stop(self) -> None:
         """Stop intake, drain turns within the grace period, cancel the rest, close pools."""
@@ -242,8 +273,9 @@ class Runtime:
                 failures += 1
                 if time.monotonic() - logged_at >= p.limits.error_log_interval:
                     logged_at = time.monotonic()
-                    log.warning("cannot claim due bursts (%d failed polls): %s: %s",
-                                failures, exc.__class__.__name__, exc)  # fmt: skip
+                    log.warning(
+                        "cannot claim due bursts (%d failed polls): %s: %s", failures, exc.__class__.__name__, exc
+                    )
                 due = []
             else:
                 if failures:
@@ -260,16 +292,23 @@ class Runtime:
         jobs = Jobs(self.metrics)
         if cfg.followups.enabled:
             jobs.every("followups", f.poll_interval, self.followups.run_due)
-        jobs.every("knowledge-refresh", f.kb_refresh_interval, KnowledgeRefresh(self.pool, self.knowledge.invalidate_all))
+        jobs.every(
+            "knowledge-refresh", f.kb_refresh_interval, KnowledgeRefresh(self.pool, self.knowledge.invalidate_all)
+        )
         jobs.every("unanswered-sweep", p.buffer.sweep_interval, self._sweep)
         if self._sender is not None:
             jobs.every("outbox-redelivery", p.limits.redeliver_interval, self._redeliver)
         self.crm: CrmPush | None = None
         if cfg.followups.crm_url:
             self.crm = CrmPush(
-                self.pool, cfg.followups.crm_url, batch=f.crm_batch, concurrency=f.crm_concurrency,
-                attempts=f.crm_attempts, timeout=f.crm_timeout, backoff=f.crm_backoff,
-            )  # fmt: skip
+                self.pool,
+                cfg.followups.crm_url,
+                batch=f.crm_batch,
+                concurrency=f.crm_concurrency,
+                attempts=f.crm_attempts,
+                timeout=f.crm_timeout,
+                backoff=f.crm_backoff,
+            )
             jobs.every("crm-push", f.crm_interval, self.crm)
         return jobs
 
@@ -281,8 +320,13 @@ class Runtime:
         t = p.timeouts
         # (A reply held for a typing lead, up to reply_hold, is not counted: re-queueing a
         # lead whose turn is running only leaves the hand-off flag for it.)
-        age = (t.message_buffer + p.buffer.settle_window + t.redis_lock_ttl + t.agent
-               + t.evolution_send * p.limits.send_attempts)
+        age = (
+            t.message_buffer
+            + p.buffer.settle_window
+            + t.redis_lock_ttl
+            + t.agent
+            + t.evolution_send * p.limits.send_attempts
+        )
         stale = await self.store.stale_unanswered(age)
         for phone, message_id in stale:
             await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
@@ -296,7 +340,9 @@ class Runtime:
         p = self.config.profile
         assert self._sender is not None and self.uncertain is not None
         stale = p.timeouts.evolution_send * p.limits.send_attempts + p.timeouts.redis_lock_ttl
-        rows = await self.store.undelivered(stale, p.limits.redeliver_attempts, p.limits.redeliver_within, p.buffer.claim_batch)
+        rows = await self.store.undelivered(
+            stale, p.limits.redeliver_attempts, p.limits.redeliver_within, p.buffer.claim_batch
+        )
         by_lead: dict[str, list[tuple[int, str, str, datetime, str | None]]] = {}
         for outbox_id, phone, body, status, created, lid in rows:
             by_lead.setdefault(phone, []).append((outbox_id, body, status, created, lid))
@@ -311,8 +357,9 @@ class Runtime:
                             await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
                             continue
                         if outcome == "skip":
-                            await self.store.record_delivery([outbox_id], status="failed",
-                                                             error="uncertain send skipped (on_uncertain_send = skip)")  # fmt: skip
+                            await self.store.record_delivery(
+                                [outbox_id], status="failed", error="uncertain send skipped (on_uncertain_send = skip)"
+                            )
                             continue
                     if not await self.store.claim_redelivery(outbox_id, status):
                         continue  # another daemon's job got it first
@@ -338,8 +385,9 @@ class Runtime:
             if exc.kind == "unreachable":
                 await self.store.mark_unreachable(phone)
         else:
-            await self.store.postpone(outbox_id, str(exc), self.config.profile.limits.redeliver_backoff,
-                                      uncertain=exc.uncertain)  # fmt: skip
+            await self.store.postpone(
+                outbox_id, str(exc), self.config.profile.limits.redeliver_backoff, uncertain=exc.uncertain
+            )
 
     async def _plan_follow_ups(self, lead: dict[str, Any], replied_at: datetime, updates: dict[str, Any]) -> None:
         """After a turn: the lead's next follow-ups replace its pending silence ones."""
@@ -363,9 +411,11 @@ class Runtime:
             # Nothing is lost: a turn commits all it writes in one statement, so its
             # messages are still unanswered in Postgres. Try again after a window.
             log.warning(
-                "turn failed (%s: %s); re-queued", exc.__class__.__name__, exc,
+                "turn failed (%s: %s); re-queued",
+                exc.__class__.__name__,
+                exc,
                 exc_info=not isinstance(exc, (*OUTAGE, StageFailed)),
-            )  # fmt: skip
+            )
             try:
                 await self.buffer.add(value)
             except OUTAGE:  # Redis is down too: the next start re-queues it from Postgres

@@ -46,8 +46,9 @@ def bind_host(config: Config) -> str:
         log.warning(
             "no webhook token set (%s is empty): binding 127.0.0.1 instead of %s; "
             "set the token to accept webhooks from other hosts",
-            config.webhook.token_env, host,
-        )  # fmt: skip
+            config.webhook.token_env,
+            host,
+        )
         return "127.0.0.1"
     return host
 
@@ -70,7 +71,7 @@ def uvicorn_server(config: Config, rt: Runtime, host: str, port: int) -> _Server
         lifespan="off",  # the runtime is started and stopped around the server
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=t.webhook,
+        timeout_graceful_shutdown=t.webhook,  # type: ignore[arg-type]  # uvicorn says int; any float works
         timeout_keep_alive=t.keep_alive,  # type: ignore[arg-type]  # uvicorn says int; any float works
     )
     return _Server(uv)
@@ -100,8 +101,11 @@ async def serve_forever(config: Config, endpoints: Endpoints, *, auto_migrate: b
         )
         log.info(
             "serving on http://%s:%d (profile %s); replies go to %s",
-            host, port, config.profile.name, replies,
-        )  # fmt: skip
+            host,
+            port,
+            config.profile.name,
+            replies,
+        )
         await server.serve()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

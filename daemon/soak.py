@@ -96,7 +96,7 @@ def judge(samples: list[Sample], name: str, warmup: float, allowance: Callable[[
     if len(post) < 8:
         raise SdrError(f"soak: only {len(post)} samples after the warm-up; need 8 (a longer run)")
     n = len(post)
-    quarters = [post[i * n // 4:(i + 1) * n // 4] for i in range(4)]
+    quarters = [post[i * n // 4 : (i + 1) * n // 4] for i in range(4)]
     medians = [statistics.median(getattr(s, name) for s in q) for q in quarters]
     warm, end = medians[0], medians[3]
     minutes = (statistics.median(s.t for s in quarters[3]) - statistics.median(s.t for s in quarters[0])) / 60
@@ -105,10 +105,15 @@ def judge(samples: list[Sample], name: str, warmup: float, allowance: Callable[[
     growth = end - warm
     flat = growth <= allowed and not (climbing and growth > allowed / 2)
     return Trend(
-        start=getattr(samples[0], name), warm=warm, end=end,
-        growth_pct=100 * growth / warm if warm else 0.0, per_minute=growth / minutes if minutes > 0 else 0.0,
-        allowance=allowed, climbing=climbing, flat=flat,
-    )  # fmt: skip
+        start=getattr(samples[0], name),
+        warm=warm,
+        end=end,
+        growth_pct=100 * growth / warm if warm else 0.0,
+        per_minute=growth / minutes if minutes > 0 else 0.0,
+        allowance=allowed,
+        climbing=climbing,
+        flat=flat,
+    )
 
 
 def trends(samples: list[Sample], warmup: float, leads: int) -> dict[str, Trend]:
@@ -137,11 +142,15 @@ class SoakResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "seconds": self.seconds, "warmup_s": self.warmup, "sample_every_s": self.every,
-            "flat": self.flat, "trends": {k: dataclasses.asdict(v) for k, v in self.trends.items()},
-            "idle_after": dataclasses.asdict(self.idle_after), "bench": self.bench.summary(),
+            "seconds": self.seconds,
+            "warmup_s": self.warmup,
+            "sample_every_s": self.every,
+            "flat": self.flat,
+            "trends": {k: dataclasses.asdict(v) for k, v in self.trends.items()},
+            "idle_after": dataclasses.asdict(self.idle_after),
+            "bench": self.bench.summary(),
             "samples": [dataclasses.asdict(s) for s in self.samples],
-        }  # fmt: skip
+        }
 
 
 # --- a run ------------------------------------------------------------------------------
@@ -165,9 +174,13 @@ SoakProgress = Callable[[dict[str, Tally], list[Sample], float], None]
 
 
 async def run_soak(
-    profile: str, workload: Workload, seconds: float, *, config_path: str | None = None,
+    profile: str,
+    workload: Workload,
+    seconds: float,
+    *,
+    config_path: str | None = None,
     progress: SoakProgress | None = None,
-) -> SoakResult:  # fmt: skip
+) -> SoakResult:
     """The workload for `seconds` of wall-clock time (whatever the time scale) against one
     daemon, its /metrics sampled all along."""
     p = load_profile(profile)

@@ -17,7 +17,6 @@ import msgspec
 from daemon.config import Profile
 from daemon.connections import pg_options
 
-
 _encoder = msgspec.json.Encoder(enc_hook=str)  # Decimal and the like as PostgreSQL reads them
 
 
@@ -34,7 +33,6 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Replaces asyncpg's reset-on-release (a round trip per release): we never change
     session state on pooled connections; an open transaction is still rolled back."""
-
 
 
 # The hot path's read queries, named so `sdrctl migrate verify` explains exactly these.
@@ -57,9 +55,7 @@ SELECT id, category, title, content, ts_rank(tsv, q) AS rank
  WHERE tsv @@ q ORDER BY rank DESC, id LIMIT $2"""
 
 
-async def connect(
-    url: str, profile: Profile, size: int | None = None, *, pooled: bool = False
-) -> asyncpg.Pool:
+async def connect(url: str, profile: Profile, size: int | None = None, *, pooled: bool = False) -> asyncpg.Pool:
     """The turns' pool (sized by [pools] db_min_size..db_max_size), or a fixed `size` one;
     `pooled`: `url` is a transaction pooler (see daemon.connections)."""
     pool = await asyncpg.create_pool(
@@ -146,10 +142,15 @@ class FinishedTurn:
 
 # The lead columns a turn may update, with their SQL types.
 LEAD_COLUMNS = {
-    "name": "text", "stage": "text", "bill_value": "numeric", "consumption_kwh": "integer",
-    "solution": "text", "meeting_at": "timestamptz", "property_type": "text",
+    "name": "text",
+    "stage": "text",
+    "bill_value": "numeric",
+    "consumption_kwh": "integer",
+    "solution": "text",
+    "meeting_at": "timestamptz",
+    "property_type": "text",
     "decision_maker": "text",
-}  # fmt: skip
+}
 _LEAD_SETS = ",\n".join(
     f"{col} = CASE WHEN $19::jsonb ? '{col}' THEN ($19::jsonb ->> '{col}')::{kind} ELSE {col} END"
     for col, kind in LEAD_COLUMNS.items()
@@ -213,10 +214,17 @@ class Store:
     async def ingest_many(self, msgs: list[Inbound]) -> list[tuple[int, bool, bool, dict[str, Any] | None]]:
         """`ingest` for a batch, in one round trip and one transaction (group commit)."""
         batch = [
-            {"phone": m.phone, "push_name": m.push_name, "provider_id": m.provider_id, "kind": m.kind,
-             "body": m.body, "media": m.media, "provider_ts": m.provider_ts.isoformat()}
+            {
+                "phone": m.phone,
+                "push_name": m.push_name,
+                "provider_id": m.provider_id,
+                "kind": m.kind,
+                "body": m.body,
+                "media": m.media,
+                "provider_ts": m.provider_ts.isoformat(),
+            }
             for m in msgs
-        ]  # fmt: skip
+        ]
         rows = await self.pool.fetch("SELECT * FROM ingest_many($1::jsonb)", batch, timeout=self.timeout)
         return [(r["message_id"], r["inserted"], r["unanswered"], r["lead"]) for r in rows]
 
@@ -246,8 +254,9 @@ class Store:
                 """SELECT m.id, m.turn_id, m.conversation_id, m.lead_id, l.phone_number
                      FROM messages m JOIN leads l ON l.id = m.lead_id
                     WHERE m.provider_id = $1 AND m.direction = 'in' FOR UPDATE OF m""",
-                provider_id, timeout=self.timeout,
-            )  # fmt: skip
+                provider_id,
+                timeout=self.timeout,
+            )
             if row is None:
                 return None
             if row["turn_id"] is None:
@@ -257,9 +266,17 @@ class Store:
                 """INSERT INTO messages (conversation_id, lead_id, provider_id, direction, kind, body, provider_ts)
                    VALUES ($1, $2, $3, 'in', 'edit', $4, clock_timestamp())
                    ON CONFLICT (provider_id) DO NOTHING RETURNING id""",
-                row["conversation_id"], row["lead_id"], edit_id, text, timeout=self.timeout,
-            )  # fmt: skip
-            return ("correction", row["phone_number"], new_id) if new_id is not None else ("duplicate", row["phone_number"], row["id"])
+                row["conversation_id"],
+                row["lead_id"],
+                edit_id,
+                text,
+                timeout=self.timeout,
+            )
+            return (
+                ("correction", row["phone_number"], new_id)
+                if new_id is not None
+                else ("duplicate", row["phone_number"], row["id"])
+            )
 
     async def last_sent(self) -> tuple[str, str] | None:
         """(identity, provider id) of the newest reply Evolution accepted: what asking its
@@ -268,23 +285,26 @@ class Store:
             """SELECT phone_number, provider_id FROM outbox
                 WHERE status = 'sent' AND provider_id IS NOT NULL ORDER BY id DESC LIMIT 1""",
             timeout=self.timeout,
-        )  # fmt: skip
+        )
         return (row["phone_number"], row["provider_id"]) if row else None
 
     async def mark_unreachable(self, phone: str) -> None:
         """Evolution says the number is not on WhatsApp: no reply can reach it."""
         await self.pool.execute(
             "UPDATE leads SET unreachable_at = now(), updated_at = now() WHERE phone_number = $1 AND unreachable_at IS NULL",
-            phone, timeout=self.timeout,
-        )  # fmt: skip
+            phone,
+            timeout=self.timeout,
+        )
 
     async def pending_messages(self, phone: str, only: int | None = None) -> list[PendingMessage]:
         """The lead's unanswered messages (or just message `only`), in the order the lead
         wrote them."""
         rows = await self.pool.fetch(
             PENDING_MESSAGES,
-            phone, only, timeout=self.timeout,
-        )  # fmt: skip
+            phone,
+            only,
+            timeout=self.timeout,
+        )
         return [PendingMessage(**dict(r)) for r in rows]
 
     async def lead_with_history(
@@ -298,8 +318,11 @@ class Store:
                             WHERE conversation_id = $2 AND (direction = 'out' OR turn_id IS NOT NULL)
                             ORDER BY id DESC LIMIT $3) h) AS history
                  FROM leads l WHERE l.id = $1""",
-            lead_id, conversation_id, limit, timeout=self.timeout,
-        )  # fmt: skip
+            lead_id,
+            conversation_id,
+            limit,
+            timeout=self.timeout,
+        )
         assert row is not None
         return row["lead"], row["history"]
 
@@ -307,8 +330,10 @@ class Store:
         """The conversation's last `limit` answered messages (when the lead came from cache)."""
         value = await self.pool.fetchval(
             HISTORY,
-            conversation_id, limit, timeout=self.timeout,
-        )  # fmt: skip
+            conversation_id,
+            limit,
+            timeout=self.timeout,
+        )
         return list(value)
 
     async def search_knowledge(self, text: str, limit: int) -> list[KbEntry]:
@@ -317,8 +342,10 @@ class Store:
             return []
         rows = await self.pool.fetch(
             KNOWLEDGE_SEARCH,
-            query, limit, timeout=self.timeout,
-        )  # fmt: skip
+            query,
+            limit,
+            timeout=self.timeout,
+        )
         return [KbEntry(**dict(r)) for r in rows]
 
     async def finish_turn(self, t: TurnRecord, *, unless_newer: bool = False) -> FinishedTurn | None:
@@ -328,11 +355,31 @@ class Store:
         updates = {k: v for k, v in t.lead_updates.items() if k in LEAD_COLUMNS}
         row = await self.pool.fetchrow(
             FINISH_TURN,
-            t.lead_id, t.conversation_id, t.first_message_at, t.last_message_at, t.started_at,
-            t.finished_at, t.buffer_wait_ms, t.stages, t.timeouts, t.failures, t.agent_backend,
-            t.outcome, t.response_ms, t.cache_hits, t.cache_misses, t.phone, t.message_ids,
-            t.reply, updates, t.outbox_status, t.parts, t.window_ms, unless_newer, timeout=self.timeout,
-        )  # fmt: skip
+            t.lead_id,
+            t.conversation_id,
+            t.first_message_at,
+            t.last_message_at,
+            t.started_at,
+            t.finished_at,
+            t.buffer_wait_ms,
+            t.stages,
+            t.timeouts,
+            t.failures,
+            t.agent_backend,
+            t.outcome,
+            t.response_ms,
+            t.cache_hits,
+            t.cache_misses,
+            t.phone,
+            t.message_ids,
+            t.reply,
+            updates,
+            t.outbox_status,
+            t.parts,
+            t.window_ms,
+            unless_newer,
+            timeout=self.timeout,
+        )
         assert row is not None
         if row["turn_id"] is None:
             return None
@@ -340,30 +387,45 @@ class Store:
 
     async def newer_message(self, lead_id: int, last_id: int) -> bool:
         """Whether the lead wrote a message after `last_id` that is still unanswered."""
-        return bool(await self.pool.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM messages WHERE lead_id = $1 AND direction = 'in'
+        return bool(
+            await self.pool.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM messages WHERE lead_id = $1 AND direction = 'in'
                                  AND turn_id IS NULL AND id > $2)""",
-            lead_id, last_id, timeout=self.timeout,
-        ))  # fmt: skip
+                lead_id,
+                last_id,
+                timeout=self.timeout,
+            )
+        )
 
     async def discard_reply(self, lead_id: int, message_ids: list[int], reason: str, agent_ms: float | None) -> None:
         """A reply the agent wrote, thrown away: an agent call paid for and unread."""
         await self.pool.execute(
             "INSERT INTO discarded_replies (lead_id, message_ids, reason, agent_ms) VALUES ($1, $2, $3, $4)",
-            lead_id, message_ids, reason, agent_ms, timeout=self.timeout,
-        )  # fmt: skip
+            lead_id,
+            message_ids,
+            reason,
+            agent_ms,
+            timeout=self.timeout,
+        )
 
     async def record_send_attempt(self, outbox_id: int) -> None:
         """Written before each attempt, so a crash mid-send leaves a trace, not a guess."""
         await self.pool.execute(
             "UPDATE outbox SET status = 'sending', attempts = attempts + 1 WHERE id = $1",
-            outbox_id, timeout=self.timeout,
-        )  # fmt: skip
+            outbox_id,
+            timeout=self.timeout,
+        )
 
     async def record_delivery(
-        self, outbox_ids: list[int], *, status: str, provider_id: str | None = None,
-        error: str | None = None, turn_id: int | None = None, response_ms: float | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        outbox_ids: list[int],
+        *,
+        status: str,
+        provider_id: str | None = None,
+        error: str | None = None,
+        turn_id: int | None = None,
+        response_ms: float | None = None,
+    ) -> None:
         """Marks sends done or failed; with `turn_id`, also the turn's response time (the
         lead's first reply), in the same round trip."""
         await self.pool.execute(
@@ -372,8 +434,14 @@ class Store:
                           sent_at = CASE WHEN $2 = 'sent' THEN clock_timestamp() END
                     WHERE id = ANY($1::bigint[]))
                UPDATE turns SET response_ms = $6 WHERE id = $5""",
-            outbox_ids, status, provider_id, error, turn_id, response_ms, timeout=self.timeout,
-        )  # fmt: skip
+            outbox_ids,
+            status,
+            provider_id,
+            error,
+            turn_id,
+            response_ms,
+            timeout=self.timeout,
+        )
 
     async def undelivered(
         self, stale_after: float, max_attempts: int, within: float, limit: int
@@ -389,8 +457,11 @@ class Store:
                     WHERE status IN ('undelivered', 'sending', 'uncertain')
                       AND (attempts >= $1 OR created_at < clock_timestamp() - make_interval(secs => $3))
                       AND (status <> 'sending' OR created_at < clock_timestamp() - make_interval(secs => $2))""",
-                max_attempts, stale_after, within, timeout=self.timeout,
-            )  # fmt: skip
+                max_attempts,
+                stale_after,
+                within,
+                timeout=self.timeout,
+            )
             rows = await conn.fetch(
                 """SELECT o.id, o.phone_number, o.body, o.status, o.created_at, l.lid FROM outbox o
                      JOIN leads l ON l.id = o.lead_id
@@ -398,18 +469,25 @@ class Store:
                            OR (o.status = 'sending' AND o.created_at < clock_timestamp() - make_interval(secs => $1)))
                       AND o.attempts < $2
                     ORDER BY o.id LIMIT $3""",
-                stale_after, max_attempts, limit, timeout=self.timeout,
-            )  # fmt: skip
+                stale_after,
+                max_attempts,
+                limit,
+                timeout=self.timeout,
+            )
         return [(r["id"], r["phone_number"], r["body"], r["status"], r["created_at"], r["lid"]) for r in rows]
 
     async def claim_redelivery(self, outbox_id: int, status: str) -> bool:
         """Takes one reply for a re-send if it is still in `status` (another daemon's job
         may have sent it since it was listed); counts the attempt."""
-        return bool(await self.pool.fetchval(
-            """UPDATE outbox SET status = 'sending', attempts = attempts + 1
+        return bool(
+            await self.pool.fetchval(
+                """UPDATE outbox SET status = 'sending', attempts = attempts + 1
                 WHERE id = $1 AND status = $2 RETURNING true""",
-            outbox_id, status, timeout=self.timeout,
-        ))  # fmt: skip
+                outbox_id,
+                status,
+                timeout=self.timeout,
+            )
+        )
 
     async def postpone(self, outbox_id: int, error: str, backoff: float, *, uncertain: bool = False) -> None:
         """Undelivered again ('uncertain' when it may have arrived: looked up before a
@@ -418,8 +496,12 @@ class Store:
             """UPDATE outbox SET status = $4, last_error = $2,
                       retry_at = clock_timestamp() + make_interval(secs => least(3600, $3 * 2 ^ greatest(attempts - 1, 0)))
                 WHERE id = $1""",
-            outbox_id, error[:500], backoff, "uncertain" if uncertain else "undelivered", timeout=self.timeout,
-        )  # fmt: skip
+            outbox_id,
+            error[:500],
+            backoff,
+            "uncertain" if uncertain else "undelivered",
+            timeout=self.timeout,
+        )
 
     async def stale_unanswered(self, older_than: float) -> list[tuple[str, int]]:
         """(phone, message id) of messages still unanswered `older_than` seconds after
@@ -429,8 +511,9 @@ class Store:
                 WHERE m.direction = 'in' AND m.turn_id IS NULL
                   AND m.received_at < clock_timestamp() - make_interval(secs => $1)
                 ORDER BY m.id""",
-            older_than, timeout=self.timeout,
-        )  # fmt: skip
+            older_than,
+            timeout=self.timeout,
+        )
         return [(r["phone_number"], r["id"]) for r in rows]
 
     async def unanswered(self) -> list[tuple[str, int]]:
@@ -445,13 +528,16 @@ class Store:
     async def outbox_after(self, phone: str, after_id: int) -> list[tuple[int, str]]:
         rows = await self.pool.fetch(
             "SELECT id, body FROM outbox WHERE phone_number = $1 AND id > $2 ORDER BY id",
-            phone, after_id, timeout=self.timeout,
-        )  # fmt: skip
+            phone,
+            after_id,
+            timeout=self.timeout,
+        )
         return [(r["id"], r["body"]) for r in rows]
 
     async def last_outbox_id(self, phone: str) -> int:
         value = await self.pool.fetchval(
             "SELECT coalesce(max(id), 0) FROM outbox WHERE phone_number = $1",
-            phone, timeout=self.timeout,
-        )  # fmt: skip
+            phone,
+            timeout=self.timeout,
+        )
         return int(value)

@@ -9,9 +9,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-async def cancel_and_wait(
-    task: asyncio.Task[Any], timeout: float | None = None, msg: str | None = None
-) -> bool:
+async def cancel_and_wait(task: asyncio.Task[Any], timeout: float | None = None, msg: str | None = None) -> bool:
     """Cancels `task` and waits (at most `timeout`) for it to end; returns whether it
     ended. Unlike `suppress(CancelledError): await task`, a cancellation of the *caller*
     while it waits still propagates."""

@@ -83,10 +83,19 @@ def knobs(profile: Profile) -> list[Knob]:
         values = getattr(profile, section)
         for name, f in _fields(section).items():
             meta = f.metadata
-            out.append(Knob(
-                f"{section}.{name}", getattr(values, name), str(f.type), meta["unit"],
-                meta["min"], meta["max"], meta["choices"], _allowed(f), meta["help"],
-            ))  # fmt: skip
+            out.append(
+                Knob(
+                    f"{section}.{name}",
+                    getattr(values, name),
+                    str(f.type),
+                    meta["unit"],
+                    meta["min"],
+                    meta["max"],
+                    meta["choices"],
+                    _allowed(f),
+                    meta["help"],
+                )
+            )
     return out
 
 
@@ -258,10 +267,7 @@ def new_profile(name: str, source: str) -> Path:
     if name in available_profiles():
         raise ConfigError(f"profile {name!r} exists already ({profile_path(name)}); choose another name")
     src = read(source)
-    doc = {
-        section: {n: getattr(getattr(src, section), n) for n in _fields(section)}
-        for section in PROFILE_SECTIONS
-    }
+    doc = {section: {n: getattr(getattr(src, section), n) for n in _fields(section)} for section in PROFILE_SECTIONS}
     folder = Path("profiles")
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.toml"
@@ -353,8 +359,7 @@ async def stage_latencies(conn: asyncpg.Connection, since: timedelta) -> dict[st
     """Per stage of STAGE_TIMEOUTS: sample count and P50/P95/P99 (ms), computed in SQL."""
     rows = await conn.fetch(STAGE_PERCENTILES, since, list(STAGE_TIMEOUTS))
     return {
-        r["stage"]: StageStats(r["stage"], r["samples"], r["timed_out"], r["p50"], r["p95"], r["p99"])
-        for r in rows
+        r["stage"]: StageStats(r["stage"], r["samples"], r["timed_out"], r["p50"], r["p95"], r["p99"]) for r in rows
     }
 
 
@@ -363,9 +368,7 @@ def _ceil_hundredth(seconds: float) -> float:
     return math.ceil(round(seconds * 100, 6)) / 100
 
 
-def propose(
-    profile: Profile, stats: dict[str, StageStats], headroom: float, min_samples: int
-) -> list[Proposal]:
+def propose(profile: Profile, stats: dict[str, StageStats], headroom: float, min_samples: int) -> list[Proposal]:
     """timeout = P99 x headroom, rounded up to 0.01 s, clamped to the knob's range; no
     proposal for a stage with fewer than `min_samples` samples."""
     check_options(headroom, min_samples)
@@ -492,21 +495,22 @@ def gap_thresholds(profile: Profile) -> list[float]:
     return sorted({*SETTLE_CANDIDATES, profile.buffer.settle_window, float(meta["min"]), float(meta["max"])})
 
 
-async def burst_gaps(
-    conn: asyncpg.Connection, since: timedelta, coverage: float, thresholds: list[float]
-) -> GapStats:
+async def burst_gaps(conn: asyncpg.Connection, since: timedelta, coverage: float, thresholds: list[float]) -> GapStats:
     """The window's in-burst gaps, aggregated in SQL (see BURST_GAPS)."""
     async with conn.transaction(readonly=True):
         await conn.execute(f"SET LOCAL work_mem = '{GAPS_WORK_MEM}'")  # the sort by conversation, in memory
-        row = await conn.fetchrow(BURST_GAPS, since, MAX_GAP, list(GAP_QUANTILES), coverage,
-                                  [_numeric(t) for t in thresholds])  # fmt: skip
+        row = await conn.fetchrow(
+            BURST_GAPS, since, MAX_GAP, list(GAP_QUANTILES), coverage, [_numeric(t) for t in thresholds]
+        )
     assert row is not None
     if not row["samples"]:
         return GapStats(0, over=dict.fromkeys(thresholds, 0))
     return GapStats(
-        row["samples"], dict(zip(GAP_QUANTILES, row["quantiles"], strict=True)), row["covering"],
+        row["samples"],
+        dict(zip(GAP_QUANTILES, row["quantiles"], strict=True)),
+        row["covering"],
         dict(zip(row["thresholds"], row["over"], strict=True)),
-    )  # fmt: skip
+    )
 
 
 def _numeric(seconds: float) -> Decimal:
@@ -528,10 +532,13 @@ def propose_buffer(
     than `min_samples` gaps."""
     b = profile.buffer
     notes: list[str] = []
-    settle_rule = (f"the shortest in-burst gap with at least {coverage * 100:g} % of the gaps at or below it, "
-                   "rounded up to 0.1 s")  # fmt: skip
-    quiet_rule = ("min(current, P50 gap), rounded down to 0.1 s, at least min_window, with speculate on: "
-                  "the agent starts after the median pause; the reply still waits for settle_window")  # fmt: skip
+    settle_rule = (
+        f"the shortest in-burst gap with at least {coverage * 100:g} % of the gaps at or below it, rounded up to 0.1 s"
+    )
+    quiet_rule = (
+        "min(current, P50 gap), rounded down to 0.1 s, at least min_window, with speculate on: "
+        "the agent starts after the median pause; the reply still waits for settle_window"
+    )
     speculating = b.speculate and b.coalesce
     settle: float | None = None
     quiet: float | None = None
@@ -558,11 +565,12 @@ def propose_buffer(
         else:
             quiet_note = "unchanged: the median pause is not shorter"
         if not speculating:
-            notes.append("[buffer] speculate is off: settle_window takes effect only with speculate "
-                         "(and coalesce) on")  # fmt: skip
+            notes.append("[buffer] speculate is off: settle_window takes effect only with speculate (and coalesce) on")
         if settle < b.presence_settle:
-            notes.append(f"presence_settle ({b.presence_settle:g} s) is longer than the proposed settle_window: "
-                         "leads whose typing we see would wait longer than the others")  # fmt: skip
+            notes.append(
+                f"presence_settle ({b.presence_settle:g} s) is longer than the proposed settle_window: "
+                "leads whose typing we see would wait longer than the others"
+            )
     changes = [
         BufferChange("buffer.settle_window", b.settle_window, settle, settle_rule, settle_note),
         BufferChange("buffer.quiet_window", b.quiet_window, quiet, quiet_rule, quiet_note),
@@ -574,9 +582,14 @@ def propose_buffer(
     if settle is not None:
         marks.setdefault(settle, []).append("proposed")
     curve = [
-        CurvePoint(s, gaps.over.get(s, 0), gaps.share_over(s) if s in gaps.over else None,
-                   round(max(0.0, s - window), 6),
-                   round(max(0.0, s - window - agent_s), 6) if agent_s is not None else None, tuple(m))
+        CurvePoint(
+            s,
+            gaps.over.get(s, 0),
+            gaps.share_over(s) if s in gaps.over else None,
+            round(max(0.0, s - window), 6),
+            round(max(0.0, s - window - agent_s), 6) if agent_s is not None else None,
+            tuple(m),
+        )
         for s, m in sorted(marks.items())
-    ]  # fmt: skip
+    ]
     return BufferProposal(gaps, coverage, changes, curve, notes)

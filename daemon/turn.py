@@ -33,10 +33,7 @@ from daemon.tasks import cancel_and_wait
 log = logging.getLogger("sdr.turn")
 T = TypeVar("T")
 
-FALLBACK = (
-    "Oi! Recebi sua mensagem 😊 Estou verificando algumas informações e já te respondo "
-    "por aqui."
-)
+FALLBACK = "Oi! Recebi sua mensagem 😊 Estou verificando algumas informações e já te respondo por aqui."
 
 
 class StageFailed(Exception):
@@ -117,9 +114,7 @@ class TurnRunner:
         self.on_send_failed = on_send_failed or self._postpone  # the runtime's: one policy for every send
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
-    async def run(
-        self, phone: str, only: int | None, on_handoff: Callable[[], Awaitable[None]]
-    ) -> bool | None:
+    async def run(self, phone: str, only: int | None, on_handoff: Callable[[], Awaitable[None]]) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
         when another turn holds the lead (it hands the lead back when done), None when
         nothing was pending or the reply was overtaken by a newer message (thrown away: the
@@ -270,8 +265,12 @@ class TurnRunner:
             await asyncio.sleep(left)
 
     async def _discard(
-        self, phone: str, burst: list[PendingMessage], clock: StageClock, presence: asyncio.Task[None] | None,
-    ) -> None:  # fmt: skip
+        self,
+        phone: str,
+        burst: list[PendingMessage],
+        clock: StageClock,
+        presence: asyncio.Task[None] | None,
+    ) -> None:
         """A reply overtaken by a newer message: thrown away, and counted (an agent call paid
         for). The newer message armed the lead's buffer; if that entry was lost (or already
         claimed by a turn that found us holding the lead), the lead is armed again."""
@@ -340,7 +339,7 @@ class TurnRunner:
         return entries
 
     def _show_typing(self, phone: str, not_before: float) -> asyncio.Task[None] | None:
-        """"typing..." once the turn has run `typing_after`, for at most the agent's budget;
+        """ "typing..." once the turn has run `typing_after`, for at most the agent's budget;
         best effort, owned by the turn. Evolution holds each request for its delay and,
         past 20 s, loops composing -> paused -> composing on its own (which would show
         "typing..." after the reply): so each request asks for one slice of at most 20 s,
@@ -378,9 +377,14 @@ class TurnRunner:
         await self.store.postpone(outbox_id, str(exc), self.profile.limits.redeliver_backoff, uncertain=exc.uncertain)
 
     async def _deliver(
-        self, phone: str, parts: list[str], turn_id: int, outbox_ids: list[int],
-        last_at: datetime, clock: StageClock,
-    ) -> None:  # fmt: skip
+        self,
+        phone: str,
+        parts: list[str],
+        turn_id: int,
+        outbox_ids: list[int],
+        last_at: datetime,
+        clock: StageClock,
+    ) -> None:
         """Sends the parts in order; a part that fails stops the rest (recorded failed)."""
         assert self.sender is not None
         sender = self.sender
@@ -407,16 +411,21 @@ class TurnRunner:
                     if cause.final:
                         await self.store.record_delivery([later], status="failed", error=str(cause)[:500])
                     else:
-                        await self.store.postpone(later, "an earlier part did not go out", self.profile.limits.redeliver_backoff)
+                        await self.store.postpone(
+                            later, "an earlier part did not go out", self.profile.limits.redeliver_backoff
+                        )
                 self.metrics.sends.labels("failed").inc(len(outbox_ids) - i)
                 return
             self.metrics.sends.labels("sent").inc()
             if i == 0:  # the lead sees an answer from the first message on
                 response = (datetime.now(UTC) - last_at).total_seconds()
                 await self.store.record_delivery(
-                    [outbox_id], status="sent", provider_id=provider_id, turn_id=turn_id,
+                    [outbox_id],
+                    status="sent",
+                    provider_id=provider_id,
+                    turn_id=turn_id,
                     response_ms=response * 1000,
-                )  # fmt: skip
+                )
                 self.metrics.response_time.observe(response)
             else:
                 await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)

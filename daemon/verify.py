@@ -41,7 +41,9 @@ HOT_QUERIES = [
     HotQuery("lead by phone", LEAD_BY_PHONE, lambda s: (s["phone"],)),
     HotQuery("a lead's unanswered messages", PENDING_MESSAGES, lambda s: (s["phone"], None)),
     HotQuery("last N messages of a conversation", HISTORY, lambda s: (s["conversation_id"], s["history_limit"])),
-    HotQuery("knowledge-base full-text search", KNOWLEDGE_SEARCH, lambda s: ("placa | solar | economia", s["kb_results"])),
+    HotQuery(
+        "knowledge-base full-text search", KNOWLEDGE_SEARCH, lambda s: ("placa | solar | economia", s["kb_results"])
+    ),
     HotQuery("due follow-ups", DUE_FOLLOW_UPS, lambda s: (s["claim_batch"],)),
 ]
 
@@ -72,9 +74,13 @@ class PlanResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "query": self.query, "access": [str(s) for s in self.scans], "rows": self.rows,
-            "time_ms": round(self.time_ms, 3), "ok": self.ok, "problems": self.problems,
-        }  # fmt: skip
+            "query": self.query,
+            "access": [str(s) for s in self.scans],
+            "rows": self.rows,
+            "time_ms": round(self.time_ms, 3),
+            "ok": self.ok,
+            "problems": self.problems,
+        }
 
 
 async def sample_args(conn: asyncpg.Connection, limits: dict[str, int]) -> dict[str, Any]:
@@ -104,8 +110,9 @@ async def explain(conn: asyncpg.Connection, q: HotQuery, args: tuple[Any, ...], 
     sizes = await _table_sizes(conn, _tables(plan))
     scans = [
         Scan(n["Node Type"], n.get("Relation Name"), n.get("Index Name"), sizes.get(n.get("Relation Name") or "", 0))
-        for n in _walk(plan) if "Relation Name" in n or "Index Name" in n  # table and index access only
-    ]  # fmt: skip
+        for n in _walk(plan)
+        if "Relation Name" in n or "Index Name" in n  # table and index access only
+    ]
     result = PlanResult(q.name, scans, int(plan.get("Actual Rows", 0)), float(top.get("Execution Time", 0.0)))
     for s in scans:
         if s.node == "Seq Scan" and s.table_rows > seq_scan_rows:
@@ -165,9 +172,13 @@ class SampleRun:
 
 
 async def with_sample_data(
-    conn: asyncpg.Connection, leads: int, limits: dict[str, int], seq_scan_rows: int,
-    folder: Path | None = None, per_lead: int = 20,
-) -> SampleRun:  # fmt: skip
+    conn: asyncpg.Connection,
+    leads: int,
+    limits: dict[str, int],
+    seq_scan_rows: int,
+    folder: Path | None = None,
+    per_lead: int = 20,
+) -> SampleRun:
     """Builds the schema without the no-transaction (index) migrations in a throw-away
     schema, fills it, explains, applies the index migrations, explains again, drops it."""
     schema = f"sdrctl_verify_{os.getpid()}"

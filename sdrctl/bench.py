@@ -12,9 +12,18 @@ from rich.live import Live
 from rich.table import Table
 
 from daemon.bench import (
-    CapacityStep, ProfileResult, Tally, Workload, capacity, compare, find_capacity, load_scenario,
-    percentile, run_bench, run_intake,
-)  # fmt: skip
+    CapacityStep,
+    ProfileResult,
+    Tally,
+    Workload,
+    capacity,
+    compare,
+    find_capacity,
+    load_scenario,
+    percentile,
+    run_bench,
+    run_intake,
+)
 from daemon.bench_followups import run_followups
 from daemon.config import Config
 from daemon.errors import ConfigError
@@ -22,8 +31,17 @@ from daemon.soak import Sample, SoakResult, parse_duration, run_soak
 from daemon.tasks import run_fast
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 from sdrctl.workload import (
-    DurationOpt, LatencyOpt, LeadsOpt, PresenceOpt, RampOpt, ScaleOpt, ScenarioOpt, SeedOpt, TypingOpt, given,
-)  # fmt: skip
+    DurationOpt,
+    LatencyOpt,
+    LeadsOpt,
+    PresenceOpt,
+    RampOpt,
+    ScaleOpt,
+    ScenarioOpt,
+    SeedOpt,
+    TypingOpt,
+    given,
+)
 
 
 def _ms(value: float | None, scale: float = 1000) -> str:
@@ -56,12 +74,16 @@ def results_table(results: list[ProfileResult]) -> Table:
     for p in ("p50", "p95", "p99", "max"):
         add(f"response {p} (ms)", [_ms(x["response_s"][p]) for x in s])
     add("lead wait p50 / p95 (ms)", [f"{_ms(x['lead_wait_s']['p50'])} / {_ms(x['lead_wait_s']['p95'])}" for x in s])
-    add("bursts whole / split / lost / unanswered", [
-        " / ".join(str(outcome(x, k)) for k in ("whole", "split", "lost", "unanswered")) for x in s
-    ])  # fmt: skip
+    add(
+        "bursts whole / split / lost / unanswered",
+        [" / ".join(str(outcome(x, k)) for k in ("whole", "split", "lost", "unanswered")) for x in s],
+    )
     if any(outcome(x, "refused") for x in s):
         add("bursts refused (no post accepted)", [str(outcome(x, "refused")) for x in s])
-    add("split rate (2+ msgs / all)", [f"{_share(x.get('split_rate_multi'))} / {_share(x.get('split_rate'))}" for x in s])
+    add(
+        "split rate (2+ msgs / all)",
+        [f"{_share(x.get('split_rate_multi'))} / {_share(x.get('split_rate'))}" for x in s],
+    )
     add("replies per burst", [_num(x.get("replies_per_burst")) for x in s])
     add("agent calls per turn", [_num(x.get("agent_calls_per_turn")) for x in s])
     add("daemon CPU per turn (ms)", [_ms(x.get("cpu_s_per_turn")) for x in s])
@@ -70,10 +92,13 @@ def results_table(results: list[ProfileResult]) -> Table:
     add("buffer wait p95 (ms)", [_ms(x["buffer_wait_ms"]["p95"], 1) for x in s])
     stages = sorted({st for x in s for st in x["stages_ms"]})
     for st in stages:
-        add(f"stage {st} p50/p95 (ms)", [
-            f"{x['stages_ms'][st]['p50']:.1f} / {x['stages_ms'][st]['p95']:.1f}" if st in x["stages_ms"] else "-"
-            for x in s
-        ])  # fmt: skip
+        add(
+            f"stage {st} p50/p95 (ms)",
+            [
+                f"{x['stages_ms'][st]['p50']:.1f} / {x['stages_ms'][st]['p95']:.1f}" if st in x["stages_ms"] else "-"
+                for x in s
+            ],
+        )
     add("bursts / messages sent", [f"{x['bursts']} / {x['messages']}" for x in s])
     add("turns", [str(x["turns"]) for x in s])
     add("timeout rate", [f"{x['timeout_rate']:.2%}" for x in s])
@@ -94,9 +119,14 @@ def progress_table(tallies: dict[str, Tally], elapsed: float) -> Table:
         table.add_column(col, justify="right")
     for name, t in tallies.items():
         table.add_row(
-            name, str(t.messages), str(t.bursts), str(len(t.responses)), str(t.missing), str(t.errors),
+            name,
+            str(t.messages),
+            str(t.bursts),
+            str(len(t.responses)),
+            str(t.missing),
+            str(t.errors),
             _ms(percentile(t.responses, 95)),
-        )  # fmt: skip
+        )
     return table
 
 
@@ -113,11 +143,13 @@ def bench(
     presence: PresenceOpt = None,
     scenario: ScenarioOpt = None,
     vs: Annotated[
-        list[str] | None, typer.Option("--vs", help="another profile, run at the same time on the same leads (B in B/A); repeatable")
+        list[str] | None,
+        typer.Option("--vs", help="another profile, run at the same time on the same leads (B in B/A); repeatable"),
     ] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON here")] = None,
     find_capacity: Annotated[
-        bool, typer.Option("--find-capacity", help="double the leads until P95 breaks the SLO; report the largest that held")
+        bool,
+        typer.Option("--find-capacity", help="double the leads until P95 breaks the SLO; report the largest that held"),
     ] = False,
     intake: Annotated[
         bool, typer.Option("--intake", help="webhook requests/s against a bare Starlette endpoint, side by side")
@@ -128,8 +160,12 @@ def bench(
         int | None, typer.Option("--followups", help="send N due follow-ups; report follow-ups/s", min=1, max=1_000_000)
     ] = None,
     soak: Annotated[
-        str | None, typer.Option("--soak", metavar="DURATION",
-                                 help="run this long (90s, 30m, 2h) watching the daemon's RSS, tasks and fds; exit 1 if they grew")
+        str | None,
+        typer.Option(
+            "--soak",
+            metavar="DURATION",
+            help="run this long (90s, 30m, 2h) watching the daemon's RSS, tasks and fds; exit 1 if they grew",
+        ),
     ] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
@@ -139,8 +175,14 @@ def bench(
     unanswered), the response to its last message, and, with --vs, the ratios B/A."""
     cfg = load(ctx, config, profile)
     overrides = given(
-        leads=leads, duration=duration, ramp=ramp, seed=seed, agent_latency=agent_latency,
-        time_scale=time_scale, typing=typing, presence=presence,
+        leads=leads,
+        duration=duration,
+        ramp=ramp,
+        seed=seed,
+        agent_latency=agent_latency,
+        time_scale=time_scale,
+        typing=typing,
+        presence=presence,
     )
     if scenario is not None:
         workload = load_scenario(scenario, **overrides)
@@ -165,19 +207,24 @@ def bench(
     err.print(
         f"bench: {workload.leads} leads x {len(profiles)} profile(s), {workload.duration:g}s, "
         f"{workload.typing} typing{' with presence' if workload.presence else ''}, agent {workload.agent_latency}"
-        + (f", time-scale {workload.time_scale:g} (every window, timeout and latency scaled)"
-           if workload.time_scale != 1 else "")
-    )  # fmt: skip
+        + (
+            f", time-scale {workload.time_scale:g} (every window, timeout and latency scaled)"
+            if workload.time_scale != 1
+            else ""
+        )
+    )
     with Live(progress_table({}, 0), console=err, refresh_per_second=2, transient=True) as live:
         results = run_fast(
-            run_bench(profiles, workload, config_path=config_path,
-                      progress=lambda t, e: live.update(progress_table(t, e)))
-        )  # fmt: skip
+            run_bench(
+                profiles, workload, config_path=config_path, progress=lambda t, e: live.update(progress_table(t, e))
+            )
+        )
     out.print(results_table(results))
     report: dict[str, Any] = {
-        "workload": workload.__dict__, "profiles": [r.summary() for r in results],
+        "workload": workload.__dict__,
+        "profiles": [r.summary() for r in results],
         "scaled": workload.time_scale != 1,
-    }  # fmt: skip
+    }
     for b in results[1:]:
         ratios = compare(results[0], b)
         if len(results) == 2:
@@ -202,12 +249,25 @@ def _followups(cfg: Config, count: int, json_file: Path | None) -> None:
         f"[bold]{r.rate:,.0f} follow-ups/s[/] ({r.passes} passes of up to {r.batch}, {r.concurrency} at a time)"
     )
     if json_file is not None:
-        json_file.write_text(json.dumps({"count": r.count, "sent": r.sent, "seconds": r.seconds, "rate": r.rate,
-                                         "concurrency": r.concurrency, "batch": r.batch}, indent=2))  # fmt: skip
+        json_file.write_text(
+            json.dumps(
+                {
+                    "count": r.count,
+                    "sent": r.sent,
+                    "seconds": r.seconds,
+                    "rate": r.rate,
+                    "concurrency": r.concurrency,
+                    "batch": r.batch,
+                },
+                indent=2,
+            )
+        )
         err.print(f"wrote {json_file}")
 
 
-def _intake(profile: str, workload: Workload, connections: int, config_path: str | None, json_file: Path | None) -> None:
+def _intake(
+    profile: str, workload: Workload, connections: int, config_path: str | None, json_file: Path | None
+) -> None:
     duration = workload.duration * workload.time_scale
     err.print(f"bench --intake: {connections} connections, {duration:g}s each: bare Starlette, then our webhook")
     result = run_fast(
@@ -217,24 +277,47 @@ def _intake(profile: str, workload: Workload, connections: int, config_path: str
     for col in ("endpoint", "requests/s", "p50 (ms)", "p95 (ms)", "p99 (ms)", "requests", "errors"):
         table.add_column(col, justify="right")
     for name, r in (("bare Starlette", result.baseline), ("sdrctl webhook", result.daemon)):
-        table.add_row(name, f"{r.rate:,.0f}", *(_ms(percentile(r.latencies, q)) for q in (50, 95, 99)),
-                      f"{r.requests:,}", str(r.errors))  # fmt: skip
+        table.add_row(
+            name,
+            f"{r.rate:,.0f}",
+            *(_ms(percentile(r.latencies, q)) for q in (50, 95, 99)),
+            f"{r.requests:,}",
+            str(r.errors),
+        )
     out.print(table)
     out.print(f"webhook / bare = {result.ratio:.2f}")
     if json_file is not None:
-        json_file.write_text(json.dumps({
-            "connections": connections, "duration_s": duration, "ratio": result.ratio,
-            "bare": {"rate": result.baseline.rate, "errors": result.baseline.errors,
-                     **{f"p{q}_s": percentile(result.baseline.latencies, q) for q in (50, 95, 99)}},
-            "webhook": {"rate": result.daemon.rate, "errors": result.daemon.errors,
-                        **{f"p{q}_s": percentile(result.daemon.latencies, q) for q in (50, 95, 99)}},
-        }, indent=2))  # fmt: skip
+        json_file.write_text(
+            json.dumps(
+                {
+                    "connections": connections,
+                    "duration_s": duration,
+                    "ratio": result.ratio,
+                    "bare": {
+                        "rate": result.baseline.rate,
+                        "errors": result.baseline.errors,
+                        **{f"p{q}_s": percentile(result.baseline.latencies, q) for q in (50, 95, 99)},
+                    },
+                    "webhook": {
+                        "rate": result.daemon.rate,
+                        "errors": result.daemon.errors,
+                        **{f"p{q}_s": percentile(result.daemon.latencies, q) for q in (50, 95, 99)},
+                    },
+                },
+                indent=2,
+            )
+        )
 
 
 def _capacity(
-    profiles: list[str], workload: Workload, slo_p95: float, max_timeout_rate: float, config_path: str | None,
-    json_file: Path | None, max_leads: int,
-) -> None:  # fmt: skip
+    profiles: list[str],
+    workload: Workload,
+    slo_p95: float,
+    max_timeout_rate: float,
+    config_path: str | None,
+    json_file: Path | None,
+    max_leads: int,
+) -> None:
     found: dict[str, list[CapacityStep]] = {}
 
     def show(name: str, steps: list[CapacityStep]) -> None:
@@ -253,9 +336,14 @@ def _capacity(
     for profile in profiles:
         found[profile] = run_fast(
             find_capacity(
-                profile, workload, slo_p95, max_timeout_rate, config_path=config_path, max_leads=max_leads,
+                profile,
+                workload,
+                slo_p95,
+                max_timeout_rate,
+                config_path=config_path,
+                max_leads=max_leads,
                 progress=show,
-            )  # fmt: skip
+            )
         )
     table = Table(title="capacity within the SLO")
     table.add_column("profile")
@@ -269,10 +357,15 @@ def _capacity(
     if len(caps) == 2 and caps[0]:
         out.print(f"B/A capacity: {caps[1] / caps[0]:.2f}x")
     if json_file is not None:
-        json_file.write_text(json.dumps({
-            Path(p).stem: {"capacity": capacity(s), "steps": [dataclasses.asdict(x) for x in s]}
-            for p, s in found.items()
-        }, indent=2))  # fmt: skip
+        json_file.write_text(
+            json.dumps(
+                {
+                    Path(p).stem: {"capacity": capacity(s), "steps": [dataclasses.asdict(x) for x in s]}
+                    for p, s in found.items()
+                },
+                indent=2,
+            )
+        )
 
 
 def _mb(value: float) -> str:
@@ -307,15 +400,25 @@ def _soak(profile: str, workload: Workload, seconds: float, config_path: str | N
 
 
 def soak_table(result: SoakResult) -> Table:
-    table = Table(title=f"daemon over {result.seconds:g}s (warm-up {result.warmup:g}s, a sample every {result.every:g}s)")
+    table = Table(
+        title=f"daemon over {result.seconds:g}s (warm-up {result.warmup:g}s, a sample every {result.every:g}s)"
+    )
     for col in ("", "start", "after warm-up", "end", "growth", "per minute", "allowed", "verdict"):
         table.add_column(col, justify="right")
     for name, label in (("rss_bytes", "RSS"), ("tasks", "tasks"), ("fds", "fds")):
         t = result.trends[name]
         fmt = _mb if name == "rss_bytes" else (lambda v: f"{v:,.1f}")
         verdict = "flat" if t.flat else ("climbing" if t.climbing else "grew")
-        table.add_row(label, fmt(t.start), fmt(t.warm), fmt(t.end), f"{t.growth_pct:+.1f} %",
-                      f"{'+' if t.per_minute >= 0 else '-'}{fmt(abs(t.per_minute))}", fmt(t.allowance), verdict)  # fmt: skip
+        table.add_row(
+            label,
+            fmt(t.start),
+            fmt(t.warm),
+            fmt(t.end),
+            f"{t.growth_pct:+.1f} %",
+            f"{'+' if t.per_minute >= 0 else '-'}{fmt(abs(t.per_minute))}",
+            fmt(t.allowance),
+            verdict,
+        )
     idle = result.idle_after
     table.caption = f"idle after the run: RSS {_mb(idle.rss_bytes)}, {idle.tasks:g} tasks, {idle.fds:g} fds"
     return table

@@ -36,8 +36,10 @@ def _describe(f: FollowUp, tz: tzinfo) -> str:
 
 def _as_dict(f: FollowUp, tz: tzinfo) -> dict[str, Any]:
     """Instants in ISO 8601 with the business time zone's offset, as the table shows them."""
-    return {k: v.astimezone(tz).isoformat(timespec="seconds") if isinstance(v, datetime) else v
-            for k, v in asdict(f).items()}  # fmt: skip
+    return {
+        k: v.astimezone(tz).isoformat(timespec="seconds") if isinstance(v, datetime) else v
+        for k, v in asdict(f).items()
+    }
 
 
 def _table(rows: list[FollowUp], tz: tzinfo, tz_name: str, order: str) -> Table:
@@ -46,9 +48,17 @@ def _table(rows: list[FollowUp], tz: tzinfo, tz_name: str, order: str) -> Table:
         table.add_column(col, justify="right" if col in ("id", "step", "attempts") else "left")
     for f in rows:
         # Database text goes in as Text: a name like "[red]" is shown, not read as markup.
-        table.add_row(str(f.id), Text(f.phone), Text(f.name or ""), Text(f.kind), str(f.step),
-                      Text(f.status, style=COLOUR.get(f.status, "")), _local(f.due_at, tz), str(f.attempts),
-                      Text(f.last_error or "", style="red" if f.status == "failed" else ""))  # fmt: skip
+        table.add_row(
+            str(f.id),
+            Text(f.phone),
+            Text(f.name or ""),
+            Text(f.kind),
+            str(f.step),
+            Text(f.status, style=COLOUR.get(f.status, "")),
+            _local(f.due_at, tz),
+            str(f.attempts),
+            Text(f.last_error or "", style="red" if f.status == "failed" else ""),
+        )
     return table
 
 
@@ -59,10 +69,12 @@ def list_cmd(
     status: Annotated[str | None, typer.Option(help=f"only this status: {', '.join(admin.STATUSES)}")] = None,
     lead: LeadOpt = None,
     limit: Annotated[int, typer.Option(help="show at most this many", min=1, max=100_000)] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON (times with the business time zone's offset)")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print JSON (times with the business time zone's offset)")
+    ] = False,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
-) -> None:  # fmt: skip
+) -> None:
     """Follow-ups with their lead, kind, step, status and due time in the business time
     zone ([followups] timezone). With --status pending: soonest due first (what goes out
     next); otherwise newest due first (what just happened)."""
@@ -79,7 +91,9 @@ def list_cmd(
         what = " ".join(filter(None, (status, "follow-ups", f"of {phone}" if phone else None)))
         out.print(f"no {what}")
         return
-    out.print(_table(rows, tz, cfg.followups.timezone, "soonest due first" if status == "pending" else "newest due first"))
+    out.print(
+        _table(rows, tz, cfg.followups.timezone, "soonest due first" if status == "pending" else "newest due first")
+    )
     if len(rows) == limit:
         err.print(f"showing the first {limit}; --limit shows more")
 
@@ -112,7 +126,9 @@ def cancel(
     if phone is not None and not result.cancelled and not result.busy:
         out.print(Text(f"nothing to cancel: {phone} has no pending follow-up"))
     for f in result.busy:
-        fail(f"{_describe(f, tz)} is being sent right now and cannot be cancelled; "
-             f"run `sdrctl followups list --lead {f.phone}` in a minute to see how it ended")  # fmt: skip
+        fail(
+            f"{_describe(f, tz)} is being sent right now and cannot be cancelled; "
+            f"run `sdrctl followups list --lead {f.phone}` in a minute to see how it ended"
+        )
     if result.busy:
         raise typer.Exit(1)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sdrctl import bench, chat, migrate, profile, serve
-from sdrctl import export, followups, replay, report, tune
+from sdrctl import bench, chat, export, followups, migrate, profile, replay, report, serve, tune
 from sdrctl.common import ConfigOpt, ProfileOpt
 
 app = typer.Typer(

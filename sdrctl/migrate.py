@@ -19,14 +19,13 @@ from daemon.embedded import Endpoints, services
 from daemon.errors import ConfigError, UnavailableError
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out, setup_logging
 
-app = typer.Typer(help="Apply sql/ migrations, show their status, check the hot queries' plans.",
-                  invoke_without_command=True)  # fmt: skip
+app = typer.Typer(
+    help="Apply sql/ migrations, show their status, check the hot queries' plans.", invoke_without_command=True
+)
 T = TypeVar("T")
 
 
-def with_connection(
-    cfg: Config, work: Callable[[asyncpg.Connection], Awaitable[T]], *, session: bool = False
-) -> T:
+def with_connection(cfg: Config, work: Callable[[asyncpg.Connection], Awaitable[T]], *, session: bool = False) -> T:
     """Runs `work` on one connection to the direct URL ([database] migrate_url, else url).
     `session`: the work needs session state (migrate's advisory lock, verify's search_path),
     which a transaction pooler does not keep."""
@@ -40,9 +39,10 @@ def with_connection(
             )
         try:
             conn = await asyncpg.connect(
-                endpoints.direct_url, timeout=cfg.profile.timeouts.database,
+                endpoints.direct_url,
+                timeout=cfg.profile.timeouts.database,
                 **pg_options(endpoints.direct_pooled),
-            )  # fmt: skip
+            )
         except asyncpg.InvalidPasswordError as exc:
             raise UnavailableError(f"PostgreSQL refused the credentials: {exc}") from None
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
@@ -103,7 +103,8 @@ def up(
         err.print(f"another migrate holds the lock; waiting up to {lock_timeout:g}s")
 
     applied = with_connection(
-        cfg, lambda c: migrations.migrate(c, to=target, lock_timeout=lock_timeout, on_wait=waiting),
+        cfg,
+        lambda c: migrations.migrate(c, to=target, lock_timeout=lock_timeout, on_wait=waiting),
         session=True,
     )
     for m in applied:
@@ -127,15 +128,20 @@ def status(
     if as_json:
         doc = {
             "migrations": [
-                {"version": s.version, "name": s.name, "state": s.state,
-                 "applied_at": s.applied_at.isoformat() if s.applied_at else None,
-                 "checksum": s.checksum, "applied_checksum": s.applied_checksum}
+                {
+                    "version": s.version,
+                    "name": s.name,
+                    "state": s.state,
+                    "applied_at": s.applied_at.isoformat() if s.applied_at else None,
+                    "checksum": s.checksum,
+                    "applied_checksum": s.applied_checksum,
+                }
                 for s in st.migrations
             ],
             "pending": len(st.pending),
             "drift": [f"{s.version:04d}_{s.name}" for s in st.drift],
             "invalid_indexes": st.invalid_indexes,
-        }  # fmt: skip
+        }
         print(json.dumps(doc, indent=2))
         return
     colour = {"applied": "green", "pending": "yellow", "edited": "red", "missing": "red"}
@@ -158,7 +164,8 @@ def verify_cmd(
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     sample_data: Annotated[
-        int, typer.Option("--sample-data", help="fill a throw-away schema with N leads (~20 messages each) first", min=0)
+        int,
+        typer.Option("--sample-data", help="fill a throw-away schema with N leads (~20 messages each) first", min=0),
     ] = 0,
     seq_scan_rows: Annotated[
         int, typer.Option(help="fail on a sequential scan of a table with more rows than this", min=0)
@@ -170,8 +177,11 @@ def verify_cmd(
     migration on generated data."""
     cfg = load(ctx, config, profile)
     p = cfg.profile
-    limits = {"history_limit": p.limits.history_limit, "kb_results": p.limits.kb_results,
-              "claim_batch": p.buffer.claim_batch}  # fmt: skip
+    limits = {
+        "history_limit": p.limits.history_limit,
+        "kb_results": p.limits.kb_results,
+        "claim_batch": p.buffer.claim_batch,
+    }
 
     async def work(conn: asyncpg.Connection) -> tuple[list[verify.PlanResult], Any]:
         if sample_data:
@@ -185,8 +195,7 @@ def verify_cmd(
     if as_json:
         doc: dict[str, Any] = {"ok": all(r.ok for r in results), "plans": [r.as_dict() for r in results]}
         if run is not None:
-            doc.update(sample_leads=run.leads, sample_messages=run.messages,
-                       before=[r.as_dict() for r in run.before])  # fmt: skip
+            doc.update(sample_leads=run.leads, sample_messages=run.messages, before=[r.as_dict() for r in run.before])
         print(json.dumps(doc, indent=2))
     else:
         if run is not None:

@@ -15,10 +15,16 @@ from rich.text import Text
 from daemon.bench import Tally, Workload
 from daemon.errors import ConfigError
 from daemon.profiling import (
-    Breakdown, call_tree, html_report, json_tree, metrics_breakdown, profile_config, run_profile,
-)  # fmt: skip
-from sdrctl.workload import DurationOpt, LatencyOpt, LeadsOpt, RampOpt, ScaleOpt, SeedOpt, given
+    Breakdown,
+    call_tree,
+    html_report,
+    json_tree,
+    metrics_breakdown,
+    profile_config,
+    run_profile,
+)
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out, setup_logging
+from sdrctl.workload import DurationOpt, LatencyOpt, LeadsOpt, RampOpt, ScaleOpt, SeedOpt, given
 
 
 def _ms(value: float | None) -> str:
@@ -33,8 +39,9 @@ def stage_table(b: Breakdown) -> Table:
         # Off the path (knowledge runs beside context and agent): shown, not counted.
         share = f"{r.share:.1%}" if r.on_path else f"({r.share:.1%})"
         table.add_row(Text(r.name), _ms(r.p50_ms), _ms(r.p95_ms), _ms(r.mean_ms), share)
-    table.add_row("response", _ms(b.response_p50_ms), _ms(b.response_p95_ms), _ms(b.response_mean_ms), "100%",
-                  style="bold")  # fmt: skip
+    table.add_row(
+        "response", _ms(b.response_p50_ms), _ms(b.response_p95_ms), _ms(b.response_mean_ms), "100%", style="bold"
+    )
     if any(not r.on_path for r in b.rows):
         table.caption = "(share): runs alongside, not added"
     return table
@@ -78,7 +85,11 @@ def profile(
     pyinstrument (call tree of the pipeline's frames, per-stage breakdown); with --url, the
     breakdown of a running daemon from its /metrics."""
     overrides = given(
-        leads=leads, duration=duration, ramp=ramp, seed=seed, agent_latency=agent_latency,
+        leads=leads,
+        duration=duration,
+        ramp=ramp,
+        seed=seed,
+        agent_latency=agent_latency,
         time_scale=time_scale,
     )
     if url is not None:
@@ -129,7 +140,13 @@ def profile(
         html_file.write_text(html_report(run.session))
         err.print(f"wrote {html_file}")
     if json_file is not None:
-        _write_json(json_file, {
-            "mode": "run", "workload": workload.__dict__, "breakdown": run.breakdown.as_dict(),
-            "bench": s, "call_tree": json.loads(json_tree(run.session)),
-        })  # fmt: skip
+        _write_json(
+            json_file,
+            {
+                "mode": "run",
+                "workload": workload.__dict__,
+                "breakdown": run.breakdown.as_dict(),
+                "bench": s,
+                "call_tree": json.loads(json_tree(run.session)),
+            },
+        )

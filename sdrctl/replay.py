@@ -14,9 +14,19 @@ from rich.table import Table
 from daemon.config import Config
 from daemon.errors import ConfigError
 from daemon.replay import (
-    Conversation, ConversationResult, ReplayReport, TurnResult, check_speed, from_database,
-    parse_file, parse_since, replay as run_replay, select,
-)  # fmt: skip
+    Conversation,
+    ConversationResult,
+    ReplayReport,
+    TurnResult,
+    check_speed,
+    from_database,
+    parse_file,
+    parse_since,
+    select,
+)
+from daemon.replay import (
+    replay as run_replay,
+)
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out, setup_logging
 
 STYLE = {"exact": "green", "changed": "yellow", "missing": "red", "extra": "magenta"}
@@ -76,26 +86,35 @@ def _conversations(
 @friendly_errors
 def replay(
     ctx: typer.Context,
-    file: Annotated[Path | None, typer.Argument(
-        help="recorded conversations, one JSON message per line (README: Replay format)")] = None,
+    file: Annotated[
+        Path | None, typer.Argument(help="recorded conversations, one JSON message per line (README: Replay format)")
+    ] = None,
     speed: Annotated[float, typer.Option(help="the recorded gaps between messages, this many times shorter")] = 10.0,
-    url: Annotated[str | None, typer.Option(
-        help="replay against the daemon at this URL instead of an in-process one (its replies are read "
-             "from the configured database's outbox)")] = None,
-    check: Annotated[bool, typer.Option(
-        "--check", help="exit 1 when differences (changed + missing + extra) exceed --tolerate")] = False,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="replay against the daemon at this URL instead of an in-process one (its replies are read "
+            "from the configured database's outbox)"
+        ),
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="exit 1 when differences (changed + missing + extra) exceed --tolerate")
+    ] = False,
     tolerate: Annotated[int, typer.Option(min=0, help="differences --check accepts")] = 0,
     json_file: Annotated[Path | None, typer.Option("--json", help="write the results as JSON here")] = None,
-    conversation: Annotated[list[str] | None, typer.Option(
-        "--conversation", help="replay only this conversation (repeatable)")] = None,
-    from_db: Annotated[bool, typer.Option(
-        "--from-db", help="replay the configured database's conversations instead of a file")] = False,
-    since: Annotated[str, typer.Option(
-        help="with --from-db: conversations active within this (7d, 12h, 30m, a date, or all)")] = "7d",
+    conversation: Annotated[
+        list[str] | None, typer.Option("--conversation", help="replay only this conversation (repeatable)")
+    ] = None,
+    from_db: Annotated[
+        bool, typer.Option("--from-db", help="replay the configured database's conversations instead of a file")
+    ] = False,
+    since: Annotated[
+        str, typer.Option(help="with --from-db: conversations active within this (7d, 12h, 30m, a date, or all)")
+    ] = "7d",
     lead: Annotated[str | None, typer.Option(help="with --from-db: only this lead's phone")] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
-) -> None:  # fmt: skip
+) -> None:
     """Re-send recorded lead messages as Evolution webhooks (to a throw-away in-process
     daemon, or --url) and compare each burst's reply with the recorded one."""
     cfg = load(ctx, config, profile)
@@ -114,9 +133,10 @@ def replay(
             show_difference(t)
     counts, differences = report.counts(), report.differences()
     out.print(
-        f"{len(report.turns)} turns: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+        f"{len(report.turns)} turns: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
         + f"; {differences} difference(s) in {report.elapsed:.1f}s"
-    )  # fmt: skip
+    )
     if json_file is not None:
         json_file.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
         err.print(f"wrote {escape(str(json_file))}")

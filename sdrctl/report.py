@@ -46,9 +46,15 @@ def stage_table(r: Report) -> Table:
     for col in ("stage", "turns", "P50", "P95", "P99", "timeouts", "failures"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in r.stages:
-        table.add_row(Text(s.stage), f"{s.turns:,}", format_value(s.p50_ms, "ms"), format_value(s.p95_ms, "ms"),
-                      format_value(s.p99_ms, "ms"), Text(f"{s.timeouts:,}", style="red" if s.timeouts else ""),
-                      Text(f"{s.failures:,}", style="red" if s.failures else ""))  # fmt: skip
+        table.add_row(
+            Text(s.stage),
+            f"{s.turns:,}",
+            format_value(s.p50_ms, "ms"),
+            format_value(s.p95_ms, "ms"),
+            format_value(s.p99_ms, "ms"),
+            Text(f"{s.timeouts:,}", style="red" if s.timeouts else ""),
+            Text(f"{s.failures:,}", style="red" if s.failures else ""),
+        )
     return table
 
 
@@ -58,8 +64,13 @@ def slowest_table(r: Report) -> Table:
         table.add_column(col, justify="right" if col in ("turn", "response") else "left")
     for t in r.slowest:
         stages = ", ".join(f"{k} {v:,.0f}" + (" (timed out)" if k in t.timeouts else "") for k, v in t.stages.items())
-        table.add_row(str(t.turn_id), Text(t.phone + (f" {t.name}" if t.name else "")),
-                      format_value(t.response_ms, "ms"), Text(t.outcome), Text(stages))  # fmt: skip
+        table.add_row(
+            str(t.turn_id),
+            Text(t.phone + (f" {t.name}" if t.name else "")),
+            format_value(t.response_ms, "ms"),
+            Text(t.outcome),
+            Text(stages),
+        )
     return table
 
 
@@ -71,13 +82,21 @@ def burst_table(r: Report) -> Table:
     for col in ("figure", "value", "how it is counted"):
         table.add_column(col, justify="right" if col == "value" else "left")
     rate = format_value(b.interrupted_rate, "percent")
-    table.add_row("interrupted replies (estimate)", f"{b.interrupted:,} of {b.replies:,} ({rate})",
-                  f"the lead wrote within {seconds} s after the reply was delivered, a message the reply "
-                  "did not answer")  # fmt: skip
-    table.add_row("discarded replies", f"{b.discarded:,}",
-                  "replies written and thrown away: a newer message of the lead overtook them")  # fmt: skip
-    table.add_row("agent calls per turn", format_value(b.agent_calls_per_turn, "ratio"),
-                  f"(turns {b.turns:,} + discarded {b.discarded:,}) / turns {b.turns:,}")  # fmt: skip
+    table.add_row(
+        "interrupted replies (estimate)",
+        f"{b.interrupted:,} of {b.replies:,} ({rate})",
+        f"the lead wrote within {seconds} s after the reply was delivered, a message the reply did not answer",
+    )
+    table.add_row(
+        "discarded replies",
+        f"{b.discarded:,}",
+        "replies written and thrown away: a newer message of the lead overtook them",
+    )
+    table.add_row(
+        "agent calls per turn",
+        format_value(b.agent_calls_per_turn, "ratio"),
+        f"(turns {b.turns:,} + discarded {b.discarded:,}) / turns {b.turns:,}",
+    )
     return table
 
 
@@ -88,9 +107,16 @@ def followup_table(r: Report) -> Table:
         table.add_column(col, justify="left" if col == "kind" else "right")
 
     def row(s: FollowUpStats, style: str = "") -> None:
-        table.add_row(Text(s.kind), f"{s.sent:,}", Text(f"{s.failed:,}", style="red" if s.failed else ""),
-                      f"{s.cancelled:,}", f"{s.pending:,}", f"{s.replied:,}", format_value(s.reply_rate, "percent"),
-                      style=style)  # fmt: skip
+        table.add_row(
+            Text(s.kind),
+            f"{s.sent:,}",
+            Text(f"{s.failed:,}", style="red" if s.failed else ""),
+            f"{s.cancelled:,}",
+            f"{s.pending:,}",
+            f"{s.replied:,}",
+            format_value(s.reply_rate, "percent"),
+            style=style,
+        )
 
     for s in r.followups:
         row(s)
@@ -101,11 +127,15 @@ def followup_table(r: Report) -> Table:
 
 def print_report(r: Report) -> None:
     out.print(kpi_table(r))
-    out.print(f"response time: P50 {format_value(r.response_p50_ms, 'ms')}, "
-              f"P95 {r.kpi('response_p95_ms').text()}, P99 {format_value(r.response_p99_ms, 'ms')} "
-              f"({r.responded:,} replies sent)")  # fmt: skip
+    out.print(
+        f"response time: P50 {format_value(r.response_p50_ms, 'ms')}, "
+        f"P95 {r.kpi('response_p95_ms').text()}, P99 {format_value(r.response_p99_ms, 'ms')} "
+        f"({r.responded:,} replies sent)"
+    )
     out.print(stage_table(r))
-    outcomes = ", ".join(f"{escape(name)} {n:,} ({format_value(n / r.turns, 'percent')})" for name, n in r.outcomes.items())
+    outcomes = ", ".join(
+        f"{escape(name)} {n:,} ({format_value(n / r.turns, 'percent')})" for name, n in r.outcomes.items()
+    )
     out.print(f"outcomes: {outcomes}")
     out.print(burst_table(r))
     out.print(slowest_table(r))
@@ -114,22 +144,33 @@ def print_report(r: Report) -> None:
 @friendly_errors
 def report(
     ctx: typer.Context,
-    since: Annotated[str | None, typer.Option(
-        help="turns finished within this, up to now: 30m, 24h, 7d, 2w [default: 24h]")] = None,
-    start: Annotated[str | None, typer.Option("--from", help="window start, ISO 8601 (local time when no offset)")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="turns finished within this, up to now: 30m, 24h, 7d, 2w [default: 24h]")
+    ] = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="window start, ISO 8601 (local time when no offset)")
+    ] = None,
     end: Annotated[str | None, typer.Option("--to", help="window end, ISO 8601 [default: now]")] = None,
     slowest: Annotated[int, typer.Option(help="how many of the slowest turns to list", min=0, max=1000)] = 10,
-    interrupt_seconds: Annotated[str, typer.Option(
-        "--interrupt-window", metavar="SECONDS",
-        help="a lead's message this soon after a reply was delivered, not answered by it, means the "
-             "reply interrupted the lead's burst: 0.1 to 60")] = f"{INTERRUPT_WINDOW.total_seconds():g}",
+    interrupt_seconds: Annotated[
+        str,
+        typer.Option(
+            "--interrupt-window",
+            metavar="SECONDS",
+            help="a lead's message this soon after a reply was delivered, not answered by it, means the "
+            "reply interrupted the lead's burst: 0.1 to 60",
+        ),
+    ] = f"{INTERRUPT_WINDOW.total_seconds():g}",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (times in ms, rates as 0..1)")] = False,
-    html_file: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML page with charts")] = None,
-    check: Annotated[bool, typer.Option(
-        "--check", help="exit 1 when an SLO is missed (a window without turns is not a miss)")] = False,
+    html_file: Annotated[
+        Path | None, typer.Option("--html", help="also write a self-contained HTML page with charts")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="exit 1 when an SLO is missed (a window without turns is not a miss)")
+    ] = False,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
-) -> None:  # fmt: skip
+) -> None:
     """KPIs of the turns in a window against the SLOs in sdr.toml: P95 response time, timeout
     rate, cache hit rate, peak concurrent leads; latency per stage, outcomes, interrupted
     bursts and agent calls per turn, slowest turns; follow-ups per kind (sent, failed,
@@ -149,8 +190,10 @@ def report(
     if as_json:
         print(json.dumps(r.to_dict(), indent=2))
     if r.empty:
-        talk.print(f"nothing to report between {r.window.describe()}: no turns finished in this window"
-                   + (" (no SLO checked)" if check else ""))  # fmt: skip
+        talk.print(
+            f"nothing to report between {r.window.describe()}: no turns finished in this window"
+            + (" (no SLO checked)" if check else "")
+        )
     elif not as_json:
         print_report(r)
     # Follow-ups go out on their own schedule: shown even in a window without turns.

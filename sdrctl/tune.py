@@ -17,9 +17,7 @@ from daemon.errors import ConfigError, SdrError
 from sdrctl.common import ConfigOpt, ProfileOpt, friendly_errors, load, out
 from sdrctl.migrate import with_connection
 
-app = typer.Typer(
-    help="Show, edit, compare and recommend the knobs of a tuning profile.", no_args_is_help=True
-)
+app = typer.Typer(help="Show, edit, compare and recommend the knobs of a tuning profile.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
@@ -49,12 +47,14 @@ def _print_changes(path: object, changes: list[tuning.Change]) -> None:
 @friendly_errors
 def show(
     ctx: typer.Context,
-    name: Annotated[str | None, typer.Argument(
-        metavar="[PROFILE]", help="a name in profiles/ or a .toml path (default: the one in use)")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(metavar="[PROFILE]", help="a name in profiles/ or a .toml path (default: the one in use)"),
+    ] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     as_json: JsonOpt = False,
-) -> None:  # fmt: skip
+) -> None:
     """Every knob with its value, unit, allowed range and meaning, by section."""
     p = tuning.read(_which(ctx, config, name or profile))
     knobs = tuning.knobs(p)
@@ -79,11 +79,12 @@ def show(
 @friendly_errors
 def set_(
     ctx: typer.Context,
-    assignments: Annotated[list[str], typer.Argument(
-        metavar="KEY=VALUE...", help="section.key=value, e.g. buffer.quiet_window=0.8")],
+    assignments: Annotated[
+        list[str], typer.Argument(metavar="KEY=VALUE...", help="section.key=value, e.g. buffer.quiet_window=0.8")
+    ],
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
-) -> None:  # fmt: skip
+) -> None:
     """Change knobs in a profile file, validated as a whole before it is written."""
     updates = tuning.parse_assignments(assignments)
     path, changes = tuning.set_values(_which(ctx, config, profile), updates)
@@ -97,13 +98,14 @@ def diff(
     b: Annotated[str, typer.Argument(help="another one")],
     show_all: Annotated[bool, typer.Option("--all", help="every key, the differing ones highlighted")] = False,
     as_json: JsonOpt = False,
-) -> None:  # fmt: skip
+) -> None:
     """The keys whose values differ between two profiles, side by side."""
     pairs = tuning.diff(tuning.read(a), tuning.read(b))
     pairs = [(x, y) for x, y in pairs if show_all or x.value != y.value]
     if as_json:
-        rows = [{"key": x.key, "a": x.value, "b": y.value, "unit": x.unit, "changed": x.value != y.value}
-                for x, y in pairs]  # fmt: skip
+        rows = [
+            {"key": x.key, "a": x.value, "b": y.value, "unit": x.unit, "changed": x.value != y.value} for x, y in pairs
+        ]
         print(json.dumps({"a": a, "b": b, "keys": rows}, indent=2))
         return
     if not pairs:
@@ -124,10 +126,9 @@ def diff(
 def new(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="the new profile's name: lowercase letters, digits, - and _")],
-    source: Annotated[str | None, typer.Option(
-        "--from", help="the profile to copy (default: the one in use)")] = None,
+    source: Annotated[str | None, typer.Option("--from", help="the profile to copy (default: the one in use)")] = None,
     config: ConfigOpt = None,
-) -> None:  # fmt: skip
+) -> None:
     """Create profiles/NAME.toml in this folder as a copy of another profile."""
     path = tuning.new_profile(name, _which(ctx, config, source))
     out.print(Text(f"wrote {path}; use it with --profile {name}"))
@@ -140,13 +141,14 @@ def recommend(
     since: Annotated[str, typer.Option(help="turns started (messages received) within this: 30m, 24h, 7d")] = "24h",
     headroom: Annotated[float, typer.Option(help="timeout = P99 x this (at least 2)")] = 3.0,
     min_samples: Annotated[int, typer.Option(help="fewer samples (or in-burst gaps) than this: no proposal")] = 200,
-    burst_coverage: Annotated[float, typer.Option(
-        help="settle_window waits out this share of the pauses inside bursts: 0.5 to 0.999")] = 0.98,
+    burst_coverage: Annotated[
+        float, typer.Option(help="settle_window waits out this share of the pauses inside bursts: 0.5 to 0.999")
+    ] = 0.98,
     write: Annotated[bool, typer.Option("--write", help="apply the proposals to the profile")] = False,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     as_json: JsonOpt = False,
-) -> None:  # fmt: skip
+) -> None:
     """Stage timeouts from the latencies recorded in the turns table; the buffer's
     settle_window and quiet_window from the pauses leads make inside their bursts."""
     window = tuning.parse_duration(since)
@@ -169,11 +171,15 @@ def recommend(
     updates = {p.key: p.proposed for p in proposals if p.proposed is not None}
     updates |= {c.key: c.proposed for c in buffer.changes if c.proposed is not None}
     result: dict[str, Any] = {
-        "profile": current.source, "since": since, "headroom": headroom,
-        "stages": [{**vars(p.stats), "key": p.key, "current": p.current, "proposed": p.proposed,
-                    "note": p.note} for p in proposals],
+        "profile": current.source,
+        "since": since,
+        "headroom": headroom,
+        "stages": [
+            {**vars(p.stats), "key": p.key, "current": p.current, "proposed": p.proposed, "note": p.note}
+            for p in proposals
+        ],
         "buffer": _buffer_json(buffer),
-    }  # fmt: skip
+    }
     if not as_json:
         out.print(_proposal_table(proposals, since, headroom))
         _print_buffer(buffer, since)
@@ -199,9 +205,18 @@ def recommend(
 
 def _proposal_table(proposals: list[tuning.Proposal], since: str, headroom: float) -> Table:
     table = Table(
-        "stage", "timeout", "samples", "timed out", "P50 ms", "P95 ms", "P99 ms", "current s",
-        "proposed s", "note", title=f"turns of the last {since}, timeout = P99 x {headroom:g}",
-    )  # fmt: skip
+        "stage",
+        "timeout",
+        "samples",
+        "timed out",
+        "P50 ms",
+        "P95 ms",
+        "P99 ms",
+        "current s",
+        "proposed s",
+        "note",
+        title=f"turns of the last {since}, timeout = P99 x {headroom:g}",
+    )
     for column in table.columns[2:9]:
         column.justify = "right"
     for p in proposals:
@@ -221,39 +236,67 @@ def _buffer_json(b: tuning.BufferProposal) -> dict[str, Any]:
     g = b.gaps
     quantiles = {f"p{round(q * 100)}_s": g.quantiles.get(q) for q in tuning.GAP_QUANTILES}
     return {
-        "max_gap_s": tuning.MAX_GAP.total_seconds(), "burst_coverage": b.coverage,
+        "max_gap_s": tuning.MAX_GAP.total_seconds(),
+        "burst_coverage": b.coverage,
         "gaps": {"samples": g.samples, **quantiles, "covering_s": g.covering_s},
         "proposals": [vars(c) for c in b.changes],
         "curve": [{**vars(p), "marks": list(p.marks)} for p in b.curve],
         "notes": b.notes,
-    }  # fmt: skip
+    }
 
 
 def _print_buffer(b: tuning.BufferProposal, since: str) -> None:
     g = b.gaps
     max_gap = f"{tuning.MAX_GAP.total_seconds():g}"
-    gaps = Table("in-burst gaps", *(f"P{round(q * 100)} s" for q in tuning.GAP_QUANTILES), title=(
-        f"pauses inside bursts, last {since}: between a lead's consecutive messages with no message "
-        f"of ours between them, at most {max_gap} s"))  # fmt: skip
+    gaps = Table(
+        "in-burst gaps",
+        *(f"P{round(q * 100)} s" for q in tuning.GAP_QUANTILES),
+        title=(
+            f"pauses inside bursts, last {since}: between a lead's consecutive messages with no message "
+            f"of ours between them, at most {max_gap} s"
+        ),
+    )
     for column in gaps.columns:
         column.justify = "right"
     gaps.add_row(str(g.samples), *(_seconds(g.quantiles.get(q)) for q in tuning.GAP_QUANTILES))
     out.print(gaps)
-    out.print(Text("(a pause our reply interrupted has that reply between its messages, so it is left out: "
-                   "when `sdrctl report` shows many interrupted replies, real pauses run longer than these)"))  # fmt: skip
+    out.print(
+        Text(
+            "(a pause our reply interrupted has that reply between its messages, so it is left out: "
+            "when `sdrctl report` shows many interrupted replies, real pauses run longer than these)"
+        )
+    )
     if g.samples:
-        curve = Table("settle_window s", "gaps longer (bursts split, est.)", "share", "added wait ≤ s",
-                      "at agent P50 s", "", title="settle_window trade-off: a reply goes only after "
-                      "this much silence; a longer pause lets it interrupt the burst")  # fmt: skip
+        curve = Table(
+            "settle_window s",
+            "gaps longer (bursts split, est.)",
+            "share",
+            "added wait ≤ s",
+            "at agent P50 s",
+            "",
+            title="settle_window trade-off: a reply goes only after "
+            "this much silence; a longer pause lets it interrupt the burst",
+        )
         for column in curve.columns[:5]:
             column.justify = "right"
         for p in b.curve:
             share = f"{p.share_over:.2%}".replace("%", " %") if p.share_over is not None else "-"
-            curve.add_row(fmt(p.settle_window_s), str(p.gaps_over), share, _seconds(p.added_wait_max_s),
-                          _seconds(p.added_wait_p50_s), ", ".join(p.marks))  # fmt: skip
+            curve.add_row(
+                fmt(p.settle_window_s),
+                str(p.gaps_over),
+                share,
+                _seconds(p.added_wait_max_s),
+                _seconds(p.added_wait_p50_s),
+                ", ".join(p.marks),
+            )
         out.print(curve)
-    changes = Table("knob", "current s", "proposed s", "note",
-                    title=f"buffer windows, from the in-burst gaps (--burst-coverage {b.coverage:g})")  # fmt: skip
+    changes = Table(
+        "knob",
+        "current s",
+        "proposed s",
+        "note",
+        title=f"buffer windows, from the in-burst gaps (--burst-coverage {b.coverage:g})",
+    )
     for column in changes.columns[1:3]:
         column.justify = "right"
     for c in b.changes:

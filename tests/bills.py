@@ -15,10 +15,17 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")  # Debian's fonts-dejavu-core
 BRAND_COLOURS = {
-    "CEMIG": (0, 122, 80), "ENEL": (0, 84, 166), "CPFL": (0, 94, 170), "LIGHT": (230, 90, 0),
-    "COPEL": (0, 98, 65), "CELESC": (0, 120, 60), "COELBA": (0, 140, 70),
-    "EQUATORIAL": (0, 70, 140), "ENERGISA": (0, 110, 180), "EDP": (220, 30, 40),
-}  # fmt: skip
+    "CEMIG": (0, 122, 80),
+    "ENEL": (0, 84, 166),
+    "CPFL": (0, 94, 170),
+    "LIGHT": (230, 90, 0),
+    "COPEL": (0, 98, 65),
+    "CELESC": (0, 120, 60),
+    "COELBA": (0, 140, 70),
+    "EQUATORIAL": (0, 70, 140),
+    "ENERGISA": (0, 110, 180),
+    "EDP": (220, 30, 40),
+}
 MONTHS = ("JAN", "FEV", "MAR", "ABR", "MAI", "JUN", "JUL", "AGO", "SET", "OUT", "NOV", "DEZ")
 
 
@@ -69,10 +76,14 @@ def bill_image(
 
 # The transpose that, undone by ImageOps.exif_transpose, gives back the upright page.
 _STORE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270,
-}  # fmt: skip
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 
 
 LAYOUTS = ("box", "lines", "table")

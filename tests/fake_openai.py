@@ -45,9 +45,7 @@ class FakeOpenAI:
     def app(self) -> Starlette:
         async def completions(request: Request) -> Response:
             body = await request.json()
-            self.requests.append(
-                {"body": body, "authorization": request.headers.get("authorization")}
-            )
+            self.requests.append({"body": body, "authorization": request.headers.get("authorization")})
             if self.delay:
                 await _wait_or_disconnect(request, self.delay)
             if (canned := self.canned()) is not None:
@@ -57,21 +55,27 @@ class FakeOpenAI:
         async def transcriptions(request: Request) -> Response:
             form = _multipart(await request.body(), request.headers.get("content-type", ""))
             filename, file_type, file_bytes = form.get("file", (None, None, b""))
-            self.transcriptions.append({
-                **{k: form[k][2].decode() for k in ("model", "language", "response_format") if k in form},
-                "file_bytes": file_bytes, "filename": filename, "content_type": file_type,
-                "authorization": request.headers.get("authorization"),
-            })  # fmt: skip
+            self.transcriptions.append(
+                {
+                    **{k: form[k][2].decode() for k in ("model", "language", "response_format") if k in form},
+                    "file_bytes": file_bytes,
+                    "filename": filename,
+                    "content_type": file_type,
+                    "authorization": request.headers.get("authorization"),
+                }
+            )
             if self.delay:
                 await _wait_or_disconnect(request, self.delay)
             if (canned := self.canned()) is not None:
                 return canned
             return JSONResponse({"text": self.transcript})
 
-        return Starlette(routes=[
-            Route("/v1/chat/completions", completions, methods=["POST"]),
-            Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
-        ])  # fmt: skip
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", completions, methods=["POST"]),
+                Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+            ]
+        )
 
     def canned(self) -> Response | None:
         """The error or malformed answer the knobs ask for, if any."""
@@ -91,11 +95,10 @@ class FakeOpenAI:
             "created": int(time.time()),
             "model": body.get("model"),
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": self.content},
-                 "finish_reason": "stop"}
+                {"index": 0, "message": {"role": "assistant", "content": self.content}, "finish_reason": "stop"}
             ],
             "usage": {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer},
-        }  # fmt: skip
+        }
 
 
 def _multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, str | None, bytes]]:
@@ -132,9 +135,15 @@ async def _wait_or_disconnect(request: Request, seconds: float) -> None:
 async def run_fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
     config = uvicorn.Config(
-        fake.app(), host="127.0.0.1", port=0, loop="none", lifespan="off", log_config=None,
-        access_log=False, ws="none",
-    )  # fmt: skip
+        fake.app(),
+        host="127.0.0.1",
+        port=0,
+        loop="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        ws="none",
+    )
     async with background_server(uvicorn.Server(config)) as url:
         fake.url = f"{url}/v1"
         yield fake

@@ -54,13 +54,17 @@ class Cluster:
     @property
     def env(self) -> dict[str, str]:
         return {
-            "SDR_DATABASE_URL": self.db_url, "SDR_REDIS_URL": self.redis_url,
+            "SDR_DATABASE_URL": self.db_url,
+            "SDR_REDIS_URL": self.redis_url,
             "SDR_EVOLUTION_BASE_URL": f"http://127.0.0.1:{self.fake_port}",
-            "SDR_TIMEOUTS_EVOLUTION_SEND": "1.0", "SDR_TIMEOUTS_DATABASE": "2.0",
-            "SDR_LIMITS_REDELIVER_INTERVAL": "0.5", "SDR_LIMITS_REDELIVER_BACKOFF": "0.5",
+            "SDR_TIMEOUTS_EVOLUTION_SEND": "1.0",
+            "SDR_TIMEOUTS_DATABASE": "2.0",
+            "SDR_LIMITS_REDELIVER_INTERVAL": "0.5",
+            "SDR_LIMITS_REDELIVER_BACKOFF": "0.5",
             "SDR_BUFFER_SWEEP_INTERVAL": "2.0",
-            "SDR_FOLLOWUPS_ENABLED": "false", "SDR_LIMITS_LEAD_RATE": "0",
-        }  # fmt: skip
+            "SDR_FOLLOWUPS_ENABLED": "false",
+            "SDR_LIMITS_LEAD_RATE": "0",
+        }
 
     async def start_fake(self) -> None:
         self._fake_server = background_server(quiet_server(self.fake.app(), port=self.fake_port))

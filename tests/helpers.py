@@ -48,10 +48,21 @@ _ids = itertools.count(1)
 # ffmpeg, Tesseract and the embedded PostgreSQL need (search path, home, user, locale,
 # temporary folder, the dynamic loader: LD_PRELOAD, so `faketime` reaches them too), and
 # which Python code runs (PYTHONPATH, PYTHONHOME: the same as in the test process).
-INHERITED = frozenset({
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TMPDIR",
-    "LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME",
-})  # fmt: skip
+INHERITED = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TMPDIR",
+        "LD_LIBRARY_PATH",
+        "LD_PRELOAD",
+        "PYTHONPATH",
+        "PYTHONHOME",
+    }
+)
 INHERITED_PREFIXES = ("LC_", "XDG_", "FAKETIME", "DONT_FAKE_")  # the last two: libfaketime's
 # The secrets the config reads from the environment, by their default variable names.
 SECRETS = frozenset({WebhookSettings.token_env, EvolutionSettings.api_key_env, AgentSettings.api_key_env})
@@ -66,11 +77,7 @@ def is_shell_setting(name: str) -> bool:
     PGSSLMODE...) and proxies (httpx would send requests for 127.0.0.1 to them)."""
     if name in ("PYTHONPATH", "PYTHONHOME"):
         return False
-    return (
-        name.startswith(("SDR_", "SDRCTL_", "PYTHON", "PG"))
-        or name in SECRETS
-        or name.lower() in PROXIES
-    )
+    return name.startswith(("SDR_", "SDRCTL_", "PYTHON", "PG")) or name in SECRETS or name.lower() in PROXIES
 
 
 def child_env(**env: str) -> dict[str, str]:
@@ -200,19 +207,33 @@ async def start_serve(
     full = child_env(**{**env, "SDR_DAEMON_PORT": str(port)})
     with log_path.open("ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sdrctl", "serve", "--profile", profile,
-            cwd=REPO, env=full, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            "sdrctl",
+            "serve",
+            "--profile",
+            profile,
+            cwd=REPO,
+            env=full,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=own_group,
-        )  # fmt: skip
+        )
     return ServeProcess(proc, f"http://127.0.0.1:{port}", log_path)
 
 
 async def sdrctl(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Runs the CLI as a user would, in `child_env(**env)`; (code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdrctl", *args, cwd=REPO, env=child_env(**(env or {})),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "sdrctl",
+        *args,
+        cwd=REPO,
+        env=child_env(**(env or {})),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
     except TimeoutError:

@@ -109,16 +109,21 @@ def pgbouncer(direct_url: str, folder: Path, *, pool_size: int = 4) -> Iterator[
         "pool_mode = transaction\n"
         f"default_pool_size = {pool_size}\n"
         "max_client_conn = 1000\n"
-        f"pidfile = {folder / 'pgbouncer.pid'}\n"
-        + (f"user = {as_user}\n" if as_user else "")
+        f"pidfile = {folder / 'pgbouncer.pid'}\n" + (f"user = {as_user}\n" if as_user else "")
     )
     if as_user:
         shutil.chown(folder, as_user)
         shutil.chown(config, as_user)
     log = folder / "pgbouncer.log"
     with log.open("ab") as out:
-        proc = subprocess.Popen([PGBOUNCER, str(config)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=_server_env())  # fmt: skip
+        proc = subprocess.Popen(
+            [PGBOUNCER, str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=_server_env(),
+        )
     try:
         _wait(lambda: _answers(port), "PgBouncer", proc, log)
         yield port
@@ -129,8 +134,24 @@ def pgbouncer(direct_url: str, folder: Path, *, pool_size: int = 4) -> Iterator[
 def _redis(port: int, folder: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"redis-{port}.log"
-    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-            "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", str(log), *extra]  # fmt: skip
+    args = [
+        REDIS_SERVER,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(folder),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--logfile",
+        str(log),
+        *extra,
+    ]
     return subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True, env=_server_env()), log
 
 
@@ -147,7 +168,9 @@ def redis_server(folder: Path) -> Iterator[int]:
 
 
 def _cluster_ok(port: int) -> bool:
-    info = subprocess.run([REDIS_CLI, "-p", str(port), "cluster", "info"], capture_output=True, text=True, env=_server_env())
+    info = subprocess.run(
+        [REDIS_CLI, "-p", str(port), "cluster", "info"], capture_output=True, text=True, env=_server_env()
+    )
     return "cluster_state:ok" in info.stdout
 
 
@@ -155,17 +178,38 @@ def _cluster_ok(port: int) -> bool:
 def redis_cluster(folder: Path, masters: int = 3) -> Iterator[list[int]]:
     """A Redis 7 Cluster of `masters` masters and no replicas; yields the ports."""
     ports = free_ports(masters, bus=True)
-    started = [_redis(p, folder, "--cluster-enabled", "yes", "--cluster-config-file",
-                      f"nodes-{p}.conf", "--cluster-node-timeout", "5000") for p in ports]  # fmt: skip
+    started = [
+        _redis(
+            p,
+            folder,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{p}.conf",
+            "--cluster-node-timeout",
+            "5000",
+        )
+        for p in ports
+    ]
     procs = [proc for proc, _ in started]
     try:
         for (proc, log), port in zip(started, ports, strict=True):
             _wait(lambda port=port: _answers(port), "redis-server (cluster node)", proc, log)  # type: ignore[misc]
         create = subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=START_TIMEOUT, env=_server_env(),
-        )  # fmt: skip
+            [
+                REDIS_CLI,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            env=_server_env(),
+        )
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")
         proc, log = started[0]

@@ -38,9 +38,12 @@ class Turn:
     """A TurnInput whose knowledge() counts its calls."""
 
     def __init__(
-        self, texts: list[str], lead: dict[str, Any] | None = None,
-        history: list[dict[str, Any]] | None = None, entries: list[KbEntry] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        texts: list[str],
+        lead: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        entries: list[KbEntry] | None = None,
+    ) -> None:
         self.knowledge_calls = 0
         self.entries = entries or []
         self.input = TurnInput(lead or {"stage": "new"}, texts, history or [], self.knowledge)
@@ -63,9 +66,11 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 @pytest.fixture
 async def agent(fake: FakeOpenAI) -> AsyncIterator[OpenAIAgent]:
     cfg = config_for(
-        SDR_AGENT_BACKEND="openai", SDR_AGENT_BASE_URL=fake.url, SDR_AGENT_MODEL="test-model",
+        SDR_AGENT_BACKEND="openai",
+        SDR_AGENT_BASE_URL=fake.url,
+        SDR_AGENT_MODEL="test-model",
         OPENAI_API_KEY=KEY,
-    )  # fmt: skip
+    )
     bot = OpenAIAgent(cfg)
     yield bot
     await bot.close()
@@ -74,9 +79,7 @@ async def agent(fake: FakeOpenAI) -> AsyncIterator[OpenAIAgent]:
 # --- openai ---------------------------------------------------------------------------
 
 
-async def test_openai_sends_the_conversation_and_returns_the_content(
-    fake: FakeOpenAI, agent: OpenAIAgent
-) -> None:
+async def test_openai_sends_the_conversation_and_returns_the_content(fake: FakeOpenAI, agent: OpenAIAgent) -> None:
     fake.content = "  Financiamos em até 120 parcelas, Ana! Quer agendar uma conversa?\n"
     history = [
         {"direction": "in", "kind": "text", "body": "oi"},
@@ -148,14 +151,17 @@ async def test_openai_timeout_raises_agent_error(fake: FakeOpenAI) -> None:
     assert len(fake.requests) == 1
 
 
-@pytest.mark.parametrize(("raw", "content", "why"), [
-    ("<html>Bad Gateway</html>", None, "not JSON"),
-    ('{"choices": []}', None, "no choices"),
-    ('{"choices": [{"index": 0, "message": {"role": "assistant"}}]}', None, "no choices"),
-    ('["chat.completion"]', None, "no choices"),
-    (None, None, "content is empty"),  # null content, as with a tool call
-    (None, "  \n ", "content is empty"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("raw", "content", "why"),
+    [
+        ("<html>Bad Gateway</html>", None, "not JSON"),
+        ('{"choices": []}', None, "no choices"),
+        ('{"choices": [{"index": 0, "message": {"role": "assistant"}}]}', None, "no choices"),
+        ('["chat.completion"]', None, "no choices"),
+        (None, None, "content is empty"),  # null content, as with a tool call
+        (None, "  \n ", "content is empty"),
+    ],
+)
 async def test_openai_malformed_answer_raises_agent_error(
     fake: FakeOpenAI, agent: OpenAIAgent, raw: str | None, content: str | None, why: str
 ) -> None:
@@ -236,9 +242,14 @@ def test_lognormal_latency_has_the_configured_median_and_p95() -> None:
 # --- make_agent -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("backend", "cls"), [
-    ("playbook", Playbook), ("openai", OpenAIAgent), ("simulated", SimulatedAgent),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("backend", "cls"),
+    [
+        ("playbook", Playbook),
+        ("openai", OpenAIAgent),
+        ("simulated", SimulatedAgent),
+    ],
+)
 async def test_make_agent_picks_the_backend(backend: str, cls: type) -> None:
     bot = make_agent(config_for(SDR_AGENT_BACKEND=backend))
     try:

@@ -16,9 +16,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from daemon.bench import (
-    BurstPlan, LeadSimulator, Tally, Workload, load_scenario, named_scenarios, percentile, run_bench,
+    BurstPlan,
+    LeadSimulator,
+    Tally,
+    Workload,
+    load_scenario,
+    named_scenarios,
+    percentile,
+    run_bench,
     scaled_overrides,
-)  # fmt: skip
+)
 from daemon.bursts import SentBurst, account, classify
 from daemon.config import load_profile
 from daemon.errors import ConfigError
@@ -30,9 +37,22 @@ from tests.helpers import sdrctl
 async def test_bench_a_vs_b_at_a_small_scale_writes_comparable_figures(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
     code, out, err = await sdrctl(
-        "bench", "--leads", "6", "--duration", "30", "--ramp", "1", "--time-scale", "0.1",
-        "--seed", "7", "--vs", "legacy", "--json", str(report),
-    )  # fmt: skip
+        "bench",
+        "--leads",
+        "6",
+        "--duration",
+        "30",
+        "--ramp",
+        "1",
+        "--time-scale",
+        "0.1",
+        "--seed",
+        "7",
+        "--vs",
+        "legacy",
+        "--json",
+        str(report),
+    )
     assert code == 0, err
     data = json.loads(report.read_text())
     assert data["scaled"] is True and data["workload"]["time_scale"] == 0.1
@@ -52,9 +72,19 @@ async def test_bench_a_vs_b_at_a_small_scale_writes_comparable_figures(tmp_path:
     # Legacy answers message by message: at least as many turns as bursts.
     assert b["turns"] >= b["bursts"]
     assert set(data["ratios_b_over_a"]) == {
-        "response_p50", "response_p95", "response_p99", "lead_wait_p95", "split_rate", "replies_per_burst",
-        "agent_calls_per_turn", "lost", "unanswered", "cpu_s_per_turn", "throughput", "turns",
-    }  # fmt: skip
+        "response_p50",
+        "response_p95",
+        "response_p99",
+        "lead_wait_p95",
+        "split_rate",
+        "replies_per_burst",
+        "agent_calls_per_turn",
+        "lost",
+        "unanswered",
+        "cpu_s_per_turn",
+        "throughput",
+        "turns",
+    }
     assert "response p95 (ms)" in out and "B/A (legacy / recommended)" in out
     assert "split rate" in out and "agent calls per turn" in out
     assert "time-scale 0.1" in out
@@ -85,9 +115,20 @@ async def test_bench_find_capacity_reports_the_largest_count_that_held(tmp_path:
     # An SLO above recommended's settle_window (5 s: every reply waits that long after the
     # lead's last message), so that 2 leads hold it.
     code, out, err = await sdrctl(
-        "bench", "--find-capacity", "--leads", "2", "--max-leads", "4", "--duration", "3",
-        "--time-scale", "0.1", "--json", str(report), env={"SDR_SLO_RESPONSE_P95": "20"},
-    )  # fmt: skip
+        "bench",
+        "--find-capacity",
+        "--leads",
+        "2",
+        "--max-leads",
+        "4",
+        "--duration",
+        "3",
+        "--time-scale",
+        "0.1",
+        "--json",
+        str(report),
+        env={"SDR_SLO_RESPONSE_P95": "20"},
+    )
     assert code == 0, err
     data = json.loads(report.read_text())["recommended"]
     assert [s["leads"] for s in data["steps"]][:2] == [2, 4]
@@ -172,8 +213,10 @@ def test_bursts_are_classified_and_timed_from_the_reply_that_holds_their_last_me
     assert s["agent_calls_per_turn"] == pytest.approx(9 / 6) and s["discarded_replies"] == 3
     assert s["cpu_s_per_turn"] == pytest.approx(0.2)
     assert [(p["kind"], p["ids"], p["turns"]) for p in s["problem_bursts"]] == [
-        ("lost", ["c1", "c2"], [4, "not stored"]), ("unanswered", ["d1"], [None]), ("unanswered", ["e1"], [5]),
-    ]  # fmt: skip
+        ("lost", ["c1", "c2"], [4, "not stored"]),
+        ("unanswered", ["d1"], [None]),
+        ("unanswered", ["e1"], [5]),
+    ]
     assert account([], {}, {}, turns=0).summary()["agent_calls_per_turn"] is None
 
 

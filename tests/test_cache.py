@@ -289,8 +289,10 @@ async def test_a_load_dropped_midway_is_not_stored(rds: Redis) -> None:
 
 
 async def test_values_decode_into_the_declared_type(rds: Redis) -> None:
-    entries = [KbEntry(1, "precos", "Quanto custa", "Depende da conta de luz.", 0.9),
-               KbEntry(2, "economia", "Quanto economizo", "Até 95% da conta.", 0.5)]  # fmt: skip
+    entries = [
+        KbEntry(1, "precos", "Quanto custa", "Depende da conta de luz.", 0.9),
+        KbEntry(2, "economia", "Quanto economizo", "Até 95% da conta.", 0.5),
+    ]
     a = make_cache(rds, list[KbEntry], name="kb")
     b = make_cache(rds, list[KbEntry], name="kb")
     assert await a.get_or_load("conta de luz", Loader(entries)) == entries

@@ -16,7 +16,6 @@ from daemon.server import bind_host
 from tests.helpers import REPO, child_env, event, fetch, make_config, run_daemon, start_serve, wait_for
 
 
-
 async def test_serve_on_the_embedded_default_answers_a_lead_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
     env = {"SDR_DAEMON_DATA_DIR": str(data_dir)}
@@ -31,9 +30,17 @@ async def test_serve_on_the_embedded_default_answers_a_lead_and_stops_cleanly(tm
             assert "Sol Nascente" in row["body"]
             # Other commands use the same embedded PostgreSQL, and leave it running.
             status = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sdrctl", "migrate", "status", "--json", cwd=REPO,
-                env=child_env(**env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
+                sys.executable,
+                "-m",
+                "sdrctl",
+                "migrate",
+                "status",
+                "--json",
+                cwd=REPO,
+                env=child_env(**env),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
             out, err = await asyncio.wait_for(status.communicate(), timeout=60)
             assert status.returncode == 0, err.decode()
             assert all(m["state"] == "applied" for m in json.loads(out)["migrations"])
@@ -54,11 +61,22 @@ async def test_chat_posts_lines_as_a_lead_and_prints_the_replies(clean: Endpoint
     async with run_daemon(cfg) as d:
         env = child_env(SDR_DATABASE_URL=clean.database_url, SDR_REDIS_URL=clean.redis_url)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sdrctl", "chat", "--phone", "5511933332222", "--url", d.url,
-            "--profile", str(REPO / "tests" / "fast.toml"),
-            cwd=REPO, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "sdrctl",
+            "chat",
+            "--phone",
+            "5511933332222",
+            "--url",
+            d.url,
+            "--profile",
+            str(REPO / "tests" / "fast.toml"),
+            cwd=REPO,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        )
         out, err = await asyncio.wait_for(proc.communicate("Oi\nmeu nome é Bia\n".encode()), timeout=60)
     text = " ".join(out.decode().split())
     assert proc.returncode == 0, err.decode()
@@ -71,10 +89,20 @@ async def test_chat_posts_lines_as_a_lead_and_prints_the_replies(clean: Endpoint
 async def test_chat_without_a_daemon_says_how_to_start_one(clean: Endpoints) -> None:
     env = child_env(SDR_DATABASE_URL=clean.database_url, SDR_REDIS_URL=clean.redis_url)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdrctl", "chat", "--phone", "5511933332222", "--url", "http://127.0.0.1:9",
-        cwd=REPO, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "sdrctl",
+        "chat",
+        "--phone",
+        "5511933332222",
+        "--url",
+        "http://127.0.0.1:9",
+        cwd=REPO,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    )
     _, err = await asyncio.wait_for(proc.communicate(b""), timeout=60)
     assert proc.returncode == 1
     assert "no daemon answers at http://127.0.0.1:9" in err.decode() and "make serve" in err.decode()
@@ -83,9 +111,17 @@ async def test_chat_without_a_daemon_says_how_to_start_one(clean: Endpoints) -> 
 
 async def test_chat_refuses_a_bad_phone_with_exit_code_2() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdrctl", "chat", "--phone", "+55 11 9999", cwd=REPO, env=child_env(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "sdrctl",
+        "chat",
+        "--phone",
+        "+55 11 9999",
+        cwd=REPO,
+        env=child_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await proc.communicate()
     assert proc.returncode == 2
     assert "--phone '+55 11 9999': must be a phone number of 8 to 15 digits" in err.decode()
@@ -100,10 +136,28 @@ def test_without_a_webhook_token_serve_binds_loopback_only(clean: Endpoints) -> 
 
 def test_the_wheel_ships_profiles_and_migrations(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True, timeout=300, env=child_env(),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=child_env(),
+    )
     [wheel] = tmp_path.glob("sdrctl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"daemon/_data/profiles/recommended.toml", "daemon/_data/profiles/legacy.toml",
-            "daemon/_data/sql/0001_schema.sql", "sdrctl/main.py"} <= names  # fmt: skip
+    assert {
+        "daemon/_data/profiles/recommended.toml",
+        "daemon/_data/profiles/legacy.toml",
+        "daemon/_data/sql/0001_schema.sql",
+        "sdrctl/main.py",
+    } <= names

@@ -35,12 +35,20 @@ def test_built_in_defaults_match_the_shipped_sdr_toml(tmp_path: Path, monkeypatc
 
 
 def test_environment_overrides_every_key() -> None:
-    cfg = load_config(REPO / "sdr.toml", env={
-        "SDR_DAEMON_PORT": "8099", "SDR_DAEMON_DATA_DIR": "/tmp/x", "SDR_DATABASE_URL": "postgresql://db/x",
-        "SDR_EVOLUTION_BASE_URL": "http://evo:8080", "SDR_EVOLUTION_INSTANCE": "vendas",
-        "SDR_TIMEOUTS_AGENT": "12.5", "SDR_BUFFER_QUIET_WINDOW": "2",
-        "EVOLUTION_API_KEY": "k", "SDRCTL_WEBHOOK_TOKEN": "t",
-    })  # fmt: skip
+    cfg = load_config(
+        REPO / "sdr.toml",
+        env={
+            "SDR_DAEMON_PORT": "8099",
+            "SDR_DAEMON_DATA_DIR": "/tmp/x",
+            "SDR_DATABASE_URL": "postgresql://db/x",
+            "SDR_EVOLUTION_BASE_URL": "http://evo:8080",
+            "SDR_EVOLUTION_INSTANCE": "vendas",
+            "SDR_TIMEOUTS_AGENT": "12.5",
+            "SDR_BUFFER_QUIET_WINDOW": "2",
+            "EVOLUTION_API_KEY": "k",
+            "SDRCTL_WEBHOOK_TOKEN": "t",
+        },
+    )
     assert cfg.daemon.port == 8099 and cfg.daemon.data_dir == "/tmp/x"
     assert cfg.database.url == "postgresql://db/x"
     assert (cfg.evolution.base_url, cfg.evolution.instance) == ("http://evo:8080", "vendas")
@@ -67,9 +75,7 @@ def write(tmp_path: Path, text: str, name: str = "sdr.toml") -> Path:
         ("[daemon\nport = 1\n", "invalid TOML"),
     ],
 )
-def test_invalid_config_names_the_file_the_key_and_what_is_allowed(
-    tmp_path: Path, text: str, expected: str
-) -> None:
+def test_invalid_config_names_the_file_the_key_and_what_is_allowed(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
         load_config(path, env={})
@@ -103,12 +109,18 @@ def test_bad_environment_values_and_unknown_variables_are_refused() -> None:
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sdrctl", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "sdrctl", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env=child_env(),
-    )  # fmt: skip
+    )
 
 
-@pytest.mark.parametrize("command", [["serve"], ["migrate"], ["migrate", "status"], ["chat", "--phone", "5511999990000"]])
+@pytest.mark.parametrize(
+    "command", [["serve"], ["migrate"], ["migrate", "status"], ["chat", "--phone", "5511999990000"]]
+)
 def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path: Path, command: list[str]) -> None:
     bad = write(tmp_path, "[daemon]\nport = 0\n")
     result = run_cli("--config", str(bad), *command)

@@ -94,15 +94,18 @@ def test_long_numbers_are_read_whole() -> None:
     assert isinstance(event, Inbound) and event.media["fileLength"] == 2**32 + 3_000_000_000
 
 
-@pytest.mark.parametrize(("name", "kind"), [
-    ("send_text_400_exists_false", "unreachable"),
-    ("send_text_400_connection_closed", "transient"),
-    ("send_text_400_timed_out", "transient"),
-    ("send_text_400_rate_overlimit", "transient"),
-    ("send_text_500_connection_closed", "transient"),
-    ("unauthorized_401", "refused"),
-    ("instance_not_found_404", "refused"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("send_text_400_exists_false", "unreachable"),
+        ("send_text_400_connection_closed", "transient"),
+        ("send_text_400_timed_out", "transient"),
+        ("send_text_400_rate_overlimit", "transient"),
+        ("send_text_500_connection_closed", "transient"),
+        ("unauthorized_401", "refused"),
+        ("instance_not_found_404", "refused"),
+    ],
+)
 def test_send_answers_are_classified_from_the_real_bodies(name: str, kind: str) -> None:
     body = fixture(name)
     assert classify(body["status"], json.dumps(body)) == kind
@@ -121,7 +124,9 @@ async def test_a_lid_lead_is_answered_at_its_phone_or_else_at_its_lid(clean: End
     async with run_fake_evolution() as evo:
         cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url)
         async with run_daemon(cfg) as d:
-            assert (await post(d.url, upsert("Oi, quero saber de energia solar", remote=LID, alt=f"{PHONE}@s.whatsapp.net"))).status_code == 200
+            assert (
+                await post(d.url, upsert("Oi, quero saber de energia solar", remote=LID, alt=f"{PHONE}@s.whatsapp.net"))
+            ).status_code == 200
             other = "287654321098765@lid"
             assert (await post(d.url, upsert("Oi, quanto custa?", remote=other))).status_code == 200
             await wait_for(lambda: asyncio.sleep(0, len(evo.sent) >= 2))
@@ -129,7 +134,9 @@ async def test_a_lid_lead_is_answered_at_its_phone_or_else_at_its_lid(clean: End
     assert numbers == sorted([PHONE, other])  # never the LID's digits as a phone
     assert {s["jid"] for s in evo.sent} == {f"{PHONE}@s.whatsapp.net", other}
     leads = await fetch(clean.database_url, "SELECT phone_number, lid FROM leads ORDER BY phone_number")
-    assert [(r["phone_number"], r["lid"]) for r in leads] == sorted([(PHONE, LID), (other, None)])  # a LID-only lead is its LID
+    assert [(r["phone_number"], r["lid"]) for r in leads] == sorted(
+        [(PHONE, LID), (other, None)]
+    )  # a LID-only lead is its LID
 
 
 async def test_a_lead_who_moves_from_lid_to_phone_keeps_one_history(clean: Endpoints) -> None:
@@ -158,9 +165,14 @@ async def test_a_lead_who_moves_from_lid_to_phone_keeps_one_history(clean: Endpo
 async def test_typing_is_never_asked_past_20s_nor_in_flight_after_the_reply(clean: Endpoints) -> None:
     async with run_fake_evolution() as evo:
         # An agent slow enough to show "typing..." (after 0.1 s) and a budget above 20 s.
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_AGENT_BACKEND="simulated",
-                          SDR_AGENT_SIMULATED_LATENCY="fixed:1.0", SDR_FEATURES_TYPING_AFTER="0.1",
-                          SDR_TIMEOUTS_AGENT="45")  # fmt: skip
+        cfg = make_config(
+            clean,
+            SDR_EVOLUTION_BASE_URL=evo.url,
+            SDR_AGENT_BACKEND="simulated",
+            SDR_AGENT_SIMULATED_LATENCY="fixed:1.0",
+            SDR_FEATURES_TYPING_AFTER="0.1",
+            SDR_TIMEOUTS_AGENT="45",
+        )
         async with run_daemon(cfg) as d:
             await post(d.url, upsert("Oi, quanto custa?", remote=f"{PHONE}@s.whatsapp.net", mode="pn"))
             await wait_for(lambda: asyncio.sleep(0, len(evo.sent) >= 1))
@@ -177,8 +189,12 @@ async def test_eight_seconds_of_connection_closed_lose_no_reply(clean: Endpoints
     phones = [f"55119876500{i:02d}" for i in range(5)]
     async with run_fake_evolution() as evo:
         evo.transient_until = time.time() + 8.0  # WhatsApp reconnecting: 400 "Connection Closed"
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_REDELIVER_INTERVAL="0.5",
-                          SDR_LIMITS_REDELIVER_BACKOFF="0.5")  # fmt: skip
+        cfg = make_config(
+            clean,
+            SDR_EVOLUTION_BASE_URL=evo.url,
+            SDR_LIMITS_REDELIVER_INTERVAL="0.5",
+            SDR_LIMITS_REDELIVER_BACKOFF="0.5",
+        )
         async with run_daemon(cfg) as d:
             for phone in phones:
                 await post(d.url, upsert("Oi, quero um orçamento", remote=f"{phone}@s.whatsapp.net", mode="pn"))
@@ -195,20 +211,28 @@ async def test_eight_seconds_of_connection_closed_lose_no_reply(clean: Endpoints
     assert metric(metrics, "sdr_send_errors_total", kind="transient") > 0
 
 
-@pytest.mark.parametrize(("history", "policy", "deliveries"), [
-    (True, "resend", 1),   # the history shows it arrived: not sent again
-    (False, "skip", 1),    # no history: the policy keeps it from going twice
-    (False, "resend", 2),  # no history: the policy chose a possible duplicate over a silence
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("history", "policy", "deliveries"),
+    [
+        (True, "resend", 1),  # the history shows it arrived: not sent again
+        (False, "skip", 1),  # no history: the policy keeps it from going twice
+        (False, "resend", 2),  # no history: the policy chose a possible duplicate over a silence
+    ],
+)
 async def test_a_send_delivered_but_timed_out_is_settled_before_any_resend(
     clean: Endpoints, history: bool, policy: str, deliveries: int
 ) -> None:
     async with run_fake_evolution() as evo:
         evo.stores_messages = history
         evo.deliver_then_stall, evo.late_until = 2.0, time.time() + 60  # delivered, answered late
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_TIMEOUTS_EVOLUTION_SEND="0.5",
-                          SDR_LIMITS_REDELIVER_INTERVAL="0.2", SDR_LIMITS_REDELIVER_BACKOFF="0",
-                          SDR_EVOLUTION_ON_UNCERTAIN_SEND=policy)  # fmt: skip
+        cfg = make_config(
+            clean,
+            SDR_EVOLUTION_BASE_URL=evo.url,
+            SDR_TIMEOUTS_EVOLUTION_SEND="0.5",
+            SDR_LIMITS_REDELIVER_INTERVAL="0.2",
+            SDR_LIMITS_REDELIVER_BACKOFF="0",
+            SDR_EVOLUTION_ON_UNCERTAIN_SEND=policy,
+        )
         async with run_daemon(cfg) as d:
             await post(d.url, upsert("Oi, quanto custa?", remote=f"{PHONE}@s.whatsapp.net", mode="pn"))
             await wait_for(lambda: asyncio.sleep(0, evo.deliveries(PHONE)))
@@ -274,8 +298,13 @@ def edit_of(original: dict[str, Any], text: str) -> dict[str, Any]:
 
 async def test_an_edit_in_the_window_changes_the_burst_and_a_later_one_is_a_correction(clean: Endpoints) -> None:
     async with run_fake_evolution() as evo:
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_BUFFER_QUIET_WINDOW="0.5",
-                          SDR_BUFFER_MIN_WINDOW="0.5", SDR_BUFFER_EXTENDED_WINDOW="0.5")  # fmt: skip
+        cfg = make_config(
+            clean,
+            SDR_EVOLUTION_BASE_URL=evo.url,
+            SDR_BUFFER_QUIET_WINDOW="0.5",
+            SDR_BUFFER_MIN_WINDOW="0.5",
+            SDR_BUFFER_EXTENDED_WINDOW="0.5",
+        )
         async with run_daemon(cfg) as d:
             await post(d.url, upsert("Oi", remote=f"{PHONE}@s.whatsapp.net", mode="pn"))
             await wait_for(lambda: asyncio.sleep(0, len(evo.sent) >= 1))  # asks the lead's name
@@ -291,7 +320,9 @@ async def test_an_edit_in_the_window_changes_the_burst_and_a_later_one_is_a_corr
             correction = edit_of(typo, "Mariana Souza")
             late = await post(d.url, correction)
             assert late.json() == {"status": "edit", "edit": "correction"}
-            await wait_for(lambda: fetch(clean.database_url, "SELECT 1 FROM messages WHERE kind = 'edit' AND turn_id IS NOT NULL"))
+            await wait_for(
+                lambda: fetch(clean.database_url, "SELECT 1 FROM messages WHERE kind = 'edit' AND turn_id IS NOT NULL")
+            )
             again = await post(d.url, correction)  # Evolution's retry of the same webhook
             assert again.json()["edit"] == "duplicate"
             unknown = await post(d.url, fixture("messages_edited"))  # a message we never saw
@@ -320,7 +351,7 @@ async def test_the_migration_moves_leads_stored_under_a_lids_digits(endpoints: E
             SELECT id, phone_number, 'Olá!', 'failed',
                    'HTTP 400: {"status":400,"error":"Bad Request","response":{"message":[{"jid":"x","exists":false,"number":"y"}]}}'
               FROM leads WHERE phone_number IN ('187654321098765', '5511987650002');
-        """)  # fmt: skip
+        """)
         await migrations.migrate(conn)
         leads = await conn.fetch("SELECT phone_number, lid FROM leads ORDER BY phone_number")
         outbox = await conn.fetch("SELECT phone_number, status FROM outbox ORDER BY phone_number")

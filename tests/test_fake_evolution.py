@@ -80,8 +80,11 @@ async def test_send_text_answers_201_with_the_prepared_message() -> None:
     [sent] = fake.sent
     assert sent["id"] == body["key"]["id"] and sent["jid"] == body["key"]["remoteJid"]
     assert {k: sent[k] for k in ("instance", "apikey", "number", "text")} == {
-        "instance": INSTANCE, "apikey": "k", "number": PHONE, "text": "Olá Mariana!",
-    }  # fmt: skip
+        "instance": INSTANCE,
+        "apikey": "k",
+        "number": PHONE,
+        "text": "Olá Mariana!",
+    }
     assert fake.deliveries(PHONE) == ["Olá Mariana!"] and fake.arrivals[PHONE]
 
 
@@ -125,8 +128,10 @@ async def test_send_text_refuses_what_its_schema_refuses(body: dict[str, Any], m
 async def test_empty_text_is_refused() -> None:
     async with run_fake_evolution() as fake, httpx.AsyncClient(base_url=fake.url) as http:
         resp = await send(http, PHONE, "  ")
-    assert (resp.status_code, resp.json()) == (400, {"status": 400, "error": "Bad Request",
-                                                     "response": {"message": ["Text is required"]}})  # fmt: skip
+    assert (resp.status_code, resp.json()) == (
+        400,
+        {"status": 400, "error": "Bad Request", "response": {"message": ["Text is required"]}},
+    )
 
 
 # --- guards ----------------------------------------------------------------------------
@@ -160,9 +165,12 @@ async def test_a_number_not_on_whatsapp_is_400_exists_false() -> None:
 
 @pytest.mark.parametrize(
     ("error", "name"),
-    [("Connection Closed", "send_text_400_connection_closed"), ("Timed Out", "send_text_400_timed_out"),
-     ("rate-overlimit", "send_text_400_rate_overlimit")],
-)  # fmt: skip
+    [
+        ("Connection Closed", "send_text_400_connection_closed"),
+        ("Timed Out", "send_text_400_timed_out"),
+        ("rate-overlimit", "send_text_400_rate_overlimit"),
+    ],
+)
 async def test_transient_failures_are_400_and_deliver_nothing(error: str, name: str) -> None:
     async with run_fake_evolution() as fake, httpx.AsyncClient(base_url=fake.url) as http:
         fake.transient_until, fake.transient_error = time.time() + 0.5, error
@@ -277,13 +285,21 @@ async def test_long_presences_re_send_composing_every_slice(monkeypatch: pytest.
     ("body", "messages"),
     [
         ({"number": PHONE, "presence": "composing"}, ['instance requires property "delay"']),
-        ({"number": PHONE, "presence": "typing", "delay": 1},
-         ["presence is not one of enum values: unavailable,available,composing,recording,paused"]),
+        (
+            {"number": PHONE, "presence": "typing", "delay": 1},
+            ["presence is not one of enum values: unavailable,available,composing,recording,paused"],
+        ),
         ({"number": PHONE, "presence": "composing", "delay": "1"}, ["delay is not of a type(s) number"]),
-        ({}, ['instance requires property "number"', 'instance requires property "presence"',
-              'instance requires property "delay"']),
+        (
+            {},
+            [
+                'instance requires property "number"',
+                'instance requires property "presence"',
+                'instance requires property "delay"',
+            ],
+        ),
     ],
-)  # fmt: skip
+)
 async def test_presence_refuses_what_its_schema_refuses(body: dict[str, Any], messages: list[str]) -> None:
     async with run_fake_evolution() as fake, httpx.AsyncClient(base_url=fake.url) as http:
         resp = await http.post(f"/chat/sendPresence/{INSTANCE}", json=body)
@@ -353,8 +369,12 @@ async def test_media_by_key_needs_message_storage() -> None:
     body = stored.json()
     assert set(body) <= set(real) and body["size"] == {"fileLength": real["size"]["fileLength"]}
     assert (body["mediaType"], body["fileName"], body["mimetype"], body["base64"], body["buffer"]) == (
-        "imageMessage", "3A9B8C7D6E5F4A3B2C1D.jpeg", "image/jpeg", real["base64"], None,
-    )  # fmt: skip
+        "imageMessage",
+        "3A9B8C7D6E5F4A3B2C1D.jpeg",
+        "image/jpeg",
+        real["base64"],
+        None,
+    )
     not_found = {"status": 400, "error": "Bad Request", "response": {"message": ["Message not found"]}}
     assert (missing.status_code, missing.json()) == (400, not_found)
     assert (not_stored.status_code, not_stored.json()) == (400, not_found)

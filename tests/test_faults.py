@@ -16,7 +16,9 @@ from tests.faults import Cluster, Workload, cluster, drive, settle, verify
 pytestmark = pytest.mark.faults
 
 
-async def run(tmp_path: Path, name: str, fault: Callable[[Cluster], Awaitable[None]], w: Workload | None = None) -> dict:
+async def run(
+    tmp_path: Path, name: str, fault: Callable[[Cluster], Awaitable[None]], w: Workload | None = None
+) -> dict:
     w = w or Workload()
     async with cluster(tmp_path) as c:
         load = asyncio.create_task(drive(c, w))

@@ -39,16 +39,19 @@ def test_settings_become_business_hours() -> None:
     assert (HOURS.opens, HOURS.closes) == (8 * 60, 20 * 60)
 
 
-@pytest.mark.parametrize(("when", "opening"), [
-    (sp(2026, 11, 27, 22, 0), sp(2026, 11, 28, 8, 0)),  # Friday night -> Saturday
-    (sp(2026, 11, 28, 21, 0), sp(2026, 11, 30, 8, 0)),  # Saturday night -> Monday
-    (sp(2026, 11, 29, 12, 0), sp(2026, 11, 30, 8, 0)),  # Sunday -> Monday
-    (sp(2026, 11, 25, 7, 0), sp(2026, 11, 25, 8, 0)),  # before opening -> same day
-    (sp(2026, 11, 25, 20, 0), sp(2026, 11, 26, 8, 0)),  # closing time is closed
-    (sp(2026, 11, 25, 8, 0), sp(2026, 11, 25, 8, 0)),  # opening time is open
-    (sp(2026, 11, 25, 19, 59, 59), sp(2026, 11, 25, 19, 59, 59)),
-    (sp(2026, 11, 25, 14, 30), sp(2026, 11, 25, 14, 30)),  # inside: unchanged
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("when", "opening"),
+    [
+        (sp(2026, 11, 27, 22, 0), sp(2026, 11, 28, 8, 0)),  # Friday night -> Saturday
+        (sp(2026, 11, 28, 21, 0), sp(2026, 11, 30, 8, 0)),  # Saturday night -> Monday
+        (sp(2026, 11, 29, 12, 0), sp(2026, 11, 30, 8, 0)),  # Sunday -> Monday
+        (sp(2026, 11, 25, 7, 0), sp(2026, 11, 25, 8, 0)),  # before opening -> same day
+        (sp(2026, 11, 25, 20, 0), sp(2026, 11, 26, 8, 0)),  # closing time is closed
+        (sp(2026, 11, 25, 8, 0), sp(2026, 11, 25, 8, 0)),  # opening time is open
+        (sp(2026, 11, 25, 19, 59, 59), sp(2026, 11, 25, 19, 59, 59)),
+        (sp(2026, 11, 25, 14, 30), sp(2026, 11, 25, 14, 30)),  # inside: unchanged
+    ],
+)
 def test_next_opening_in_sao_paulo(when: datetime, opening: datetime) -> None:
     got = HOURS.next_opening(when)
     assert got == opening and got.tzinfo is UTC
@@ -100,9 +103,12 @@ def test_bad_hours_and_naive_datetimes_are_refused() -> None:
 # --- templates ------------------------------------------------------------------------
 
 ALL = {
-    "name": "Ana", "name_comma": ", Ana", "bill_value": "R$ 500,00", "savings": "R$ 450,00",
+    "name": "Ana",
+    "name_comma": ", Ana",
+    "bill_value": "R$ 500,00",
+    "savings": "R$ 450,00",
     "meeting": "sexta-feira, 27/11, às 15h",
-}  # fmt: skip
+}
 
 
 def test_render_fills_every_placeholder() -> None:
@@ -165,27 +171,36 @@ def test_values_for_a_known_lead() -> None:
     lead = {"name": "Ana Paula", "push_name": "Paulinha", "bill_value": Decimal("487.35")}
     meeting = sp(2026, 11, 27, 15, 0).astimezone(UTC)
     assert values_for(lead, SETTINGS, meeting, HOURS) == {
-        "name": "Ana Paula", "name_comma": ", Ana Paula", "bill_value": "R$ 487,35",
-        "savings": "R$ 438,62", "meeting": "sexta-feira, 27/11, às 15h",
-    }  # fmt: skip
+        "name": "Ana Paula",
+        "name_comma": ", Ana Paula",
+        "bill_value": "R$ 487,35",
+        "savings": "R$ 438,62",
+        "meeting": "sexta-feira, 27/11, às 15h",
+    }
 
 
-@pytest.mark.parametrize(("lead", "name", "bill", "savings"), [
-    ({"push_name": "joão pedro", "bill_value": "1200.50"}, "João", "R$ 1.200,50", "R$ 1.080,45"),
-    ({"push_name": "🌻 ana 🌻", "bill_value": 500.0}, "Ana", "R$ 500,00", "R$ 450,00"),
-    ({"push_name": "~MARIA", "bill_value": "R$ 1.234,56"}, "Maria", "R$ 1.234,56", "R$ 1.111,10"),
-    ({"push_name": "☀️☀️", "bill_value": 0}, None, None, None),
-    ({"name": "", "push_name": None, "bill_value": "não sei"}, None, None, None),
-    ({}, None, None, None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("lead", "name", "bill", "savings"),
+    [
+        ({"push_name": "joão pedro", "bill_value": "1200.50"}, "João", "R$ 1.200,50", "R$ 1.080,45"),
+        ({"push_name": "🌻 ana 🌻", "bill_value": 500.0}, "Ana", "R$ 500,00", "R$ 450,00"),
+        ({"push_name": "~MARIA", "bill_value": "R$ 1.234,56"}, "Maria", "R$ 1.234,56", "R$ 1.111,10"),
+        ({"push_name": "☀️☀️", "bill_value": 0}, None, None, None),
+        ({"name": "", "push_name": None, "bill_value": "não sei"}, None, None, None),
+        ({}, None, None, None),
+    ],
+)
 def test_values_for_partial_leads(
     lead: dict[str, object], name: str | None, bill: str | None, savings: str | None
 ) -> None:
     values = values_for(lead, SETTINGS, None, HOURS)
     assert values == {
-        "name": name, "name_comma": f", {name}" if name else "", "bill_value": bill,
-        "savings": savings, "meeting": None,
-    }  # fmt: skip
+        "name": name,
+        "name_comma": f", {name}" if name else "",
+        "bill_value": bill,
+        "savings": savings,
+        "meeting": None,
+    }
 
 
 def test_no_savings_promised_at_a_zero_rate() -> None:
@@ -202,53 +217,59 @@ def test_meeting_phrase_is_local_portuguese() -> None:
 # --- meeting times --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "local"), [
-    ("amanhã às 15h", sp(2026, 11, 26, 15, 0)),
-    ("amanha 10:30", sp(2026, 11, 26, 10, 30)),
-    ("Amanhã, 15h30min", sp(2026, 11, 26, 15, 30)),
-    ("hoje 16h", sp(2026, 11, 25, 16, 0)),
-    ("hoje às 10:01", sp(2026, 11, 25, 10, 1)),
-    ("sexta às 14h", sp(2026, 11, 27, 14, 0)),
-    ("Pode ser na sexta-feira, às 14 horas", sp(2026, 11, 27, 14, 0)),
-    ("segunda-feira 9h", sp(2026, 11, 30, 9, 0)),
-    ("Terça 11hs", sp(2026, 12, 1, 11, 0)),
-    ("quarta às 11h", sp(2026, 11, 25, 11, 0)),  # today, still ahead
-    ("quarta às 9h", sp(2026, 12, 2, 9, 0)),  # today, already past: next week
-    ("sábado 10h", sp(2026, 11, 28, 10, 0)),
-    ("dia 27 às 15h", sp(2026, 11, 27, 15, 0)),
-    ("dia 3 às 15h", sp(2026, 12, 3, 15, 0)),  # the 3rd is gone this month: next month's
-    ("27/11 às 15h", sp(2026, 11, 27, 15, 0)),
-    ("27/11/2026 15:00", sp(2026, 11, 27, 15, 0)),
-    ("27/11/26 15:00", sp(2026, 11, 27, 15, 0)),
-    ("10/01 às 9h", sp(2027, 1, 10, 9, 0)),  # January, said in November
-    ("depois de amanhã às 11h", sp(2026, 11, 27, 11, 0)),
-    ("amanhã às 3 da tarde", sp(2026, 11, 26, 15, 0)),
-    ("amanhã às 3", sp(2026, 11, 26, 15, 0)),  # nobody books a call at 3 a.m.
-    ("amanhã 8 da noite", sp(2026, 11, 26, 20, 0)),
-    ("amanhã 10 da manhã", sp(2026, 11, 26, 10, 0)),
-    ("amanhã ao meio-dia", sp(2026, 11, 26, 12, 0)),
-    ("sexta, 27/11, às 15h", sp(2026, 11, 27, 15, 0)),  # two names for one day
-    ("bom dia! amanhã 10h", sp(2026, 11, 26, 10, 0)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "local"),
+    [
+        ("amanhã às 15h", sp(2026, 11, 26, 15, 0)),
+        ("amanha 10:30", sp(2026, 11, 26, 10, 30)),
+        ("Amanhã, 15h30min", sp(2026, 11, 26, 15, 30)),
+        ("hoje 16h", sp(2026, 11, 25, 16, 0)),
+        ("hoje às 10:01", sp(2026, 11, 25, 10, 1)),
+        ("sexta às 14h", sp(2026, 11, 27, 14, 0)),
+        ("Pode ser na sexta-feira, às 14 horas", sp(2026, 11, 27, 14, 0)),
+        ("segunda-feira 9h", sp(2026, 11, 30, 9, 0)),
+        ("Terça 11hs", sp(2026, 12, 1, 11, 0)),
+        ("quarta às 11h", sp(2026, 11, 25, 11, 0)),  # today, still ahead
+        ("quarta às 9h", sp(2026, 12, 2, 9, 0)),  # today, already past: next week
+        ("sábado 10h", sp(2026, 11, 28, 10, 0)),
+        ("dia 27 às 15h", sp(2026, 11, 27, 15, 0)),
+        ("dia 3 às 15h", sp(2026, 12, 3, 15, 0)),  # the 3rd is gone this month: next month's
+        ("27/11 às 15h", sp(2026, 11, 27, 15, 0)),
+        ("27/11/2026 15:00", sp(2026, 11, 27, 15, 0)),
+        ("27/11/26 15:00", sp(2026, 11, 27, 15, 0)),
+        ("10/01 às 9h", sp(2027, 1, 10, 9, 0)),  # January, said in November
+        ("depois de amanhã às 11h", sp(2026, 11, 27, 11, 0)),
+        ("amanhã às 3 da tarde", sp(2026, 11, 26, 15, 0)),
+        ("amanhã às 3", sp(2026, 11, 26, 15, 0)),  # nobody books a call at 3 a.m.
+        ("amanhã 8 da noite", sp(2026, 11, 26, 20, 0)),
+        ("amanhã 10 da manhã", sp(2026, 11, 26, 10, 0)),
+        ("amanhã ao meio-dia", sp(2026, 11, 26, 12, 0)),
+        ("sexta, 27/11, às 15h", sp(2026, 11, 27, 15, 0)),  # two names for one day
+        ("bom dia! amanhã 10h", sp(2026, 11, 26, 10, 0)),
+    ],
+)
 def test_parse_meeting(text: str, local: datetime) -> None:
     got = parse_meeting(text, NOW, HOURS)
     assert got == local and got is not None and got.tzinfo is UTC
 
 
-@pytest.mark.parametrize("text", [
-    "quinta de manhã",  # a period is not an hour
-    "amanhã à tarde",
-    "amanhã",
-    "às 15h",
-    "sim, pode ser",
-    "hoje às 9h",  # already past
-    "20/11 às 15h",  # past date
-    "27/11/2025 15:00",
-    "31/11 às 15h",  # no such day
-    "amanhã às 25h",
-    "amanhã não, sexta às 14h",  # two days: ask again rather than guess
-    "amanhã às 10h ou 15h",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        "quinta de manhã",  # a period is not an hour
+        "amanhã à tarde",
+        "amanhã",
+        "às 15h",
+        "sim, pode ser",
+        "hoje às 9h",  # already past
+        "20/11 às 15h",  # past date
+        "27/11/2025 15:00",
+        "31/11 às 15h",  # no such day
+        "amanhã às 25h",
+        "amanhã não, sexta às 14h",  # two days: ask again rather than guess
+        "amanhã às 10h ou 15h",
+    ],
+)
 def test_parse_meeting_needs_one_future_day_and_hour(text: str) -> None:
     assert parse_meeting(text, NOW, HOURS) is None
 
@@ -263,11 +284,14 @@ def test_parse_meeting_reads_the_business_clock() -> None:
     assert parse_meeting("amanhã às 15h", NOW, HOURS) == NOW + timedelta(days=1, hours=5)
 
 
-@pytest.mark.parametrize("now", [
-    sp(2027, 3, 5, 10, 0),  # a Friday
-    sp(2027, 3, 6, 20, 30),  # a Saturday evening
-    sp(2027, 3, 7, 11, 0),  # a Sunday
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "now",
+    [
+        sp(2027, 3, 5, 10, 0),  # a Friday
+        sp(2027, 3, 6, 20, 30),  # a Saturday evening
+        sp(2027, 3, 7, 11, 0),  # a Sunday
+    ],
+)
 async def test_the_playbook_reads_meeting_days_on_its_clock(now: datetime) -> None:
     async def no_knowledge() -> list[KbEntry]:
         return []

@@ -39,9 +39,7 @@ FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 
 def executor(rt: Runtime, clock: FixedClock) -> FollowUpExecutor:
     """A daemon's follow-up executor on a fake clock (the scheduler's own job is off)."""
-    return FollowUpExecutor(
-        rt.config, rt.followup_store, rt.runner.locks, rt._sender, rt.metrics, rt._hand_back, clock
-    )
+    return FollowUpExecutor(rt.config, rt.followup_store, rt.runner.locks, rt._sender, rt.metrics, rt._hand_back, clock)
 
 
 async def post(url: str, *events: dict[str, Any]) -> None:
@@ -126,8 +124,13 @@ async def test_a_follow_up_due_at_night_is_sent_at_the_next_opening(clean: Endpo
 
 async def test_a_failing_send_is_retried_with_backoff_then_stops_at_max_attempts(clean: Endpoints) -> None:
     async with run_fake_evolution() as fake:
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_ENABLED="false",
-                          SDR_FOLLOWUPS_MAX_ATTEMPTS="3", SDR_FOLLOWUPS_RETRY_BACKOFF="60")  # fmt: skip
+        cfg = make_config(
+            clean,
+            SDR_EVOLUTION_BASE_URL=fake.url,
+            SDR_FOLLOWUPS_ENABLED="false",
+            SDR_FOLLOWUPS_MAX_ATTEMPTS="3",
+            SDR_FOLLOWUPS_RETRY_BACKOFF="60",
+        )
         async with run_daemon(cfg) as d:
             await a_silent_lead(d, clean, fake)
             start = datetime(2026, 11, 25, 10, 0, tzinfo=SP)  # a Wednesday, open
@@ -149,13 +152,17 @@ async def test_a_failing_send_is_retried_with_backoff_then_stops_at_max_attempts
 
 async def test_a_follow_up_stuck_executing_is_reclaimed(clean: Endpoints) -> None:
     async with run_fake_evolution() as fake:
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_ENABLED="false",
-                          SDR_FOLLOWUPS_STUCK_AFTER="300")  # fmt: skip
+        cfg = make_config(
+            clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_ENABLED="false", SDR_FOLLOWUPS_STUCK_AFTER="300"
+        )
         async with run_daemon(cfg) as d:
             await a_silent_lead(d, clean, fake)
             now = datetime(2026, 11, 25, 10, 0, tzinfo=SP)
-            await fetch(clean.database_url, "UPDATE follow_ups SET status = 'executing', claimed_at = $1, "
-                        "attempts = 1, due_at = $1", now - timedelta(seconds=200))  # fmt: skip
+            await fetch(
+                clean.database_url,
+                "UPDATE follow_ups SET status = 'executing', claimed_at = $1, attempts = 1, due_at = $1",
+                now - timedelta(seconds=200),
+            )
             fresh = await executor(d.runtime, FixedClock(now)).run_due()  # its daemon may still be at it
             reclaimed = await executor(d.runtime, FixedClock(now + timedelta(seconds=101))).run_due()
             [row, *_] = await follow_ups(clean)
@@ -169,10 +176,19 @@ async def test_a_reclaimed_follow_up_whose_send_had_started_is_never_sent_twice(
         async with run_daemon(cfg) as d:
             [planned] = [await a_silent_lead(d, clean, fake)]
             now = datetime(2026, 11, 25, 10, 0, tzinfo=SP)
-            await fetch(clean.database_url, "UPDATE follow_ups SET status = 'executing', claimed_at = $1, attempts = 1",
-                        now - timedelta(hours=1))  # fmt: skip
-            await fetch(clean.database_url, "INSERT INTO outbox (lead_id, phone_number, body, status, follow_up_id) "
-                        "VALUES ($1, $2, 'oi', 'sending', $3)", planned["lead_id"], PHONE, planned["id"])  # fmt: skip
+            await fetch(
+                clean.database_url,
+                "UPDATE follow_ups SET status = 'executing', claimed_at = $1, attempts = 1",
+                now - timedelta(hours=1),
+            )
+            await fetch(
+                clean.database_url,
+                "INSERT INTO outbox (lead_id, phone_number, body, status, follow_up_id) "
+                "VALUES ($1, $2, 'oi', 'sending', $3)",
+                planned["lead_id"],
+                PHONE,
+                planned["id"],
+            )
             await executor(d.runtime, FixedClock(now)).run_due()
             [row] = await follow_ups(clean)
     assert row["status"] == "failed" and "not sent again" in row["last_error"]
@@ -248,10 +264,11 @@ async def test_booking_a_meeting_plans_its_confirmation_and_reminders_within_bus
     ("now", "outcome", "moved_to"),
     [
         pytest.param(datetime(2026, 11, 25, 10, 0, tzinfo=SP), "sent", None, id="open"),  # a Wednesday
-        pytest.param(datetime(2026, 12, 5, 20, 30, tzinfo=SP), "deferred",
-                     datetime(2026, 12, 7, 8, 0, tzinfo=SP), id="closed"),  # Saturday evening -> Monday
+        pytest.param(
+            datetime(2026, 12, 5, 20, 30, tzinfo=SP), "deferred", datetime(2026, 12, 7, 8, 0, tzinfo=SP), id="closed"
+        ),  # Saturday evening -> Monday
     ],
-)  # fmt: skip
+)
 async def test_the_scheduler_inside_serve_sends_due_follow_ups_by_itself(
     clean: Endpoints, now: datetime, outcome: str, moved_to: datetime | None
 ) -> None:
@@ -309,13 +326,18 @@ async def test_the_crm_push_sends_changed_leads_in_batches_and_retries(clean: En
     async with background_server(quiet_server(app)) as url:
         cfg = make_config(clean, SDR_FOLLOWUPS_ENABLED="false")
         async with run_daemon(cfg) as d:
-            await fetch(clean.database_url, "INSERT INTO leads (phone_number, name, bill_value) "
-                        "SELECT '55119' || g, 'Lead ' || g, 100 + g FROM generate_series(1, 5) g")  # fmt: skip
+            await fetch(
+                clean.database_url,
+                "INSERT INTO leads (phone_number, name, bill_value) "
+                "SELECT '55119' || g, 'Lead ' || g, 100 + g FROM generate_series(1, 5) g",
+            )
             push = CrmPush(d.runtime.pool, f"{url}/leads", batch=2, concurrency=2, attempts=3, timeout=5, backoff=0.01)
             try:
                 first = await push()
                 second = await push()  # nothing changed since
-                await fetch(clean.database_url, "UPDATE leads SET stage = 'booked', updated_at = now() WHERE name = 'Lead 3'")
+                await fetch(
+                    clean.database_url, "UPDATE leads SET stage = 'booked', updated_at = now() WHERE name = 'Lead 3'"
+                )
                 third = await push()
             finally:
                 await push.close()
@@ -337,8 +359,9 @@ async def _when(rows: Any, ok: Any) -> Any:
 
 async def test_a_follow_up_waits_while_a_live_turn_holds_the_lead(clean: Endpoints) -> None:
     async with run_fake_evolution() as fake:
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_ENABLED="false",
-                          SDR_FOLLOWUPS_BUSY_DELAY="30")  # fmt: skip
+        cfg = make_config(
+            clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_ENABLED="false", SDR_FOLLOWUPS_BUSY_DELAY="30"
+        )
         async with run_daemon(cfg) as d:
             await a_silent_lead(d, clean, fake)
             now = datetime(2026, 11, 25, 10, 0, tzinfo=SP)

@@ -50,16 +50,25 @@ async def insert(endpoints: Endpoints) -> None:
         ids = {}
         for key, (phone, name) in LEADS.items():
             ids[key] = await conn.fetchval(
-                "INSERT INTO leads (phone_number, push_name) VALUES ($1, $2) RETURNING id", phone, name)
+                "INSERT INTO leads (phone_number, push_name) VALUES ($1, $2) RETURNING id", phone, name
+            )
         for f in ROWS:
             due = T0 + timedelta(hours=f.due_h)
             await conn.execute(
                 """INSERT INTO follow_ups (lead_id, kind, step, status, due_at, attempts, last_error,
                                            claimed_at, sent_at, updated_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
-                ids[f.lead], f.kind, f.step, f.status, due, f.attempts, f.last_error,
-                due if f.status in ("executing", "sent") else None, due if f.status == "sent" else None, BEFORE,
-            )  # fmt: skip
+                ids[f.lead],
+                f.kind,
+                f.step,
+                f.status,
+                due,
+                f.attempts,
+                f.last_error,
+                due if f.status in ("executing", "sent") else None,
+                due if f.status == "sent" else None,
+                BEFORE,
+            )
     finally:
         await conn.close()
 
@@ -102,10 +111,26 @@ async def test_list_shows_every_follow_up_newest_due_first_in_the_business_time_
 
     doc = await listed(clean)
     assert [d["id"] for d in doc] == [3, 2, 7, 5, 4, 6, 1]
-    assert list(doc[0]) == ["id", "lead_id", "phone", "name", "kind", "step", "status", "due_at", "attempts",
-                            "last_error", "claimed_at", "sent_at"]  # fmt: skip
+    assert list(doc[0]) == [
+        "id",
+        "lead_id",
+        "phone",
+        "name",
+        "kind",
+        "step",
+        "status",
+        "due_at",
+        "attempts",
+        "last_error",
+        "claimed_at",
+        "sent_at",
+    ]
     one = next(d for d in doc if d["id"] == 1)
-    assert (one["due_at"], one["sent_at"], one["status"]) == ("2026-03-01T09:00:00-03:00", "2026-03-01T09:00:00-03:00", "sent")
+    assert (one["due_at"], one["sent_at"], one["status"]) == (
+        "2026-03-01T09:00:00-03:00",
+        "2026-03-01T09:00:00-03:00",
+        "sent",
+    )
     # The time zone comes from [followups] timezone, overridable like any setting.
     utc = await listed(clean, SDR_FOLLOWUPS_TIMEZONE="UTC")
     assert next(d for d in utc if d["id"] == 1)["due_at"] == "2026-03-01T12:00:00+00:00"

@@ -39,27 +39,54 @@ from tests.helpers import event, fetch, make_config, metric, run_daemon
 PHONE = "5511987654321"
 LIMIT = 128 * 1024  # [webhook] max_body_bytes while fuzzing: oversized bodies stay cheap
 FUZZ = settings(
-    max_examples=500, deadline=None, database=None,  # no .hypothesis/ folder in the checkout
+    max_examples=500,
+    deadline=None,
+    database=None,  # no .hypothesis/ folder in the checkout
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-)  # fmt: skip
+)
 _phones = itertools.count(5511900000000)
 
 # --- strategies ---------------------------------------------------------------------
 
 SQL = [
-    "'; DROP TABLE messages; --", "' OR '1'='1", "Robert'); DROP TABLE leads;--",
-    "1; SELECT pg_sleep(10)--", "' UNION SELECT phone_number FROM leads --", "$1 $2::jsonb",
-    "$$; DELETE FROM leads; $$", "\\'; --", "%s %n {0} {{}}", "E'\\\\x00'", "/* */ -- #",
-]  # fmt: skip
+    "'; DROP TABLE messages; --",
+    "' OR '1'='1",
+    "Robert'); DROP TABLE leads;--",
+    "1; SELECT pg_sleep(10)--",
+    "' UNION SELECT phone_number FROM leads --",
+    "$1 $2::jsonb",
+    "$$; DELETE FROM leads; $$",
+    "\\'; --",
+    "%s %n {0} {{}}",
+    "E'\\\\x00'",
+    "/* */ -- #",
+]
 ODD = [
-    "😀👍🏽👨‍👩‍👧‍👦🇧🇷", "مرحبا، أريد الطاقة الشمسية", "שלום עולם", "\u202eevil\u202c",
-    "zero\u200bwidth\u200d\ufeff", "a\u0301e\u0300", "\U0010fffd\U0001f9ea", "\r\n\t\x0b\x0c",
-    "<script>alert(1)</script>", "null", "\\u0000", "नमस्ते", "Ω≈ç√∫˜µ≤", "ção à vista? R$ 350,00",
-]  # fmt: skip
+    "😀👍🏽👨‍👩‍👧‍👦🇧🇷",
+    "مرحبا، أريد الطاقة الشمسية",
+    "שלום עולם",
+    "\u202eevil\u202c",
+    "zero\u200bwidth\u200d\ufeff",
+    "a\u0301e\u0300",
+    "\U0010fffd\U0001f9ea",
+    "\r\n\t\x0b\x0c",
+    "<script>alert(1)</script>",
+    "null",
+    "\\u0000",
+    "नमस्ते",
+    "Ω≈ç√∫˜µ≤",
+    "ção à vista? R$ 350,00",
+]
 EVENT_NAMES = [
-    "messages.upsert", "MESSAGES_UPSERT", "messages-upsert", "presence.update", "PRESENCE_UPDATE",
-    "connection.update", "send.message", "",
-]  # fmt: skip
+    "messages.upsert",
+    "MESSAGES_UPSERT",
+    "messages-upsert",
+    "presence.update",
+    "PRESENCE_UPDATE",
+    "connection.update",
+    "send.message",
+    "",
+]
 
 
 def _long(s: str) -> str:
@@ -78,10 +105,19 @@ json_values = st.recursive(
     max_leaves=20,
 )
 FIELDS = [
-    ("event",), ("instance",), ("data",), ("data", "key"), ("data", "key", "remoteJid"), ("data", "key", "id"),
-    ("data", "key", "fromMe"), ("data", "pushName"), ("data", "message"), ("data", "message", "conversation"),
-    ("data", "messageTimestamp"), ("data", "messageType"),
-]  # fmt: skip
+    ("event",),
+    ("instance",),
+    ("data",),
+    ("data", "key"),
+    ("data", "key", "remoteJid"),
+    ("data", "key", "id"),
+    ("data", "key", "fromMe"),
+    ("data", "pushName"),
+    ("data", "message"),
+    ("data", "message", "conversation"),
+    ("data", "messageTimestamp"),
+    ("data", "messageType"),
+]
 
 
 def _mutated(path: tuple[str, ...], value: Any, delete: bool, text: str) -> bytes:
@@ -189,8 +225,11 @@ INCOMPRESSIBLE = "".join(chr(0x4E00 + i * 7919 % 20000) for i in range(1000))  #
         pytest.param(_with_bytes(b"\x80\xff"), 400, id="invalid-utf8"),
         pytest.param(_deep(5000), 400, id="deep-nesting"),
         # Not a 5xx, but wrong: other scripts' digits are not a phone number.
-        pytest.param(_changed(lambda e: e["data"]["key"].update(remoteJid="٥٥١١٩٨٧٦٥٤٣٢١@s.whatsapp.net")),
-                     200, id="arabic-digits"),
+        pytest.param(
+            _changed(lambda e: e["data"]["key"].update(remoteJid="٥٥١١٩٨٧٦٥٤٣٢١@s.whatsapp.net")),
+            200,
+            id="arabic-digits",
+        ),
     ],
 )
 async def test_edge_cases_found_by_fuzzing(clean: Endpoints, body: bytes, status: int) -> None:
@@ -234,8 +273,9 @@ async def test_adversarial_text_is_stored_verbatim(clean: Endpoints) -> None:
                         assert resp.json() == {"status": "stored"}
                         row = query(
                             "SELECT m.body, l.push_name FROM messages m JOIN leads l ON l.id = m.lead_id "
-                            "WHERE m.provider_id = $1", body["data"]["key"]["id"],
-                        )  # fmt: skip
+                            "WHERE m.provider_id = $1",
+                            body["data"]["key"]["id"],
+                        )
                         assert row is not None
                         assert row["body"] == expected
                         assert row["push_name"] == (None if name is None else name.replace("\x00", ""))
@@ -284,9 +324,12 @@ async def test_the_openapi_document_covers_every_route(config: Config) -> None:
 
 
 CHECKS = [
-    not_a_server_error, status_code_conformance, content_type_conformance,
-    response_headers_conformance, response_schema_conformance,
-]  # fmt: skip
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 
 async def test_schemathesis_finds_no_server_error_and_the_answers_match_the_document(

@@ -11,7 +11,7 @@ import pytest
 
 from daemon.config import Config
 from daemon.embedded import EmbeddedRedis, Endpoints
-from tests.helpers import metric, event, fetch, make_config, run_daemon
+from tests.helpers import event, fetch, make_config, metric, run_daemon
 
 PHONE = "5511987654321"
 
@@ -62,9 +62,7 @@ async def test_reads_extended_text_and_every_event_spelling(config: Config, clea
         (lambda e: e["data"].update(message={"reactionMessage": {"text": "👍"}}), "no_content"),
     ],
 )
-async def test_ignores_what_is_not_a_lead_message(
-    config: Config, clean: Endpoints, change: Any, reason: str
-) -> None:
+async def test_ignores_what_is_not_a_lead_message(config: Config, clean: Endpoints, change: Any, reason: str) -> None:
     body = event(PHONE, "ignorada")
     change(body)
     async with run_daemon(config) as d:

@@ -188,9 +188,14 @@ async def test_error_statuses_raise_transcription_error(
 
 @pytest.mark.parametrize(
     ("raw", "why"),
-    [("<html>oops</html>", "not JSON"), ('{"txt": "Oi"}', "no `text`"), ('["Oi"]', "no `text`"),
-     ('{"text": "  "}', "empty"), ('{"text": null}', "empty")],
-)  # fmt: skip
+    [
+        ("<html>oops</html>", "not JSON"),
+        ('{"txt": "Oi"}', "no `text`"),
+        ('["Oi"]', "no `text`"),
+        ('{"text": "  "}', "empty"),
+        ('{"text": null}', "empty"),
+    ],
+)
 async def test_malformed_answers_raise_transcription_error(
     fake: FakeOpenAI, transcriber: audio.Transcriber, raw: str, why: str
 ) -> None:

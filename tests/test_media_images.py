@@ -102,9 +102,11 @@ async def test_bills_are_read(capsys: pytest.CaptureFixture[str]) -> None:
         prepare_s.append(t1 - t0)
         ocr_s.append(t2 - t1)
         want = BillReading(
-            Decimal(amount.replace(".", "").replace(",", ".")), kwh, distributor,
+            Decimal(amount.replace(".", "").replace(",", ".")),
+            kwh,
+            distributor,
             date(int(due[6:]), int(due[3:5]), int(due[:2])),
-        )  # fmt: skip
+        )
         rows.append((look, want, reading))
         assert image.height > image.width  # upright, EXIF applied
 
@@ -113,11 +115,15 @@ async def test_bills_are_read(capsys: pytest.CaptureFixture[str]) -> None:
 
     n = len(rows)
     with capsys.disabled():
-        print(f"\nbills: {n}; prepare P50 {pct(prepare_s, 50) * 1000:.0f} ms, "
-              f"P95 {pct(prepare_s, 95) * 1000:.0f} ms; OCR+parse P50 {pct(ocr_s, 50):.2f} s, "
-              f"P95 {pct(ocr_s, 95):.2f} s")  # fmt: skip
-        print(f"exact: amount {score('amount')}/{n}, kWh {score('kwh')}/{n}, "
-              f"distributor {score('distributor')}/{n}, due date {score('due_date')}/{n}")
+        print(
+            f"\nbills: {n}; prepare P50 {pct(prepare_s, 50) * 1000:.0f} ms, "
+            f"P95 {pct(prepare_s, 95) * 1000:.0f} ms; OCR+parse P50 {pct(ocr_s, 50):.2f} s, "
+            f"P95 {pct(ocr_s, 95):.2f} s"
+        )
+        print(
+            f"exact: amount {score('amount')}/{n}, kWh {score('kwh')}/{n}, "
+            f"distributor {score('distributor')}/{n}, due date {score('due_date')}/{n}"
+        )
         for look, want, got in rows:
             if got != want:
                 print(f"  {look}: wanted {want}, read {got}")

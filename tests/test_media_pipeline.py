@@ -29,8 +29,15 @@ from daemon.store import PendingMessage
 from tests.bills import bill_image
 from tests.fake_openai import run_fake_openai
 from tests.helpers import (
-    event, fetch, make_config, metric, run_daemon, run_fake_evolution, start_serve, wait_for,
-)  # fmt: skip
+    event,
+    fetch,
+    make_config,
+    metric,
+    run_daemon,
+    run_fake_evolution,
+    start_serve,
+    wait_for,
+)
 from tests.voice import voice_note
 
 PHONE = "5511966665555"
@@ -55,9 +62,19 @@ async def replies(endpoints: Endpoints, phone: str = PHONE, count: int = 1) -> l
     return await wait_for(check, timeout=30)
 
 
-def image(phone: str, data: bytes | None, message_id: str, *, caption: str = "", ts: float | None = None) -> dict[str, Any]:
-    return media_event(phone, "image", message_id=message_id, instance="sdr", caption=caption,
-                       b64=b64(data) if data is not None else None, mimetype="image/jpeg", timestamp=ts)  # fmt: skip
+def image(
+    phone: str, data: bytes | None, message_id: str, *, caption: str = "", ts: float | None = None
+) -> dict[str, Any]:
+    return media_event(
+        phone,
+        "image",
+        message_id=message_id,
+        instance="sdr",
+        caption=caption,
+        b64=b64(data) if data is not None else None,
+        mimetype="image/jpeg",
+        timestamp=ts,
+    )
 
 
 async def test_a_burst_with_text_and_a_bill_photo_is_one_turn_that_uses_both(clean: Endpoints) -> None:
@@ -144,8 +161,18 @@ async def test_a_voice_note_is_transcribed_and_joins_the_burst(clean: Endpoints)
         cfg = make_config(clean, SDR_AGENT_TRANSCRIPTION_URL=llm.url)
         async with run_daemon(cfg) as d:
             note = voice_note(10)
-            await post(d.url, media_event(PHONE, "audio", message_id="AUD1", instance="sdr", b64=b64(note),
-                                          mimetype="audio/ogg; codecs=opus", seconds=10))  # fmt: skip
+            await post(
+                d.url,
+                media_event(
+                    PHONE,
+                    "audio",
+                    message_id="AUD1",
+                    instance="sdr",
+                    b64=b64(note),
+                    mimetype="audio/ogg; codecs=opus",
+                    seconds=10,
+                ),
+            )
             [reply] = await replies(clean)
     [sent] = llm.transcriptions
     assert sent["model"] == "whisper-1" and sent["language"] == "pt"
@@ -157,8 +184,18 @@ async def test_a_long_voice_note_gets_a_polite_answer(clean: Endpoints) -> None:
     cfg = make_config(clean)
     async with run_daemon(cfg) as d:
         note = voice_note(180)
-        await post(d.url, media_event(PHONE, "audio", message_id="AUD2", instance="sdr", b64=b64(note),
-                                      mimetype="audio/ogg; codecs=opus", seconds=180))  # fmt: skip
+        await post(
+            d.url,
+            media_event(
+                PHONE,
+                "audio",
+                message_id="AUD2",
+                instance="sdr",
+                b64=b64(note),
+                mimetype="audio/ogg; codecs=opus",
+                seconds=180,
+            ),
+        )
         [reply] = await replies(clean)
     assert "Seu áudio ficou um pouco longo" in reply
 
@@ -255,11 +292,14 @@ async def test_the_lead_confirms_the_value_read_from_the_bill(clean: Endpoints) 
 async def test_the_openai_backend_sends_the_prepared_photo_to_a_vision_model(clean: Endpoints) -> None:
     async with run_fake_openai() as llm:
         llm.content = "Vi sua conta de R$ 487,35, certo?"
-        cfg = make_config(clean, SDR_AGENT_BACKEND="openai", SDR_AGENT_BASE_URL=llm.url,
-                          SDR_AGENT_VISION_MODEL="gpt-4o")  # fmt: skip
+        cfg = make_config(
+            clean, SDR_AGENT_BACKEND="openai", SDR_AGENT_BASE_URL=llm.url, SDR_AGENT_VISION_MODEL="gpt-4o"
+        )
         async with run_daemon(cfg) as d:
-            await post(d.url, image(PHONE, bill_image(amount="487,35", kwh=352, size=(2480, 3508)), "IMG9",
-                                    caption="segue a conta"))  # fmt: skip
+            await post(
+                d.url,
+                image(PHONE, bill_image(amount="487,35", kwh=352, size=(2480, 3508)), "IMG9", caption="segue a conta"),
+            )
             await replies(clean)
     [request] = llm.requests
     body = request["body"]

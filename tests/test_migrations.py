@@ -45,7 +45,9 @@ async def test_migrations_apply_in_order_once_and_seed_the_knowledge_base(empty_
         after = await migrations.status(conn)
         kb = await conn.fetchval("SELECT count(*) FROM knowledge_base")
         categories = await conn.fetchval("SELECT count(DISTINCT category) FROM knowledge_base")
-        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        tables = {
+            r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
     finally:
         await conn.close()
     assert [s.applied_at for s in before.migrations] == [None] * len(before.migrations)
@@ -53,8 +55,16 @@ async def test_migrations_apply_in_order_once_and_seed_the_knowledge_base(empty_
     assert again == []
     assert all(s.applied_at is not None and s.state == "applied" for s in after.migrations)
     assert kb >= 30 and categories >= 8
-    assert tables >= {"leads", "conversations", "messages", "knowledge_base", "follow_ups", "turns",
-                      "outbox", "schema_migrations"}  # fmt: skip
+    assert tables >= {
+        "leads",
+        "conversations",
+        "messages",
+        "knowledge_base",
+        "follow_ups",
+        "turns",
+        "outbox",
+        "schema_migrations",
+    }
 
 
 async def test_concurrent_runs_apply_each_migration_once(empty_db: str) -> None:
@@ -74,7 +84,9 @@ async def test_a_failing_migration_names_the_file_and_rolls_back(empty_db: str, 
     (tmp_path / "0002_broken.sql").write_text("CREATE TABLE b (id int); SELECT * FROM nope;")
     conn = await asyncpg.connect(empty_db)
     try:
-        with pytest.raises(MigrationError, match=r"0002_broken.sql, statement 2 \(SELECT \* FROM nope\): UndefinedTableError"):
+        with pytest.raises(
+            MigrationError, match=r"0002_broken.sql, statement 2 \(SELECT \* FROM nope\): UndefinedTableError"
+        ):
             await migrations.migrate(conn, tmp_path)
         versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
         b_exists = await conn.fetchval("SELECT to_regclass('b') IS NOT NULL")
@@ -83,9 +95,7 @@ async def test_a_failing_migration_names_the_file_and_rolls_back(empty_db: str, 
     assert versions == [1] and not b_exists
 
 
-async def test_serve_refuses_an_external_database_with_pending_migrations(
-    empty_db: str, endpoints: Endpoints
-) -> None:
+async def test_serve_refuses_an_external_database_with_pending_migrations(empty_db: str, endpoints: Endpoints) -> None:
     cfg = make_config(endpoints, SDR_DATABASE_URL=empty_db)
     rt = Runtime(cfg, Endpoints(empty_db, endpoints.redis_url), auto_migrate=False)
     with pytest.raises(MigrationError, match=rf"{len(SHIPPED)} migration\(s\) pending .*run `sdrctl migrate` first"):
@@ -94,9 +104,13 @@ async def test_serve_refuses_an_external_database_with_pending_migrations(
 
 def sdrctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sdrctl", *args], cwd=REPO, capture_output=True, text=True,
-        timeout=60, env=child_env(**env),
-    )  # fmt: skip
+        [sys.executable, "-m", "sdrctl", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(**env),
+    )
 
 
 async def test_migrate_and_status_commands(empty_db: str, endpoints: Endpoints) -> None:
@@ -106,16 +120,16 @@ async def test_migrate_and_status_commands(empty_db: str, endpoints: Endpoints) 
     table = await asyncio.to_thread(sdrctl, "migrate", "status", env=env)
     assert pending.returncode == 0, pending.stderr
     doc = json.loads(pending.stdout)
-    assert [(m["version"], m["state"], m["applied_at"]) for m in doc["migrations"]] == [(v, "pending", None) for v in SHIPPED]
+    assert [(m["version"], m["state"], m["applied_at"]) for m in doc["migrations"]] == [
+        (v, "pending", None) for v in SHIPPED
+    ]
     assert doc["pending"] == len(SHIPPED) and doc["drift"] == [] and doc["invalid_indexes"] == []
     assert up.returncode == 0, up.stderr
     assert "applied 0001_schema" in up.stdout and f"{len(SHIPPED)} migration(s) applied" in up.stdout
     assert "0002" in table.stdout and "pending" not in table.stdout and "applied" in table.stdout
 
 
-async def test_serve_command_with_pending_migrations_exits_with_the_fix(
-    empty_db: str, endpoints: Endpoints
-) -> None:
+async def test_serve_command_with_pending_migrations_exits_with_the_fix(empty_db: str, endpoints: Endpoints) -> None:
     env = {"SDR_DATABASE_URL": empty_db, "SDR_REDIS_URL": endpoints.redis_url}
     result = await asyncio.to_thread(sdrctl, "serve", env=env)
     assert result.returncode == 1
@@ -170,7 +184,10 @@ def test_migrate_to_and_dry_run_commands(empty_db: str, endpoints: Endpoints) ->
     assert to.returncode == 0 and "up to 0002" in to.stdout
     assert [m["state"] for m in status["migrations"]] == ["applied", "applied"] + ["pending"] * (len(SHIPPED) - 2)
     assert "CREATE TABLE leads" not in rest.stdout and "CONCURRENTLY" in rest.stdout
-    assert bad.returncode == 1 and f"--to 0099: no such migration (known: {', '.join(f'{v:04d}' for v in SHIPPED)})" in bad.stderr
+    assert (
+        bad.returncode == 1
+        and f"--to 0099: no such migration (known: {', '.join(f'{v:04d}' for v in SHIPPED)})" in bad.stderr
+    )
 
 
 async def test_a_second_migrate_waits_for_the_lock_then_gives_up_clearly(empty_db: str, endpoints: Endpoints) -> None:
@@ -216,7 +233,9 @@ async def test_a_no_transaction_migration_builds_indexes_concurrently(empty_db: 
     (tmp_path / "0003_idx_in_tx.sql").write_text("CREATE INDEX CONCURRENTLY IF NOT EXISTS t_x2_idx ON t (x);")
     conn = await asyncpg.connect(empty_db)
     try:
-        with pytest.raises(MigrationError, match=r"0003_idx_in_tx.sql, statement 1 .*cannot run inside a transaction block"):
+        with pytest.raises(
+            MigrationError, match=r"0003_idx_in_tx.sql, statement 1 .*cannot run inside a transaction block"
+        ):
             await migrations.migrate(conn, tmp_path)
         valid = await conn.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x_idx'::regclass")
         versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
@@ -274,7 +293,9 @@ def test_status_table_shows_drift_and_invalid_indexes(empty_db: str, endpoints: 
         conn = await asyncpg.connect(empty_db)
         try:
             await conn.execute("UPDATE schema_migrations SET checksum = 'abc' WHERE version = 1")
-            await conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'follow_ups_due_idx'::regclass")
+            await conn.execute(
+                "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'follow_ups_due_idx'::regclass"
+            )
         finally:
             await conn.close()
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -56,10 +55,12 @@ async def test_a_burst_is_ordered_by_the_leads_timestamps(clean: Endpoints) -> N
     store = Store(pool, make_config(clean).profile)
     t0 = datetime.now(UTC)
     try:
-        await store.ingest_many([
-            Inbound(PHONE, None, pid, "text", text, None, t0 + timedelta(seconds=offset))
-            for pid, text, offset in (("C", "terceira", 2), ("A", "primeira", 0), ("B", "segunda", 1))
-        ])  # fmt: skip
+        await store.ingest_many(
+            [
+                Inbound(PHONE, None, pid, "text", text, None, t0 + timedelta(seconds=offset))
+                for pid, text, offset in (("C", "terceira", 2), ("A", "primeira", 0), ("B", "segunda", 1))
+            ]
+        )
         pending = await store.pending_messages(PHONE)
     finally:
         await pool.close()
@@ -69,9 +70,11 @@ async def test_a_burst_is_ordered_by_the_leads_timestamps(clean: Endpoints) -> N
 async def test_replies_go_to_the_evolution_api_when_configured(clean: Endpoints) -> None:
     async with run_fake_evolution() as evo:
         cfg = make_config(
-            clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_EVOLUTION_INSTANCE="vendas",
+            clean,
+            SDR_EVOLUTION_BASE_URL=evo.url,
+            SDR_EVOLUTION_INSTANCE="vendas",
             EVOLUTION_API_KEY="evo-key",
-        )  # fmt: skip
+        )
         async with run_daemon(cfg) as d:
             await send_burst(d.url, ["Olá!"])
             await wait_for(lambda: asyncio.sleep(0, evo.sent))
@@ -87,27 +90,38 @@ async def test_replies_go_to_the_evolution_api_when_configured(clean: Endpoints)
     assert turn["response_ms"] > 0
 
 
-EXISTS_FALSE = {"status": 400, "error": "Bad Request",
-                "response": {"message": [{"jid": "5511999990000@s.whatsapp.net", "exists": False, "number": "5511999990000"}]}}
-INTERNAL = {"status": 500, "error": "Internal Server Error", "response": {"message": "Cannot read properties of undefined"}}
-INVALID = {"status": 400, "error": "Bad Request", "response": {"message": [["instance requires property \"text\""]]}}
+EXISTS_FALSE = {
+    "status": 400,
+    "error": "Bad Request",
+    "response": {"message": [{"jid": "5511999990000@s.whatsapp.net", "exists": False, "number": "5511999990000"}]},
+}
+INTERNAL = {
+    "status": 500,
+    "error": "Internal Server Error",
+    "response": {"message": "Cannot read properties of undefined"},
+}
+INVALID = {"status": 400, "error": "Bad Request", "response": {"message": [['instance requires property "text"']]}}
 
 
 # The bodies are Evolution 2.3.6's own (tests/fixtures/evolution/SOURCES.md, Q6).
-@pytest.mark.parametrize(("answers", "status", "attempts", "delivered"), [
-    ([503, 400], "sent", 3, 1),     # 503, then 400 "Connection Closed": not delivered, retried at once
-    ([(500, INTERNAL)], "sent", 2, 1),  # uncertain: looked up, then re-sent by the outbox job
-    ([504], "sent", 2, 1),          # uncertain (a gateway timeout) likewise
-    ([(400, EXISTS_FALSE)], "failed", 1, 0),  # not on WhatsApp: final, never re-sent
-    ([(400, INVALID)], "failed", 1, 0),  # refused: final
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("answers", "status", "attempts", "delivered"),
+    [
+        ([503, 400], "sent", 3, 1),  # 503, then 400 "Connection Closed": not delivered, retried at once
+        ([(500, INTERNAL)], "sent", 2, 1),  # uncertain: looked up, then re-sent by the outbox job
+        ([504], "sent", 2, 1),  # uncertain (a gateway timeout) likewise
+        ([(400, EXISTS_FALSE)], "failed", 1, 0),  # not on WhatsApp: final, never re-sent
+        ([(400, INVALID)], "failed", 1, 0),  # refused: final
+    ],
+)
 async def test_sends_are_retried_only_when_they_certainly_did_not_arrive(
     clean: Endpoints, answers: list[Any], status: str, attempts: int, delivered: int
 ) -> None:
     async with run_fake_evolution() as evo:
         evo.answers.extend(answers)
-        cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_REDELIVER_INTERVAL="0.2",
-                          SDR_LIMITS_REDELIVER_BACKOFF="0")  # fmt: skip
+        cfg = make_config(
+            clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_REDELIVER_INTERVAL="0.2", SDR_LIMITS_REDELIVER_BACKOFF="0"
+        )
         async with run_daemon(cfg) as d:
             await send_burst(d.url, ["Olá!"])
 
@@ -123,9 +137,13 @@ async def test_sends_are_retried_only_when_they_certainly_did_not_arrive(
 
 
 async def test_unreachable_evolution_api_is_re_sent_then_recorded_as_failed(clean: Endpoints) -> None:
-    cfg = make_config(clean, SDR_EVOLUTION_BASE_URL="http://127.0.0.1:9",  # nothing listens there
-                      SDR_LIMITS_REDELIVER_INTERVAL="0.1", SDR_LIMITS_REDELIVER_ATTEMPTS="5",
-                      SDR_LIMITS_REDELIVER_BACKOFF="0")  # fmt: skip
+    cfg = make_config(
+        clean,
+        SDR_EVOLUTION_BASE_URL="http://127.0.0.1:9",  # nothing listens there
+        SDR_LIMITS_REDELIVER_INTERVAL="0.1",
+        SDR_LIMITS_REDELIVER_ATTEMPTS="5",
+        SDR_LIMITS_REDELIVER_BACKOFF="0",
+    )
     async with run_daemon(cfg) as d:
         await send_burst(d.url, ["Olá!"])
         [row] = await wait_for(lambda: fetch(clean.database_url, "SELECT * FROM outbox WHERE status = 'failed'"))
@@ -164,11 +182,14 @@ async def test_the_qualification_flow_end_to_end(clean: Endpoints) -> None:
         ]:
             before = len(await outbox(clean))
             await send_burst(d.url, texts)
-            rows = await wait_for(lambda: _more(clean, before))
+            rows = await wait_for(lambda before=before: _more(clean, before))
             assert expect in rows[-1]["body"], rows[-1]["body"]
     lead = (await fetch(clean.database_url, "SELECT * FROM leads"))[0]
     assert (lead["name"], lead["bill_value"], lead["property_type"], lead["decision_maker"]) == (
-        "Roberto", 1200, "casa", "compartilhada",
+        "Roberto",
+        1200,
+        "casa",
+        "compartilhada",
     )
     assert (lead["solution"], lead["stage"]) == ("residencial", "booked")
 

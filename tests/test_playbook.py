@@ -12,30 +12,36 @@ from daemon.config import AgentSettings
 from daemon.store import KbEntry
 
 
-@pytest.mark.parametrize(("text", "loose", "name"), [
-    ("Meu nome é Ana Paula", False, "Ana Paula"),
-    ("oi, me chamo joão", False, "João"),
-    ("aqui é o Marcos", False, "Marcos"),
-    ("Carlos Souza", True, "Carlos Souza"),
-    ("Carlos Souza", False, None),
-    ("bom dia", True, None),
-    ("quanto custa?", True, None),
-    ("tenho 2 casas", True, None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "loose", "name"),
+    [
+        ("Meu nome é Ana Paula", False, "Ana Paula"),
+        ("oi, me chamo joão", False, "João"),
+        ("aqui é o Marcos", False, "Marcos"),
+        ("Carlos Souza", True, "Carlos Souza"),
+        ("Carlos Souza", False, None),
+        ("bom dia", True, None),
+        ("quanto custa?", True, None),
+        ("tenho 2 casas", True, None),
+    ],
+)
 def test_extract_name(text: str, loose: bool, name: str | None) -> None:
     assert extract_name(text, loose=loose) == name
 
 
-@pytest.mark.parametrize(("text", "loose", "value"), [
-    ("TOTAL A PAGAR R$ 487,35", False, Decimal("487.35")),
-    ("uns 450 reais", False, Decimal("450.00")),
-    ("R$1.200,00", False, Decimal("1200.00")),
-    ("vem uns 2 mil", False, Decimal("2000.00")),
-    ("acho que 380", True, Decimal("380.00")),
-    ("acho que 380", False, None),
-    ("consumo 350 kwh", True, None),
-    ("não sei", True, None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "loose", "value"),
+    [
+        ("TOTAL A PAGAR R$ 487,35", False, Decimal("487.35")),
+        ("uns 450 reais", False, Decimal("450.00")),
+        ("R$1.200,00", False, Decimal("1200.00")),
+        ("vem uns 2 mil", False, Decimal("2000.00")),
+        ("acho que 380", True, Decimal("380.00")),
+        ("acho que 380", False, None),
+        ("consumo 350 kwh", True, None),
+        ("não sei", True, None),
+    ],
+)
 def test_extract_money(text: str, loose: bool, value: Decimal | None) -> None:
     assert extract_money(text, loose=loose) == value
 
@@ -68,13 +74,16 @@ async def nothing() -> list[KbEntry]:
     return []
 
 
-@pytest.mark.parametrize(("bill", "prop", "answer", "solution", "decision"), [
-    (200, "casa", "sou eu mesmo", "assinatura", "lead"),
-    (800, "casa", "eu e minha esposa", "residencial", "compartilhada"),
-    (800, "apartamento", "sim, eu", "assinatura", "lead"),
-    (900, "comercial", "eu e meu sócio", "projeto_sob_medida", "compartilhada"),
-    (5000, "casa", "só eu", "projeto_sob_medida", "lead"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("bill", "prop", "answer", "solution", "decision"),
+    [
+        (200, "casa", "sou eu mesmo", "assinatura", "lead"),
+        (800, "casa", "eu e minha esposa", "residencial", "compartilhada"),
+        (800, "apartamento", "sim, eu", "assinatura", "lead"),
+        (900, "comercial", "eu e meu sócio", "projeto_sob_medida", "compartilhada"),
+        (5000, "casa", "só eu", "projeto_sob_medida", "lead"),
+    ],
+)
 async def test_the_solution_follows_the_bill_and_the_property(
     bill: int, prop: str, answer: str, solution: str, decision: str
 ) -> None:
@@ -85,10 +94,16 @@ async def test_the_solution_follows_the_bill_and_the_property(
     assert ("quem decide com você" in reply.text) == (decision == "compartilhada")
 
 
-@pytest.mark.parametrize(("text", "kind"), [
-    ("é uma casa térrea", "casa"), ("moro em apartamento", "apartamento"), ("tenho uma loja", "comercial"),
-    ("é um sítio", "rural"), ("não sei", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("é uma casa térrea", "casa"),
+        ("moro em apartamento", "apartamento"),
+        ("tenho uma loja", "comercial"),
+        ("é um sítio", "rural"),
+        ("não sei", None),
+    ],
+)
 def test_extract_property(text: str, kind: str | None) -> None:
     assert extract_property(text) == kind
 
@@ -101,9 +116,18 @@ async def test_the_qualification_stages_in_order() -> None:
         lead = {**lead, **reply.lead_updates}
         said.append((lead["stage"], reply.text))
     assert [stage for stage, _ in said] == [
-        "ask_name", "ask_bill", "ask_property", "ask_decision", "offer_meeting", "booked",
-    ]  # fmt: skip
+        "ask_name",
+        "ask_bill",
+        "ask_property",
+        "ask_decision",
+        "offer_meeting",
+        "booked",
+    ]
     assert (lead["name"], lead["bill_value"], lead["property_type"], lead["decision_maker"], lead["solution"]) == (
-        "Carlos", Decimal("650.00"), "casa", "lead", "residencial",
-    )  # fmt: skip
+        "Carlos",
+        Decimal("650.00"),
+        "casa",
+        "lead",
+        "residencial",
+    )
     assert "R$ 585,00 por mês" in said[4][1]  # 90 % of the bill

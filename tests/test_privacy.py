@@ -18,8 +18,14 @@ PHONE = "5511922221111"
 
 
 def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sdrctl", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env=child_env(**env))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sdrctl", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(**env),
+    )
 
 
 def test_phone_numbers_are_masked_in_text() -> None:
@@ -45,8 +51,12 @@ def test_log_records_are_masked_args_and_tracebacks_included(caplog: pytest.LogC
 
 async def test_serve_masks_phones_in_its_logs_and_never_prints_the_token(clean: Endpoints, tmp_path: Path) -> None:
     secret = "s3cr3t-token-value"
-    env = {"SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url,
-           "SDRCTL_WEBHOOK_TOKEN": secret, "SDR_DAEMON_LOG_LEVEL": "debug"}  # fmt: skip
+    env = {
+        "SDR_DATABASE_URL": clean.database_url,
+        "SDR_REDIS_URL": clean.redis_url,
+        "SDRCTL_WEBHOOK_TOKEN": secret,
+        "SDR_DAEMON_LOG_LEVEL": "debug",
+    }
     serve = await start_serve(env, tmp_path / "serve.log")
     try:
         await serve.wait_ready()

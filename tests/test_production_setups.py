@@ -21,11 +21,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from daemon.buffer import DUE
+from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import load_config
 from daemon.connections import database_target, redis_client, redis_target
 from daemon.embedded import Endpoints
 from daemon.metrics import Metrics
-from daemon.cache import CacheInvalidations, TwoTierCache
 from tests import servers
 from tests.helpers import FAST_PROFILE, event, fetch, make_config, run_daemon, sdrctl, start_serve, wait_for
 
@@ -33,8 +33,12 @@ LEADS = 30
 BURST = ("Oi, boa tarde", "Queria saber sobre energia solar", "Quanto custa pra instalar?")
 # Windows wide enough that a burst posted 30 ms apart is one turn on a loaded 2-core
 # machine (the test profile's 0.1-0.25 s windows are for single-lead tests).
-WINDOWS = {"SDR_BUFFER_MIN_WINDOW": "1.0", "SDR_BUFFER_QUIET_WINDOW": "1.0",
-           "SDR_BUFFER_EXTENDED_WINDOW": "1.5", "SDR_TIMEOUTS_MESSAGE_BUFFER": "3.0"}  # fmt: skip
+WINDOWS = {
+    "SDR_BUFFER_MIN_WINDOW": "1.0",
+    "SDR_BUFFER_QUIET_WINDOW": "1.0",
+    "SDR_BUFFER_EXTENDED_WINDOW": "1.5",
+    "SDR_TIMEOUTS_MESSAGE_BUFFER": "3.0",
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +87,21 @@ async def run_bursts(env: dict[str, str], log: Path, direct_url: str) -> None:
             await asyncio.gather(*(lead(http, p) for p in phones))
 
         async def all_answered() -> bool:
-            rows = await fetch(direct_url, "SELECT count(*) AS n FROM messages WHERE direction = 'in' AND turn_id IS NULL")
+            rows = await fetch(
+                direct_url, "SELECT count(*) AS n FROM messages WHERE direction = 'in' AND turn_id IS NULL"
+            )
             replies = await fetch(direct_url, "SELECT count(DISTINCT phone_number) AS n FROM outbox")
             return rows[0]["n"] == 0 and replies[0]["n"] == LEADS
 
         await wait_for(all_answered, timeout=60)
-        turns = await fetch(direct_url, """
+        turns = await fetch(
+            direct_url,
+            """
             SELECT l.phone_number, count(DISTINCT t.id) AS turns, count(DISTINCT o.turn_id) AS replied,
                    max(t.messages_joined) AS joined
               FROM leads l JOIN turns t ON t.lead_id = l.id LEFT JOIN outbox o ON o.turn_id = t.id
-             GROUP BY l.phone_number""")  # fmt: skip
+             GROUP BY l.phone_number""",
+        )
         assert sorted(r["phone_number"] for r in turns) == sorted(phones)
         assert {(r["turns"], r["replied"], r["joined"]) for r in turns} == {(1, 1, len(BURST))}
         stored = await fetch(direct_url, "SELECT count(*) AS n FROM messages WHERE direction = 'in'")
@@ -209,8 +218,15 @@ async def test_not_ready_while_redis_refuses_the_buffer_and_one_log_line(
 ) -> None:
     """A plain client pointed at a cluster node that does not own the buffer's slot: PING
     answers, every claim gets MOVED (what the daemon did before it spoke Cluster)."""
-    slot = int(subprocess.run([servers.REDIS_CLI, "-p", str(cluster[0]), "cluster", "keyslot", DUE],
-                              capture_output=True, text=True, check=True, env=servers._server_env()).stdout)  # fmt: skip
+    slot = int(
+        subprocess.run(
+            [servers.REDIS_CLI, "-p", str(cluster[0]), "cluster", "keyslot", DUE],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=servers._server_env(),
+        ).stdout
+    )
     r = aioredis.Redis(port=cluster[0])
     owners = {int(p) for lo, hi, (_, p, *_), *_ in await r.cluster("SLOTS") if lo <= slot <= hi}  # type: ignore[misc]
     await r.aclose()

@@ -30,9 +30,20 @@ def bottleneck_line(out: str) -> str:
 async def test_a_profiled_run_shows_the_pipeline_and_names_the_agent(tmp_path: Path) -> None:
     html, report = tmp_path / "profile.html", tmp_path / "profile.json"
     code, out, err = await sdrctl(
-        "profile", "--leads", "5", "--duration", "5", "--time-scale", "1", "--profile", FAST_PROFILE,
-        "--html", str(html), "--json", str(report),
-    )  # fmt: skip
+        "profile",
+        "--leads",
+        "5",
+        "--duration",
+        "5",
+        "--time-scale",
+        "1",
+        "--profile",
+        FAST_PROFILE,
+        "--html",
+        str(html),
+        "--json",
+        str(report),
+    )
     assert code == 0, err
     tree = out[out.index("call tree:") : out.index("response time by stage")]
     assert "daemon/turn.py" in tree and "TurnRunner" in tree
@@ -76,8 +87,9 @@ async def test_url_mode_reads_a_running_daemons_metrics(config: Config, tmp_path
     b = json.loads(report.read_text())["breakdown"]
     names = [r["name"] for r in b["rows"]]
     assert b["turns"] == 3 and {"buffer wait + overhead", "context", "agent", "store"} <= set(names)
-    assert any(line.startswith(f"bottleneck: {round(r['share'] * 100)} % of response time is {r['name']}")
-               for r in b["rows"])  # fmt: skip
+    assert any(
+        line.startswith(f"bottleneck: {round(r['share'] * 100)} % of response time is {r['name']}") for r in b["rows"]
+    )
     agent = b["rows"][names.index("agent")]
     assert agent_s is not None and agent["total_ms"] == pytest.approx(agent_s * 1000)  # what the daemon itself counted
     assert agent["p50_ms"] <= agent["p95_ms"]
@@ -103,9 +115,11 @@ def test_bucket_quantiles_interpolate_like_prometheus() -> None:
 
 def test_turn_records_split_the_response_time_and_name_the_bottleneck() -> None:
     turn: dict[str, Any] = {
-        "response_ms": 1000.0, "window_ms": 200.0, "reply_ms": 100.0,
+        "response_ms": 1000.0,
+        "window_ms": 200.0,
+        "reply_ms": 100.0,
         "stages": {"context": 50.0, "knowledge": 30.0, "agent": 600.0},
-    }  # fmt: skip
+    }
     b = breakdown_from_turns([turn, {**turn, "response_ms": None}], parallel_knowledge=True)
     rows = {r.name: r for r in b.rows}
     assert b.turns == 1 and rows["overhead"].total_ms == pytest.approx(50.0)

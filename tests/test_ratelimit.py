@@ -26,8 +26,11 @@ class Clock:
 
 def typing_event(phone: str) -> dict[str, Any]:
     jid = f"{phone}@s.whatsapp.net"
-    return {"event": "presence.update", "instance": "sdr",
-            "data": {"id": jid, "presences": {jid: {"lastKnownPresence": "composing"}}}}  # fmt: skip
+    return {
+        "event": "presence.update",
+        "instance": "sdr",
+        "data": {"id": jid, "presences": {jid: {"lastKnownPresence": "composing"}}},
+    }
 
 
 def test_a_bucket_allows_the_burst_then_the_rate() -> None:

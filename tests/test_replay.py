@@ -10,11 +10,11 @@ import pytest
 
 from daemon.config import Config, load_config
 from daemon.embedded import Endpoints
-from daemon.evolution import split_message
 from daemon.errors import ConfigError
+from daemon.evolution import split_message
 from daemon.replay import parse_file, parse_lines, pseudonym, replay
-from tests.helpers import sdrctl as run_cli
 from tests.helpers import FAST_PROFILE, REPO, run_daemon
+from tests.helpers import sdrctl as run_cli
 
 SOLAR = REPO / "replays" / "solar.jsonl"
 FAST = "200"  # --speed where the recorded spacing does not matter: the tests run quicker
@@ -58,9 +58,7 @@ async def test_the_shipped_set_replays_without_differences() -> None:
     shipped = parse_file(SOLAR)
     assert len(shipped) >= 10 and len({c.phone for c in shipped}) == len(shipped)
     bursts = sum(len(c.bursts) for c in shipped)
-    code, out, err = await sdrctl(
-        "replay", str(SOLAR), "--check", "--speed", "50", "--profile", FAST_PROFILE
-    )
+    code, out, err = await sdrctl("replay", str(SOLAR), "--check", "--speed", "50", "--profile", FAST_PROFILE)
     assert code == 0, out + err
     assert f"{bursts} turns: {bursts} exact, 0 changed, 0 missing, 0 extra" in out
     assert "check passed: 0 difference(s), 0 tolerated" in out
@@ -68,9 +66,7 @@ async def test_the_shipped_set_replays_without_differences() -> None:
 
 async def test_an_edited_reply_fails_the_check_and_tolerate_accepts_it(tmp_path: Path) -> None:
     docs = solar_lines("c04")
-    n, edited = next(
-        (i, d) for i, d in enumerate(docs) if d["direction"] == "out" and "Prazer" in str(d["text"])
-    )
+    n, edited = next((i, d) for i, d in enumerate(docs) if d["direction"] == "out" and "Prazer" in str(d["text"]))
     edited["text"] = "Prazer, Diego! Qual é a sua cidade?"
     path = write_jsonl(tmp_path / "edited.jsonl", docs)
     code, out, err = await sdrctl("replay", str(path), "--check", "--speed", FAST, "--profile", FAST_PROFILE)
@@ -82,9 +78,18 @@ async def test_an_edited_reply_fails_the_check_and_tolerate_accepts_it(tmp_path:
     assert "check failed: 1 difference(s), 0 tolerated" in out
 
     code, out, err = await sdrctl(
-        "replay", str(path), "--check", "--tolerate", "1", "--speed", FAST, "--profile", FAST_PROFILE,
-        "--json", str(tmp_path / "result.json"),
-    )  # fmt: skip
+        "replay",
+        str(path),
+        "--check",
+        "--tolerate",
+        "1",
+        "--speed",
+        FAST,
+        "--profile",
+        FAST_PROFILE,
+        "--json",
+        str(tmp_path / "result.json"),
+    )
     assert code == 0, out + err
     assert "check passed: 1 difference(s), 1 tolerated" in out
     result = json.loads((tmp_path / "result.json").read_text())
@@ -133,12 +138,17 @@ async def test_a_reply_split_into_parts_is_compared_whole() -> None:
     ("line", "message"),
     [
         ("{not json", ":2: invalid JSON"),
-        ('{"conversation": "c1", "phone": "5511999990000", "direction": "sideways", "text": "oi", '
-         '"ts": "2026-11-20T14:03:05-03:00"}', ":2: unknown direction 'sideways'"),
-        ('{"conversation": "c1", "phone": "5511999990000", "direction": "in", '
-         '"ts": "2026-11-20T14:03:05-03:00"}', ":2: missing field 'text'"),
+        (
+            '{"conversation": "c1", "phone": "5511999990000", "direction": "sideways", "text": "oi", '
+            '"ts": "2026-11-20T14:03:05-03:00"}',
+            ":2: unknown direction 'sideways'",
+        ),
+        (
+            '{"conversation": "c1", "phone": "5511999990000", "direction": "in", "ts": "2026-11-20T14:03:05-03:00"}',
+            ":2: missing field 'text'",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_a_malformed_line_exits_2_naming_the_line(tmp_path: Path, line: str, message: str) -> None:
     good = solar_lines("c01")[0]
     path = tmp_path / "bad.jsonl"
@@ -161,23 +171,17 @@ def test_lines_of_a_conversation_go_in_time_order() -> None:
         parse_lines([json.dumps(second), json.dumps(first)], "x")
 
 
-async def test_an_export_replays_without_differences(
-    config: Config, clean: Endpoints, tmp_path: Path
-) -> None:
+async def test_an_export_replays_without_differences(config: Config, clean: Endpoints, tmp_path: Path) -> None:
     recorded = await fill(config, "c02", "c06")
     db = {"SDR_DATABASE_URL": clean.database_url}
     exported = tmp_path / "export.jsonl"
-    code, out, err = await sdrctl(
-        "export", "--since", "1d", "-o", str(exported), "--profile", FAST_PROFILE, env=db
-    )
+    code, out, err = await sdrctl("export", "--since", "1d", "-o", str(exported), "--profile", FAST_PROFILE, env=db)
     assert code == 0, err
     assert "exported 2 conversation(s)" in err
     lines = [json.loads(x) for x in exported.read_text().splitlines()]
     # The same messages and replies, in the same order, as the recording played in.
     assert by_lead(lines) == by_lead(recorded)
-    code, out, err = await sdrctl(
-        "replay", str(exported), "--check", "--speed", FAST, "--profile", FAST_PROFILE
-    )
+    code, out, err = await sdrctl("replay", str(exported), "--check", "--speed", FAST, "--profile", FAST_PROFILE)
     assert code == 0, out + err
     assert "check passed: 0 difference(s)" in out
 
@@ -185,9 +189,17 @@ async def test_an_export_replays_without_differences(
 async def test_replay_from_the_database_uses_a_fresh_daemon(config: Config, clean: Endpoints) -> None:
     await fill(config, "c05", "c08")
     code, out, err = await sdrctl(
-        "replay", "--from-db", "--lead", "5562993210505", "--check", "--speed", FAST,
-        "--profile", FAST_PROFILE, env={"SDR_DATABASE_URL": clean.database_url},
-    )  # fmt: skip
+        "replay",
+        "--from-db",
+        "--lead",
+        "5562993210505",
+        "--check",
+        "--speed",
+        FAST,
+        "--profile",
+        FAST_PROFILE,
+        env={"SDR_DATABASE_URL": clean.database_url},
+    )
     assert code == 0, out + err
     assert "replaying 1 conversation(s) from database" in err
     assert "6 turns: 6 exact" in out  # a lead already booked in the database would not be

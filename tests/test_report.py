@@ -61,17 +61,45 @@ LEADS = {"A": ("5511900000001", "Ana"), "B": ("5511900000002", EVIL), "C": ("551
 KNOWN = [
     T("A", 0, 10, 4000, {"context": 12, "agent": 3500, "store": 4}, hits=2, misses=1, messages=3),
     # A's next burst starts during its first turn: A counts once among the leads in progress.
-    T("A", 5, 20, 9000, {"context": 15, "agent": 8800, "store": 5}, timeouts=["agent"], misses=2,
-      messages=2, outcome="fallback"),
+    T(
+        "A",
+        5,
+        20,
+        9000,
+        {"context": 15, "agent": 8800, "store": 5},
+        timeouts=["agent"],
+        misses=2,
+        messages=2,
+        outcome="fallback",
+    ),
     T("B", 8, 15, 1500, {"context": 9, "knowledge": 40, "agent": 1300, "store": 3}, hits=1, misses=1),
-    T("C", 12, 30, 6000, {"context": 30, "knowledge": 2000, "agent": 3600, "store": 6},
-      timeouts=["knowledge"], hits=1, misses=1, messages=4),
+    T(
+        "C",
+        12,
+        30,
+        6000,
+        {"context": 30, "knowledge": 2000, "agent": 3600, "store": 6},
+        timeouts=["knowledge"],
+        hits=1,
+        misses=1,
+        messages=4,
+    ),
     T("C", 40, 50, None, {"context": 8, "agent": 900, "store": 3}, failures=["send"], hits=3),
     T("B", 100, 103, 800, {"context": 7, "agent": 600, "store": 2}, hits=1),
-    *(T("B", 200 + 20 * k, 202 + 20 * k, ms, {"context": 10 + k, "knowledge": 30 + k, "agent": ms - 200,
-        "store": 2 + k}, hits=k, misses=1, messages=1 + k % 2)
-      for k, ms in enumerate([1200, 2500, 3300, 4700, 5200, 12000])),
-]  # fmt: skip
+    *(
+        T(
+            "B",
+            200 + 20 * k,
+            202 + 20 * k,
+            ms,
+            {"context": 10 + k, "knowledge": 30 + k, "agent": ms - 200, "store": 2 + k},
+            hits=k,
+            misses=1,
+            messages=1 + k % 2,
+        )
+        for k, ms in enumerate([1200, 2500, 3300, 4700, 5200, 12000])
+    ),
+]
 OUTSIDE = [  # finished before or after the window: never counted
     T("A", -30, -5, 60000, {"agent": 59000}, timeouts=["agent"]),
     T("C", 3590, 3605, 60000, {"agent": 59000}),
@@ -88,9 +116,11 @@ async def insert_known(endpoints: Endpoints) -> None:
         ids = {}
         for key, (phone, name) in LEADS.items():
             lead = await conn.fetchval(
-                "INSERT INTO leads (phone_number, push_name) VALUES ($1, $2) RETURNING id", phone, name)
+                "INSERT INTO leads (phone_number, push_name) VALUES ($1, $2) RETURNING id", phone, name
+            )
             conv = await conn.fetchval(
-                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone)
+                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone
+            )
             ids[key] = (lead, conv)
         for t in KNOWN + OUTSIDE:
             first, end = T0 + timedelta(seconds=t.first), T0 + timedelta(seconds=t.end)
@@ -99,9 +129,18 @@ async def insert_known(endpoints: Endpoints) -> None:
                        last_message_at, started_at, finished_at, buffer_wait_ms, response_ms, stages,
                        timeouts, failures, cache_hits, cache_misses, agent_backend, outcome)
                    VALUES ($1, $2, $3, $4, $4, $4, $5, 0, $6, $7::jsonb, $8, $9, $10, $11, 'playbook', $12)""",
-                *ids[t.lead], t.messages, first, end, t.response_ms, json.dumps(t.stages),
-                t.timeouts, t.failures, t.hits, t.misses, t.outcome,
-            )  # fmt: skip
+                *ids[t.lead],
+                t.messages,
+                first,
+                end,
+                t.response_ms,
+                json.dumps(t.stages),
+                t.timeouts,
+                t.failures,
+                t.hits,
+                t.misses,
+                t.outcome,
+            )
     finally:
         await conn.close()
 
@@ -137,9 +176,13 @@ async def test_kpis_from_known_turns_are_exact(clean: Endpoints) -> None:
     # 10 500 ms > 10 s; 2/12 > 10 %; the hit rate and the peak are within their targets.
     assert [k.key for k in r.missed] == ["response_p95_ms", "timeout_rate"]
     assert {k.key: k.met for k in r.kpis} == {
-        "response_p95_ms": False, "timeout_rate": False, "cache_hit_rate": True,
-        "peak_concurrent_leads": True, "turns": None, "messages_per_turn": None,
-    }  # fmt: skip
+        "response_p95_ms": False,
+        "timeout_rate": False,
+        "cache_hit_rate": True,
+        "peak_concurrent_leads": True,
+        "turns": None,
+        "messages_per_turn": None,
+    }
 
     assert [s.stage for s in r.stages] == ["context", "knowledge", "agent", "store", "send"]
     for s in r.stages:
@@ -147,7 +190,8 @@ async def test_kpis_from_known_turns_are_exact(clean: Endpoints) -> None:
         assert s.turns == len(values)
         if values:
             assert (s.p50_ms, s.p95_ms, s.p99_ms) == pytest.approx(
-                tuple(percentile_cont(values, q) for q in (0.5, 0.95, 0.99)), rel=1e-12)
+                tuple(percentile_cont(values, q) for q in (0.5, 0.95, 0.99)), rel=1e-12
+            )
         assert s.timeouts == sum(s.stage in t.timeouts for t in KNOWN)
         assert s.failures == sum(s.stage in t.failures for t in KNOWN)
     send = r.stages[-1]  # failed, never timed: listed with its failure, no times
@@ -155,7 +199,10 @@ async def test_kpis_from_known_turns_are_exact(clean: Endpoints) -> None:
 
     assert r.outcomes == {"fallback": 1, "ok": 11}
     assert [(t.phone, t.response_ms) for t in r.slowest] == [
-        ("5511900000002", 12000), ("5511900000001", 9000), ("5511900000003", 6000)]
+        ("5511900000002", 12000),
+        ("5511900000001", 9000),
+        ("5511900000003", 6000),
+    ]
     assert r.slowest[1].timeouts == ["agent"] and list(r.slowest[1].stages) == ["context", "agent", "store"]
     assert sum(b.turns for b in r.histogram) == 11
     assert sum(p.turns for p in r.timeline) == 12
@@ -167,23 +214,75 @@ async def test_json_has_stable_keys_and_check_exits_1_only_on_a_miss(clean: Endp
     code, out, err = await sdrctl("report", *SPAN, "--json", "--check", env=env)
     assert code == 1, err
     doc = json.loads(out)
-    assert set(doc) == {"from", "to", "empty", "turns", "slo_met", "missed", "kpis", "response_ms",
-                        "stages", "outcomes", "slowest", "timeline", "histogram", "followups", "bursts"}  # fmt: skip
-    assert set(doc["bursts"]) == {"interrupt_window_s", "replies", "interrupted", "interrupted_rate",
-                                  "discarded_replies", "agent_calls", "agent_calls_per_turn"}  # fmt: skip
-    assert (doc["from"], doc["to"], doc["turns"], doc["empty"]) == ("2026-03-01T12:00:00Z", "2026-03-01T13:00:00Z", 12, False)
-    assert list(doc["kpis"]) == ["response_p95_ms", "timeout_rate", "cache_hit_rate",
-                                 "peak_concurrent_leads", "turns", "messages_per_turn"]  # fmt: skip
+    assert set(doc) == {
+        "from",
+        "to",
+        "empty",
+        "turns",
+        "slo_met",
+        "missed",
+        "kpis",
+        "response_ms",
+        "stages",
+        "outcomes",
+        "slowest",
+        "timeline",
+        "histogram",
+        "followups",
+        "bursts",
+    }
+    assert set(doc["bursts"]) == {
+        "interrupt_window_s",
+        "replies",
+        "interrupted",
+        "interrupted_rate",
+        "discarded_replies",
+        "agent_calls",
+        "agent_calls_per_turn",
+    }
+    assert (doc["from"], doc["to"], doc["turns"], doc["empty"]) == (
+        "2026-03-01T12:00:00Z",
+        "2026-03-01T13:00:00Z",
+        12,
+        False,
+    )
+    assert list(doc["kpis"]) == [
+        "response_p95_ms",
+        "timeout_rate",
+        "cache_hit_rate",
+        "peak_concurrent_leads",
+        "turns",
+        "messages_per_turn",
+    ]
     p95 = doc["kpis"]["response_p95_ms"]
-    assert p95 == {"label": "P95 response time", "value": 10500.0, "unit": "ms", "target": 5000.0,
-                   "objective": "max", "met": False}  # sdr.toml: 5 s
+    assert p95 == {
+        "label": "P95 response time",
+        "value": 10500.0,
+        "unit": "ms",
+        "target": 5000.0,
+        "objective": "max",
+        "met": False,
+    }  # sdr.toml: 5 s
     assert doc["kpis"]["timeout_rate"]["unit"] == "ratio" and doc["kpis"]["timeout_rate"]["target"] == 0.01
     assert doc["slo_met"] is False and doc["missed"] == ["response_p95_ms", "timeout_rate", "cache_hit_rate"]
     assert set(doc["stages"][0]) == {"stage", "turns", "p50_ms", "p95_ms", "p99_ms", "timeouts", "failures"}
-    assert set(doc["slowest"][0]) == {"turn_id", "phone", "name", "finished_at", "response_ms", "outcome",
-                                      "stages", "timeouts"}  # fmt: skip
+    assert set(doc["slowest"][0]) == {
+        "turn_id",
+        "phone",
+        "name",
+        "finished_at",
+        "response_ms",
+        "outcome",
+        "stages",
+        "timeouts",
+    }
     assert doc["timeline"]["bucket_s"] == 300 and set(doc["timeline"]["points"][0]) == {
-        "at", "turns", "response_p95_ms", "cache_hit_rate", "timeout_rate"}
+        "at",
+        "turns",
+        "response_p95_ms",
+        "cache_hit_rate",
+        "timeout_rate",
+    }
     assert set(doc["histogram"][0]) == {"low_ms", "high_ms", "turns"}
     assert "SLO missed: P95 response time 10,500 ms, target ≤ 5,000 ms" in err
     assert "SLO missed: timeout rate" in err and "peak concurrent" not in err
@@ -238,7 +337,9 @@ FOLLOW_UPS = [
     F("C", "reengage", "sent", 30),  # C writes 23 h 59 min later (after the window ends): a reply
     F("A", "nurture", "sent", 40),  # A's only message was before it
     F("C", "meeting_confirmation", "sent", 45),  # the same message of C, 23 h 44 min later: a reply
-    F("C", "winback", "sent", 5),  # a kind the report does not know: listed after the others; C's message is 24 h 24 min later
+    F(
+        "C", "winback", "sent", 5
+    ),  # a kind the report does not know: listed after the others; C's message is 24 h 24 min later
     F("A", "nurture", "sent", -120),  # sent before the window: A's message is a reply, but not counted
     F("B", "reengage", "sent", 120),  # after the window
     F("B", "nurture", "failed", 5),
@@ -250,7 +351,13 @@ FOLLOW_UPS = [
     F("C", "meeting_reminder", "executing", 0),  # being sent: in no column
 ]
 # Minutes after T0 each lead's messages were received; "out" ones are ours and never a reply.
-MESSAGES = [("A", "in", 20), ("B", "in", 14), ("B", "out", 16), ("B", "in", 15 + 25 * 60), ("C", "in", 30 + 23 * 60 + 59)]
+MESSAGES = [
+    ("A", "in", 20),
+    ("B", "in", 14),
+    ("B", "out", 16),
+    ("B", "in", 15 + 25 * 60),
+    ("C", "in", 30 + 23 * 60 + 59),
+]
 
 
 def expected_followups() -> dict[str, dict[str, float | int | None]]:
@@ -261,12 +368,17 @@ def expected_followups() -> dict[str, dict[str, float | int | None]]:
         mine = [f for f in FOLLOW_UPS if f.kind == k]
         in_window = [f for f in mine if 0 <= f.at < end]
         sent = [f for f in in_window if f.status == "sent"]
-        replied = sum(any(lead == f.lead and d == "in" and f.at < at <= f.at + 24 * 60 for lead, d, at in MESSAGES)
-                      for f in sent)  # fmt: skip
-        kinds[k] = {"sent": len(sent), "failed": sum(f.status == "failed" for f in in_window),
-                    "cancelled": sum(f.status == "cancelled" for f in in_window),
-                    "pending": sum(f.status == "pending" for f in mine), "replied": replied,
-                    "reply_rate": replied / len(sent) if sent else None}  # fmt: skip
+        replied = sum(
+            any(lead == f.lead and d == "in" and f.at < at <= f.at + 24 * 60 for lead, d, at in MESSAGES) for f in sent
+        )
+        kinds[k] = {
+            "sent": len(sent),
+            "failed": sum(f.status == "failed" for f in in_window),
+            "cancelled": sum(f.status == "cancelled" for f in in_window),
+            "pending": sum(f.status == "pending" for f in mine),
+            "replied": replied,
+            "reply_rate": replied / len(sent) if sent else None,
+        }
     return kinds
 
 
@@ -278,23 +390,36 @@ async def insert_followups(endpoints: Endpoints) -> None:
         for key, (phone, name) in LEADS.items():
             lead = await conn.fetchval(
                 """INSERT INTO leads (phone_number, push_name) VALUES ($1, $2)
-                   ON CONFLICT (phone_number) DO UPDATE SET updated_at = now() RETURNING id""", phone, name)
+                   ON CONFLICT (phone_number) DO UPDATE SET updated_at = now() RETURNING id""",
+                phone,
+                name,
+            )
             conv = await conn.fetchval("SELECT id FROM conversations WHERE lead_id = $1", lead) or await conn.fetchval(
-                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone)
+                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone
+            )
             ids[key] = (lead, conv)
         for f in FOLLOW_UPS:
             at = T0 + timedelta(minutes=f.at)
             await conn.execute(
                 """INSERT INTO follow_ups (lead_id, kind, status, due_at, sent_at, updated_at)
                    VALUES ($1, $2, $3, $4, $5, $6)""",
-                ids[f.lead][0], f.kind, f.status, at if f.status in ("pending", "executing") else at - timedelta(minutes=1),
-                at if f.status == "sent" else None, T0 - timedelta(days=2) if f.status in ("pending", "executing") else at,
-            )  # fmt: skip
+                ids[f.lead][0],
+                f.kind,
+                f.status,
+                at if f.status in ("pending", "executing") else at - timedelta(minutes=1),
+                at if f.status == "sent" else None,
+                T0 - timedelta(days=2) if f.status in ("pending", "executing") else at,
+            )
         for lead, direction, minutes in MESSAGES:
             at = T0 + timedelta(minutes=minutes)
             await conn.execute(
                 """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
-                   VALUES ($1, $2, $3, 'oi', $4, $4)""", ids[lead][1], ids[lead][0], direction, at)  # fmt: skip
+                   VALUES ($1, $2, $3, 'oi', $4, $4)""",
+                ids[lead][1],
+                ids[lead][0],
+                direction,
+                at,
+            )
     finally:
         await conn.close()
 
@@ -310,8 +435,14 @@ async def test_followup_kpis_from_known_rows_are_exact(clean: Endpoints) -> None
     got = {s.kind: s.to_dict() for s in r.followups}
     assert list(got) == ["reengage", "nurture", "meeting_confirmation", "meeting_reminder", "winback"]
     assert got == expected_followups()
-    assert got["reengage"] == {"sent": 3, "failed": 0, "cancelled": 0, "pending": 1, "replied": 2,
-                               "reply_rate": pytest.approx(2 / 3)}  # fmt: skip
+    assert got["reengage"] == {
+        "sent": 3,
+        "failed": 0,
+        "cancelled": 0,
+        "pending": 1,
+        "replied": 2,
+        "reply_rate": pytest.approx(2 / 3),
+    }
     assert got["nurture"] == {"sent": 1, "failed": 1, "cancelled": 1, "pending": 0, "replied": 0, "reply_rate": 0.0}
     assert got["meeting_confirmation"]["reply_rate"] == 1.0 and got["meeting_reminder"]["reply_rate"] is None
     total = r.followups_total
@@ -332,17 +463,25 @@ async def test_followups_in_the_table_json_and_html(clean: Endpoints, tmp_path: 
 
     code, out, err = await sdrctl("report", *SPAN, env=env)
     assert code == 0, err
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-            for line in out.splitlines() if line.count("│") == 8}  # fmt: skip
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+        for line in out.splitlines()
+        if line.count("│") == 8
+    }
     assert rows["reengage"] == ["3", "0", "0", "1", "2", "66.67 %"]
     assert rows["meeting_reminder"] == ["0", "0", "0", "1", "0", "n/a"]
     assert rows["total"] == ["6", "1", "1", "2", "3", "50.00 %"]
     assert "replied ≤ 24 h" in out
 
     text = page.read_text()
-    section = text[text.index("<h2>Follow-ups</h2>"):]
-    assert '<tr><th class="l">total</th><th>6</th><th>1</th><th>1</th><th>2</th><th>3</th><th>50.00 %</th></tr>' in section
-    assert '<tr><td class="l">reengage</td><td>3</td><td>0</td><td>0</td><td>1</td><td>2</td><td>66.67 %</td></tr>' in section
+    section = text[text.index("<h2>Follow-ups</h2>") :]
+    assert (
+        '<tr><th class="l">total</th><th>6</th><th>1</th><th>1</th><th>2</th><th>3</th><th>50.00 %</th></tr>' in section
+    )
+    assert (
+        '<tr><td class="l">reengage</td><td>3</td><td>0</td><td>0</td><td>1</td><td>2</td><td>66.67 %</td></tr>'
+        in section
+    )
 
 
 async def test_followups_show_in_a_window_without_turns(clean: Endpoints, tmp_path: Path) -> None:
@@ -388,8 +527,12 @@ class R:
     identity: str | None = None  # the outbox rows' phone_number (default: the lead's phone)
 
 
-BURST_LEADS = {"D": ("5511900000004", None), "E": ("5511900000005", None),
-               "F": ("5511900000006", "123456789012345@lid"), "G": ("5511900000007", None)}  # fmt: skip
+BURST_LEADS = {
+    "D": ("5511900000004", None),
+    "E": ("5511900000005", None),
+    "F": ("5511900000006", "123456789012345@lid"),
+    "G": ("5511900000007", None),
+}
 BURST_TURNS = [
     # Delivered at 15, the lead writes again at 18 (its next turn's message): interrupted.
     R("d1", "D", [10, 11], 14, [("sent", 15), ("sent", 15.5)]),
@@ -414,8 +557,16 @@ BURST_TURNS = [
     R("g2", "G", [3580], 3590, [("sent", 3601)]),
 ]
 # Inbound messages no turn of BURST_TURNS lists: (lead, seconds, the turn that answered it).
-BURST_LATER = [("D", 46, None), ("E", 25, None), ("E", 114, None), ("E", 119.5, None), ("F", 305, None),
-               ("G", -17, None), ("G", 502, None), ("G", 3603, None)]  # fmt: skip
+BURST_LATER = [
+    ("D", 46, None),
+    ("E", 25, None),
+    ("E", 114, None),
+    ("E", 119.5, None),
+    ("F", 305, None),
+    ("G", -17, None),
+    ("G", 502, None),
+    ("G", 3603, None),
+]
 # discarded_at, seconds after T0: [start, end) counts.
 DISCARDED = [("D", 12), ("E", 108), ("E", 111), ("D", -60), ("G", 3600)]
 INTERRUPTED = {5: ["d1", "e1", "f1", "g2"], 20: ["d1", "d2", "e1", "e2", "f1", "g2"]}
@@ -426,10 +577,10 @@ async def insert_bursts(endpoints: Endpoints) -> None:
     try:
         ids = {}
         for key, (phone, lid) in BURST_LEADS.items():
-            lead = await conn.fetchval(
-                "INSERT INTO leads (phone_number, lid) VALUES ($1, $2) RETURNING id", phone, lid)
+            lead = await conn.fetchval("INSERT INTO leads (phone_number, lid) VALUES ($1, $2) RETURNING id", phone, lid)
             conv = await conn.fetchval(
-                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone)
+                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone
+            )
             ids[key] = (lead, conv)
 
         def at(seconds: float) -> datetime:
@@ -441,29 +592,55 @@ async def insert_bursts(endpoints: Endpoints) -> None:
                 """INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
                        last_message_at, started_at, finished_at, buffer_wait_ms, agent_backend, outcome)
                    VALUES ($1, $2, $3, $4, $5, $5, $6, 0, 'playbook', 'ok') RETURNING id""",
-                lead, conv, len(r.messages), at(r.messages[0]), at(r.messages[-1]), at(r.end))  # fmt: skip
+                lead,
+                conv,
+                len(r.messages),
+                at(r.messages[0]),
+                at(r.messages[-1]),
+                at(r.end),
+            )
             for seconds in r.messages:
                 await conn.execute(
                     """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at, turn_id)
-                       VALUES ($1, $2, 'in', 'oi', $3, $3, $4)""", conv, lead, at(seconds), turn)  # fmt: skip
+                       VALUES ($1, $2, 'in', 'oi', $3, $3, $4)""",
+                    conv,
+                    lead,
+                    at(seconds),
+                    turn,
+                )
             await conn.execute(
                 """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
-                   VALUES ($1, $2, 'out', 'resposta', $3, $3)""", conv, lead, at(r.end))  # fmt: skip
+                   VALUES ($1, $2, 'out', 'resposta', $3, $3)""",
+                conv,
+                lead,
+                at(r.end),
+            )
             for status, sent in r.parts:
                 await conn.execute(
                     """INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, sent_at)
                        VALUES ($1, $2, $3, 'parte', $4, $5)""",
-                    lead, turn, r.identity or BURST_LEADS[r.lead][0], status, None if sent is None else at(sent),
-                )  # fmt: skip
+                    lead,
+                    turn,
+                    r.identity or BURST_LEADS[r.lead][0],
+                    status,
+                    None if sent is None else at(sent),
+                )
         for key, seconds, _ in BURST_LATER:
             lead, conv = ids[key]
             await conn.execute(
                 """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
-                   VALUES ($1, $2, 'in', 'mais', $3, $3)""", conv, lead, at(seconds))  # fmt: skip
+                   VALUES ($1, $2, 'in', 'mais', $3, $3)""",
+                conv,
+                lead,
+                at(seconds),
+            )
         for key, seconds in DISCARDED:
             await conn.execute(
                 """INSERT INTO discarded_replies (lead_id, discarded_at, message_ids, reason, agent_ms)
-                   VALUES ($1, $2, '{}', 'newer_message', 900)""", ids[key][0], at(seconds))  # fmt: skip
+                   VALUES ($1, $2, '{}', 'newer_message', 900)""",
+                ids[key][0],
+                at(seconds),
+            )
     finally:
         await conn.close()
 
@@ -474,7 +651,8 @@ def expected_bursts(window_s: float) -> dict[str, float | int | None]:
     turns = [r for r in BURST_TURNS if 0 <= r.end < end]
     replies = [r for r in turns if r.parts[0][0] == "sent"]
     later = [(lead, s) for lead, s, _ in BURST_LATER] + [
-        (r.lead, s) for r in BURST_TURNS for s in r.messages]  # with the turn that answered it
+        (r.lead, s) for r in BURST_TURNS for s in r.messages
+    ]  # with the turn that answered it
 
     def interrupted(r: R) -> bool:
         sent = r.parts[0][1]
@@ -484,9 +662,15 @@ def expected_bursts(window_s: float) -> dict[str, float | int | None]:
     hit = [r.key for r in replies if interrupted(r)]
     assert hit == INTERRUPTED[int(window_s)]  # the cases say what they are
     discarded = sum(0 <= s < end for _, s in DISCARDED)
-    return {"interrupt_window_s": float(window_s), "replies": len(replies), "interrupted": len(hit),
-            "interrupted_rate": len(hit) / len(replies), "discarded_replies": discarded,
-            "agent_calls": len(turns) + discarded, "agent_calls_per_turn": (len(turns) + discarded) / len(turns)}  # fmt: skip
+    return {
+        "interrupt_window_s": float(window_s),
+        "replies": len(replies),
+        "interrupted": len(hit),
+        "interrupted_rate": len(hit) / len(replies),
+        "discarded_replies": discarded,
+        "agent_calls": len(turns) + discarded,
+        "agent_calls_per_turn": (len(turns) + discarded) / len(turns),
+    }
 
 
 async def test_interrupted_and_discarded_replies_from_a_known_history(clean: Endpoints, tmp_path: Path) -> None:
@@ -496,10 +680,19 @@ async def test_interrupted_and_discarded_replies_from_a_known_history(clean: End
     assert code == 0, err
     doc = json.loads(out)
     assert doc["turns"] == 9
-    assert doc["bursts"] == expected_bursts(5) == {
-        "interrupt_window_s": 5.0, "replies": 7, "interrupted": 4, "interrupted_rate": pytest.approx(4 / 7),
-        "discarded_replies": 3, "agent_calls": 12, "agent_calls_per_turn": pytest.approx(12 / 9),
-    }  # fmt: skip
+    assert (
+        doc["bursts"]
+        == expected_bursts(5)
+        == {
+            "interrupt_window_s": 5.0,
+            "replies": 7,
+            "interrupted": 4,
+            "interrupted_rate": pytest.approx(4 / 7),
+            "discarded_replies": 3,
+            "agent_calls": 12,
+            "agent_calls_per_turn": pytest.approx(12 / 9),
+        }
+    )
 
     code, out, err = await sdrctl("report", *SPAN, "--interrupt-window", "20", "--json", env=env)
     assert code == 0, err
@@ -509,14 +702,17 @@ async def test_interrupted_and_discarded_replies_from_a_known_history(clean: End
     page = tmp_path / "report.html"
     code, out, err = await sdrctl("report", *SPAN, "--html", str(page), env=env)
     assert code == 0, err
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-            for line in out.splitlines() if line.count("│") == 4}  # fmt: skip
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+        for line in out.splitlines()
+        if line.count("│") == 4
+    }
     assert rows["interrupted replies (estimate)"][0] == "4 of 7 (57.14 %)"
     assert "within 5 s after the reply was delivered" in rows["interrupted replies (estimate)"][1]
     assert rows["discarded replies"][0] == "3"
     assert rows["agent calls per turn"] == ["1.33", "(turns 9 + discarded 3) / turns 9"]
     text = page.read_text()
-    section = text[text.index("<h2>Bursts</h2>"):text.index("<h2>Slowest turns</h2>")]
+    section = text[text.index("<h2>Bursts</h2>") : text.index("<h2>Slowest turns</h2>")]
     assert "<td>interrupted replies (estimate)</td><td>4 of 7 (57.14 %)</td>" in section
     assert "<td>agent calls per turn</td><td>1.33</td>" in section
 
@@ -529,23 +725,37 @@ async def test_bursts_without_replies_or_turns(clean: Endpoints) -> None:
     try:
         r = await build_report(conn, WINDOW, SloSettings())
         lead = await conn.fetchval("SELECT id FROM leads LIMIT 1")
-        await conn.execute("""INSERT INTO discarded_replies (lead_id, discarded_at, message_ids, reason)
-                              VALUES ($1, $2, '{}', 'typing')""", lead, T0 + timedelta(days=1))  # fmt: skip
+        await conn.execute(
+            """INSERT INTO discarded_replies (lead_id, discarded_at, message_ids, reason)
+                              VALUES ($1, $2, '{}', 'typing')""",
+            lead,
+            T0 + timedelta(days=1),
+        )
         empty = await build_report(conn, Window(T0 + timedelta(days=1), T0 + timedelta(days=2)), SloSettings())
     finally:
         await conn.close()
-    assert r.bursts.to_dict() == {"interrupt_window_s": 5.0, "replies": 0, "interrupted": 0, "interrupted_rate": None,
-                                  "discarded_replies": 0, "agent_calls": 12, "agent_calls_per_turn": 1.0}  # fmt: skip
+    assert r.bursts.to_dict() == {
+        "interrupt_window_s": 5.0,
+        "replies": 0,
+        "interrupted": 0,
+        "interrupted_rate": None,
+        "discarded_replies": 0,
+        "agent_calls": 12,
+        "agent_calls_per_turn": 1.0,
+    }
     assert empty.empty and empty.bursts.discarded == 1 and empty.bursts.agent_calls_per_turn is None
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "60.5", "abc", "nan", "inf"])
 async def test_a_bad_interrupt_window_exits_2_saying_what_is_allowed(value: str) -> None:
-    code, out, err = await sdrctl("report", "--interrupt-window", value,
-                                  env={"SDR_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"})  # fmt: skip
+    code, out, err = await sdrctl(
+        "report", "--interrupt-window", value, env={"SDR_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"}
+    )
     assert code == 2 and out == ""
-    assert err.strip() == (f"error: --interrupt-window {value!r}: use a number of seconds from 0.1 to 60, such as "
-                           "5: how soon after a reply is delivered a message of the lead means it was still typing")  # fmt: skip
+    assert err.strip() == (
+        f"error: --interrupt-window {value!r}: use a number of seconds from 0.1 to 60, such as "
+        "5: how soon after a reply is delivered a message of the lead means it was still typing"
+    )
 
 
 # --- the HTML page -----------------------------------------------------------------------
@@ -557,8 +767,8 @@ def png_pixels(path: Path) -> tuple[int, int, list[tuple[int, int, int]]]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat, width = 8, b"", 0
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunk = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, colour = struct.unpack(">IIBB", chunk[:10])
             assert depth == 8 and colour in (2, 6), (depth, colour)
@@ -570,7 +780,7 @@ def png_pixels(path: Path) -> tuple[int, int, list[tuple[int, int, int]]]:
     rows: list[bytearray] = []
     prev = bytearray(stride)
     for y in range(height):
-        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             a = line[i - bpp] if i >= bpp else 0
             b, c = prev[i], prev[i - bpp] if i >= bpp else 0
@@ -592,7 +802,7 @@ def png_pixels(path: Path) -> tuple[int, int, list[tuple[int, int, int]]]:
 
 def near(pixel: tuple[int, int, int], colour: str, tolerance: int = 12) -> bool:
     want = (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16))
-    return all(abs(p - w) <= tolerance for p, w in zip(pixel, want))
+    return all(abs(p - w) <= tolerance for p, w in zip(pixel, want, strict=False))
 
 
 async def chromium(*args: str, tmp: Path) -> str:
@@ -600,9 +810,16 @@ async def chromium(*args: str, tmp: Path) -> str:
     if binary is None:
         pytest.fail("headless Chromium is needed to check the HTML report: apt-get install chromium")
     proc = await asyncio.create_subprocess_exec(
-        binary, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp / 'chromium'}", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_env(),
-    )  # fmt: skip
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp / 'chromium'}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(),
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 0, err.decode()
     return out.decode()
@@ -615,8 +832,16 @@ async def test_html_is_self_contained_escaped_and_renders_in_chromium(clean: End
     assert code == 0, err
     text = page.read_text()
     # Nothing fetched: no URL at all, no script, no stylesheet link; a viewport for phones.
-    assert "http://" not in text and "https://" not in text and "//" not in re.sub(r"<style>.*?</style>", "", text, flags=re.DOTALL)
-    assert not re.search(r"<(script|link|img|iframe)\b", text, re.IGNORECASE) and "src=" not in text and "href=" not in text
+    assert (
+        "http://" not in text
+        and "https://" not in text
+        and "//" not in re.sub(r"<style>.*?</style>", "", text, flags=re.DOTALL)
+    )
+    assert (
+        not re.search(r"<(script|link|img|iframe)\b", text, re.IGNORECASE)
+        and "src=" not in text
+        and "href=" not in text
+    )
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
     assert text.count("<svg viewBox=") == 4
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; Bia" in text and EVIL not in text

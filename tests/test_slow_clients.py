@@ -82,9 +82,7 @@ def enough_fds(needed: int) -> None:
 
 async def test_a_slowloris_neither_stops_the_intake_nor_keeps_its_connections(clean: Endpoints) -> None:
     enough_fds(2 * SLOW + 1000)  # both ends of each connection are in this process
-    cfg = make_config(
-        clean, SDR_TIMEOUTS_REQUEST_READ=str(DEADLINE), SDR_POOLS_WEBHOOKS_IN_FLIGHT=str(IN_FLIGHT)
-    )
+    cfg = make_config(clean, SDR_TIMEOUTS_REQUEST_READ=str(DEADLINE), SDR_POOLS_WEBHOOKS_IN_FLIGHT=str(IN_FLIGHT))
     seen, stop, gate, rng = Slowloris(), asyncio.Event(), asyncio.Semaphore(256), random.Random(7)
     sent: list[str] = []
     answers: list[httpx.Response] = []
@@ -238,9 +236,10 @@ async def test_idle_keep_alive_late_bodies_and_stray_bytes_are_closed(
         trickle = asyncio.create_task(stray())
         try:
             lives = await asyncio.gather(
-                closed_by_server(idle_r, idle_since), closed_by_server(late_r, late_since),
+                closed_by_server(idle_r, idle_since),
+                closed_by_server(late_r, late_since),
                 closed_by_server(stray_r, stray_since),
-            )  # fmt: skip
+            )
         finally:
             trickle.cancel()
             for w in (idle_w, late_w, stray_w):

@@ -22,9 +22,19 @@ async def test_a_two_minute_soak_reports_the_figures_and_stays_flat(tmp_path: Pa
     # the run is not CPU-starved while other work shares the machine.
     report = tmp_path / "soak.json"
     code, out, err = await sdrctl(
-        "bench", "--soak", "2m", "--leads", "40", "--time-scale", "0.25", "--scenario", "quick-typers",
-        "--json", str(report), timeout=400,
-    )  # fmt: skip
+        "bench",
+        "--soak",
+        "2m",
+        "--leads",
+        "40",
+        "--time-scale",
+        "0.25",
+        "--scenario",
+        "quick-typers",
+        "--json",
+        str(report),
+        timeout=400,
+    )
     data = json.loads(report.read_text())
     assert code == 0, (out, err, data.get("trends"))
     assert data["seconds"] == 120 and data["warmup_s"] == 30 and data["sample_every_s"] == 1

@@ -31,10 +31,14 @@ ALL_KEYS = [f"{s}.{f.name}" for s, cls in PROFILE_SECTIONS.items() for f in data
 def tune(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`sdrctl tune ...` in the current directory, without the shell's settings."""
     return subprocess.run(
-        [sys.executable, "-m", "sdrctl", "tune", *args], cwd=Path.cwd(),
+        [sys.executable, "-m", "sdrctl", "tune", *args],
+        cwd=Path.cwd(),
         env=child_env(**{"COLUMNS": "250", **(env or {})}),
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def values(name: str) -> dict[str, Any]:
@@ -65,8 +69,11 @@ def test_show_prints_every_knob_with_unit_range_and_meaning(workdir: Path) -> No
         assert key.split(".")[1] in r.stdout
     lines = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") > 4}
     assert [c.strip() for c in lines["agent"].split("│")[2:6]] == [
-        "45.0", "s", "0.05 to 300", "agent call for one turn"
-    ]  # fmt: skip
+        "45.0",
+        "s",
+        "0.05 to 300",
+        "agent call for one turn",
+    ]
     assert [c.strip() for c in lines["coalesce"].split("│")[2:5]] == ["false", "", "true | false"]
 
 
@@ -148,13 +155,19 @@ def test_set_keeps_a_hand_written_files_order_and_opening_comments(workdir: Path
         ("timeouts.agent=301", "timeouts.agent=301: must be a number from 0.05 to 300 (s)"),
         ("pools.db_max_size=2.5", "pools.db_max_size=2.5: must be an integer from 1 to 500"),
         ("buffer.coalesce=maybe", "buffer.coalesce=maybe: must be true or false"),
-        ("buffer.quiet_window=4", "[buffer] windows must satisfy min_window (0.5) <= quiet_window (4) <= extended_window (3)"),
+        (
+            "buffer.quiet_window=4",
+            "[buffer] windows must satisfy min_window (0.5) <= quiet_window (4) <= extended_window (3)",
+        ),
         ("pools.db_min_size=11", "[pools] db_min_size = 11 must not exceed db_max_size = 10"),
         ("buffer.extended_window=21", "[buffer] extended_window = 21 must not exceed [timeouts] message_buffer = 20"),
-        ("timeouts.knowledge_base=31", "[timeouts] knowledge_base = 31 must not exceed agent = 30 while [features] parallel_context is on"),
+        (
+            "timeouts.knowledge_base=31",
+            "[timeouts] knowledge_base = 31 must not exceed agent = 30 while [features] parallel_context is on",
+        ),
         ("timeouts.redis_lock_ttl=6", "[timeouts] redis_lock_ttl = 6 must be more than 3 x redis = 2"),
     ],
-)  # fmt: skip
+)
 def test_set_refuses_bad_input_and_leaves_the_file_untouched(mine: Path, arg: str, message: str) -> None:
     text = mine.read_bytes()
     r = tune("set", "-p", "mine", "timeouts.webhook=25", arg)
@@ -305,15 +318,20 @@ async def test_recommend_proposes_p99_times_headroom_from_the_turns(clean: Endpo
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if "timeouts.agent" in line)
     assert [c.strip() for c in row.split("│")[1:10]] == [
-        "agent", "timeouts.agent", "300", "1", f"{percentile_cont(AGENT_MS, 0.5):.1f}",
-        f"{percentile_cont(AGENT_MS, 0.95):.1f}", "2970.1", "30.0", str(expected_timeout(AGENT_MS, 4)),
-    ]  # fmt: skip
+        "agent",
+        "timeouts.agent",
+        "300",
+        "1",
+        f"{percentile_cont(AGENT_MS, 0.5):.1f}",
+        f"{percentile_cont(AGENT_MS, 0.95):.1f}",
+        "2970.1",
+        "30.0",
+        str(expected_timeout(AGENT_MS, 4)),
+    ]
     assert "not enough samples (50)" in r.stdout
 
 
-async def test_recommend_write_applies_the_proposals_through_the_validated_write(
-    clean: Endpoints, mine: Path
-) -> None:
+async def test_recommend_write_applies_the_proposals_through_the_validated_write(clean: Endpoints, mine: Path) -> None:
     await insert_turns(clean.database_url, known_turns())
     before = values("mine")
     env = {"SDR_DATABASE_URL": clean.database_url}
@@ -401,13 +419,17 @@ async def insert_bursts(url: str, gaps_ms: list[int], *, agent_ms: float | None 
         for n, phone in enumerate(("5511900002221", "5511900002222")):
             lead = await conn.fetchval("INSERT INTO leads (phone_number) VALUES ($1) RETURNING id", phone)
             conv = await conn.fetchval(
-                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone)
+                "INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2) RETURNING id", lead, phone
+            )
             await conn.execute(
                 """INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
                        last_message_at, started_at, finished_at, buffer_wait_ms, stages, agent_backend, outcome)
                    VALUES ($1, $2, 1, $3, $3, $3, $3, 0, $4::jsonb, 'playbook', 'ok')""",
-                lead, conv, now - timedelta(minutes=1), json.dumps({} if agent_ms is None else {"agent": agent_ms}),
-            )  # fmt: skip
+                lead,
+                conv,
+                now - timedelta(minutes=1),
+                json.dumps({} if agent_ms is None else {"agent": agent_ms}),
+            )
             mine = gaps_ms[n::2]
             at = now - timedelta(minutes=55) + timedelta(milliseconds=7 * n)  # the leads' messages interleave
             # Before the window: a 10 ms pause that must not count.
@@ -415,7 +437,7 @@ async def insert_bursts(url: str, gaps_ms: list[int], *, agent_ms: float | None 
             rows += [(conv, lead, "in", old), (conv, lead, "in", old + timedelta(milliseconds=10))]
             for i in range(0, len(mine), 5):
                 rows.append((conv, lead, "in", at))
-                for gap in mine[i:i + 5]:
+                for gap in mine[i : i + 5]:
                     at += timedelta(milliseconds=gap)
                     rows.append((conv, lead, "in", at))
                     counted.append(gap)
@@ -423,12 +445,17 @@ async def insert_bursts(url: str, gaps_ms: list[int], *, agent_ms: float | None 
                 rows.append((conv, lead, "out", at))  # our reply: the next message starts a burst
                 at += timedelta(milliseconds=900)
             if n == 0:  # 120 s apart counts (a slow typist); 120.5 s is a new conversation
-                rows += [(conv, lead, "in", at), (conv, lead, "in", at + timedelta(seconds=120)),
-                         (conv, lead, "in", at + timedelta(seconds=240.5))]  # fmt: skip
+                rows += [
+                    (conv, lead, "in", at),
+                    (conv, lead, "in", at + timedelta(seconds=120)),
+                    (conv, lead, "in", at + timedelta(seconds=240.5)),
+                ]
                 counted.append(120_000)
         await conn.executemany(
             """INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts, received_at)
-               VALUES ($1, $2, $3, 'oi', $4, $4)""", rows)  # fmt: skip
+               VALUES ($1, $2, $3, 'oi', $4, $4)""",
+            rows,
+        )
         assert max(r[3] for r in rows) < now
         return counted
     finally:
@@ -473,7 +500,11 @@ async def test_recommend_proposes_settle_window_from_the_gaps_inside_bursts(clea
     assert "98 % of the gaps at or below it, rounded up to 0.1 s" in settle["rule"]
     # The median pause (2.8 s) is longer than quiet_window (1.0 s in recommended): unchanged.
     window = current["buffer.quiet_window"]
-    assert window < 2.8 and (quiet["key"], quiet["current"], quiet["proposed"]) == ("buffer.quiet_window", window, window)
+    assert window < 2.8 and (quiet["key"], quiet["current"], quiet["proposed"]) == (
+        "buffer.quiet_window",
+        window,
+        window,
+    )
     assert "min(current, P50 gap)" in quiet["rule"] and quiet["note"] == "unchanged: the median pause is not shorter"
 
     curve = {p["settle_window_s"]: p for p in buffer["curve"]}
@@ -495,8 +526,11 @@ async def test_recommend_proposes_settle_window_from_the_gaps_inside_bursts(clea
     # The text says the same, rules included.
     r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", "1h", env=env)
     assert r.returncode == 0, r.stderr
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-            for line in r.stdout.splitlines() if line.count("│") > 3}  # fmt: skip
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+        for line in r.stdout.splitlines()
+        if line.count("│") > 3
+    }
     assert rows["251"] == [f"{percentile_cont(seconds, q):.2f}" for q in (0.5, 0.9, 0.95, 0.98, 0.99)]
     assert rows["5.2"] == ["5", "1.99 %", f"{5.2 - window:.2f}", f"{5.2 - window - 0.8:.2f}", "proposed"]
     assert rows["buffer.settle_window"][:2] == [str(current["buffer.settle_window"]), "5.2"]
@@ -512,7 +546,8 @@ async def test_recommend_writes_the_buffer_windows_and_shortens_a_long_quiet_win
     before = values("mine")
     env = {"SDR_DATABASE_URL": clean.database_url}
     r = await asyncio.to_thread(
-        tune, "recommend", "-p", "mine", "--since", "1h", "--burst-coverage", "0.9", "--write", env=env)
+        tune, "recommend", "-p", "mine", "--since", "1h", "--burst-coverage", "0.9", "--write", env=env
+    )
     assert r.returncode == 0, r.stderr
     # 90 % of 251: the 226th shortest gap, 4.8 s; the median 2.8 s is shorter than quiet_window 4.
     assert tenth_up(percentile_disc([*GAPS_MS, 120_000], 0.9)) == 4.8
@@ -526,7 +561,11 @@ async def test_recommend_writes_the_buffer_windows_and_shortens_a_long_quiet_win
     r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", "1h", "--json", env=env)
     quiet = json.loads(r.stdout)["buffer"]["proposals"][1]
     low = before["buffer.min_window"]
-    assert low > 0.2 and (quiet["current"], quiet["proposed"], quiet["note"]) == (2.8, low, f"raised to min_window {low:g} s")
+    assert low > 0.2 and (quiet["current"], quiet["proposed"], quiet["note"]) == (
+        2.8,
+        low,
+        f"raised to min_window {low:g} s",
+    )
 
 
 async def asyncpg_execute(url: str, sql: str) -> None:
@@ -548,10 +587,12 @@ async def test_recommend_makes_no_buffer_change_with_too_few_gaps(clean: Endpoin
     after = values("mine")
     assert after["timeouts.agent"] == expected_timeout(AGENT_MS)  # the stages' proposals are written
     assert {k: v for k, v in after.items() if k.startswith("buffer.")} == {
-        k: v for k, v in before.items() if k.startswith("buffer.")}  # fmt: skip
+        k: v for k, v in before.items() if k.startswith("buffer.")
+    }
     # Fewer are enough when asked for.
-    r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", "1h", "--min-samples", "150", "--json",
-                                env=env)  # fmt: skip
+    r = await asyncio.to_thread(
+        tune, "recommend", "-p", "mine", "--since", "1h", "--min-samples", "150", "--json", env=env
+    )
     assert r.returncode == 0, r.stderr
     settle = json.loads(r.stdout)["buffer"]["proposals"][0]
     assert settle["proposed"] == tenth_up(percentile_disc(gaps, 0.98)) and settle["note"] == ""
@@ -563,8 +604,12 @@ def test_propose_buffer_rules() -> None:
     p = dataclasses.replace(shipped, buffer=dataclasses.replace(shipped.buffer, speculate=True, coalesce=True))
     b = p.buffer
     thresholds = tuning.gap_thresholds(p)
-    gaps = tuning.GapStats(300, {0.5: 0.05, 0.9: 3.0, 0.95: 4.0, 0.98: 130.0, 0.99: 150.0}, 130.0,
-                           {**dict.fromkeys(thresholds, 7), 130.0: 0})  # fmt: skip
+    gaps = tuning.GapStats(
+        300,
+        {0.5: 0.05, 0.9: 3.0, 0.95: 4.0, 0.98: 130.0, 0.99: 150.0},
+        130.0,
+        {**dict.fromkeys(thresholds, 7), 130.0: 0},
+    )
     out = tuning.propose_buffer(p, gaps, 0.98, 200, agent_p50_ms=None)
     settle, quiet = out.changes
     assert (settle.proposed, settle.note) == (120.0, "cut to the knob's maximum 120 s")

@@ -18,9 +18,15 @@ from daemon.embedded import Endpoints
 from daemon.turn import FALLBACK
 from tests.fake_openai import run_fake_openai
 from tests.helpers import (
+    event,
+    fetch,
+    make_config,
     metric,
-    event, fetch, make_config, run_daemon, run_fake_evolution, start_serve, wait_for,
-)  # fmt: skip
+    run_daemon,
+    run_fake_evolution,
+    start_serve,
+    wait_for,
+)
 
 PHONE = "5511977776666"
 
@@ -86,7 +92,7 @@ async def test_racing_bursts_on_two_daemons_never_overlap_and_nothing_is_dropped
         await wait_for(all_answered, timeout=20)
     turns = await rows(clean, "SELECT started_at, finished_at, messages_joined FROM turns ORDER BY started_at")
     assert sum(t["messages_joined"] for t in turns) == 6
-    for earlier, later in zip(turns, turns[1:]):
+    for earlier, later in zip(turns, turns[1:], strict=False):
         assert earlier["finished_at"] <= later["started_at"], "two turns of one lead overlapped"
     assert len(await rows(clean, "SELECT * FROM outbox")) == len(turns)
 
@@ -147,9 +153,13 @@ async def test_a_turn_whose_store_fails_is_retried_and_answered_once(clean: Endp
 
 async def test_a_message_whose_buffer_entry_was_lost_is_still_answered(clean: Endpoints) -> None:
     cfg = make_config(
-        clean, SDR_BUFFER_QUIET_WINDOW="0.5", SDR_BUFFER_SWEEP_INTERVAL="1", SDR_TIMEOUTS_AGENT="0.5",
-        SDR_TIMEOUTS_REDIS_LOCK_TTL="0.5", SDR_TIMEOUTS_EVOLUTION_SEND="0.2",
-    )  # fmt: skip
+        clean,
+        SDR_BUFFER_QUIET_WINDOW="0.5",
+        SDR_BUFFER_SWEEP_INTERVAL="1",
+        SDR_TIMEOUTS_AGENT="0.5",
+        SDR_TIMEOUTS_REDIS_LOCK_TTL="0.5",
+        SDR_TIMEOUTS_EVOLUTION_SEND="0.2",
+    )
     async with run_daemon(cfg) as d:
         await post_all(d.url, [event(PHONE, "Olá")])
         await d.runtime.redis.delete(DUE, FIRST)  # e.g. Redis restarted without its data
@@ -167,7 +177,7 @@ async def test_caches_hit_after_the_first_turn_and_stay_bounded(clean: Endpoints
         for question in ["Quanto custa?", "quanto custa", "Tem garantia?", "E a manutenção?", "Funciona à noite?"]:
             before = len(await rows(clean, "SELECT id FROM outbox"))
             await post_all(d.url, [event(PHONE, question)])
-            await wait_for(lambda: _more(clean, before))
+            await wait_for(lambda before=before: _more(clean, before))
         text = await metrics_of(d.url)
         assert len(d.runtime.knowledge) <= 2
         assert len(d.runtime.leads) == 1
@@ -193,7 +203,7 @@ async def test_caches_off_reads_postgres_every_time(clean: Endpoints) -> None:
         for question in ["Quanto custa?", "Quanto custa?"]:
             before = len(await rows(clean, "SELECT id FROM outbox"))
             await post_all(d.url, [event(PHONE, question)])
-            await wait_for(lambda: _more(clean, before))
+            await wait_for(lambda before=before: _more(clean, before))
     turns = await rows(clean, "SELECT cache_hits, cache_misses FROM turns ORDER BY id")
     assert [(t["cache_hits"], t["cache_misses"]) for t in turns] == [(0, 2), (0, 2)]
 
@@ -204,9 +214,15 @@ async def test_metrics_expose_every_documented_series(config: Any, clean: Endpoi
         await wait_for(lambda: rows(clean, "SELECT * FROM outbox"))
         names = {f.name for f in text_string_to_metric_families(await metrics_of(d.url))}
     assert names >= {
-        "sdr_response_time_seconds", "sdr_stage_seconds", "sdr_timeouts", "sdr_cache_hits",
-        "sdr_cache_misses", "sdr_webhooks", "sdr_active_leads", "sdr_turns_in_flight",
-    }  # fmt: skip
+        "sdr_response_time_seconds",
+        "sdr_stage_seconds",
+        "sdr_timeouts",
+        "sdr_cache_hits",
+        "sdr_cache_misses",
+        "sdr_webhooks",
+        "sdr_active_leads",
+        "sdr_turns_in_flight",
+    }
 
 
 # --- the adaptive window --------------------------------------------------------------
@@ -225,12 +241,17 @@ def test_the_window_adapts_to_context_within_its_bounds() -> None:
 
 
 async def test_typing_extends_a_pending_burst_but_never_past_the_cap(clean: Endpoints) -> None:
-    cfg = make_config(clean, SDR_BUFFER_QUIET_WINDOW="0.3", SDR_BUFFER_EXTENDED_WINDOW="5", SDR_TIMEOUTS_MESSAGE_BUFFER="1")
+    cfg = make_config(
+        clean, SDR_BUFFER_QUIET_WINDOW="0.3", SDR_BUFFER_EXTENDED_WINDOW="5", SDR_TIMEOUTS_MESSAGE_BUFFER="1"
+    )
     presence = {
-        "event": "presence.update", "instance": "sdr",
-        "data": {"id": f"{PHONE}@s.whatsapp.net",
-                 "presences": {f"{PHONE}@s.whatsapp.net": {"lastKnownPresence": "composing"}}},
-    }  # fmt: skip
+        "event": "presence.update",
+        "instance": "sdr",
+        "data": {
+            "id": f"{PHONE}@s.whatsapp.net",
+            "presences": {f"{PHONE}@s.whatsapp.net": {"lastKnownPresence": "composing"}},
+        },
+    }
     async with run_daemon(cfg) as d:
         idle = (await post_all(d.url, [presence]))[0].json()
         await post_all(d.url, [event(PHONE, "oi")])
@@ -250,9 +271,13 @@ async def test_typing_extends_a_pending_burst_but_never_past_the_cap(clean: Endp
 
 async def test_legacy_answers_message_by_message(clean: Endpoints) -> None:
     short = {
-        "SDR_BUFFER_MIN_WINDOW": "0.2", "SDR_BUFFER_QUIET_WINDOW": "0.2", "SDR_BUFFER_EXTENDED_WINDOW": "0.2",
-        "SDR_TIMEOUTS_MESSAGE_BUFFER": "0.2", "SDR_TIMEOUTS_SHUTDOWN_GRACE": "5", "SDR_LIMITS_LOCK_BACKOFF": "0.01",
-    }  # fmt: skip
+        "SDR_BUFFER_MIN_WINDOW": "0.2",
+        "SDR_BUFFER_QUIET_WINDOW": "0.2",
+        "SDR_BUFFER_EXTENDED_WINDOW": "0.2",
+        "SDR_TIMEOUTS_MESSAGE_BUFFER": "0.2",
+        "SDR_TIMEOUTS_SHUTDOWN_GRACE": "5",
+        "SDR_LIMITS_LOCK_BACKOFF": "0.01",
+    }
     urls = {"SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url}
     legacy = load_config(None, "legacy", {**urls, **short})
     assert not legacy.profile.buffer.coalesce and not legacy.profile.cache.enabled
@@ -275,9 +300,11 @@ async def test_legacy_answers_message_by_message(clean: Endpoints) -> None:
 async def test_long_replies_are_split_on_sentences_and_sent_in_order_after_typing(clean: Endpoints) -> None:
     async with run_fake_evolution() as evo:
         cfg = make_config(
-            clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_MAX_MESSAGE_LENGTH="120",
+            clean,
+            SDR_EVOLUTION_BASE_URL=evo.url,
+            SDR_LIMITS_MAX_MESSAGE_LENGTH="120",
             SDR_FEATURES_TYPING_AFTER="0",
-        )  # fmt: skip
+        )
         async with run_daemon(cfg) as d:
             await post_all(d.url, [event(PHONE, "Quanto custa?")])
             sent = await wait_for(lambda: _sent(clean, 2))
@@ -303,10 +330,12 @@ async def test_killed_between_intake_and_reply_the_reply_is_sent_once_after_rest
     clean: Endpoints, tmp_path: Path
 ) -> None:
     env = {
-        "SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url,
-        "SDR_AGENT_BACKEND": "simulated", "SDR_AGENT_SIMULATED_LATENCY": "fixed:1.5",
+        "SDR_DATABASE_URL": clean.database_url,
+        "SDR_REDIS_URL": clean.redis_url,
+        "SDR_AGENT_BACKEND": "simulated",
+        "SDR_AGENT_SIMULATED_LATENCY": "fixed:1.5",
         "SDR_TIMEOUTS_REDIS_LOCK_TTL": "0.5",
-    }  # fmt: skip
+    }
     first = await start_serve(env, tmp_path / "first.log")
     await first.wait_ready()
     await post_all(first.url, [event(PHONE, "Olá")])
@@ -340,9 +369,11 @@ async def _due_empty(endpoints: Endpoints) -> bool:
 
 async def test_sigterm_during_a_turn_lets_it_complete(clean: Endpoints, tmp_path: Path) -> None:
     env = {
-        "SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url,
-        "SDR_AGENT_BACKEND": "simulated", "SDR_AGENT_SIMULATED_LATENCY": "fixed:1.5",
-    }  # fmt: skip
+        "SDR_DATABASE_URL": clean.database_url,
+        "SDR_REDIS_URL": clean.redis_url,
+        "SDR_AGENT_BACKEND": "simulated",
+        "SDR_AGENT_SIMULATED_LATENCY": "fixed:1.5",
+    }
     serve = await start_serve(env, tmp_path / "serve.log")
     await serve.wait_ready()
     await post_all(serve.url, [event(PHONE, "Olá")])

@@ -14,12 +14,12 @@ from typing import Any
 import httpx
 
 from daemon.agents import AgentReply, TurnInput
-from daemon.agents.playbook import brl, extract_money, extract_name
+from daemon.text import brl, extract_money, extract_name
 from daemon.config import Config
 from daemon.errors import AgentError
 from daemon.media.result import MediaResult
-from daemon.store import KbEntry
 from daemon.openai_http import error_text, one_line
+from daemon.store import KbEntry
 
 log = logging.getLogger("sdr.agent")
 
@@ -39,8 +39,12 @@ para alto consumo) e ofereça agendar uma conversa de 20 minutos com um consulto
 condições. Nunca invente valores: se não souber, diga que um consultor vai confirmar."""
 
 # How each lead column is shown to the model; stage/solution keep the playbook's values.
-LEAD_FIELDS = (("name", "Nome"), ("bill_value", "Conta de luz média"), ("stage", "Etapa"),
-               ("solution", "Solução indicada"))  # fmt: skip
+LEAD_FIELDS = (
+    ("name", "Nome"),
+    ("bill_value", "Conta de luz média"),
+    ("stage", "Etapa"),
+    ("solution", "Solução indicada"),
+)
 
 
 class OpenAIAgent:
@@ -53,9 +57,7 @@ class OpenAIAgent:
         self.temperature = config.agent.temperature
         self.max_tokens = config.agent.max_tokens
         self.timeout = p.timeouts.agent
-        self.system_prompt = SYSTEM_PROMPT.format(
-            persona=config.agent.persona, company=config.agent.company
-        )
+        self.system_prompt = SYSTEM_PROMPT.format(persona=config.agent.persona, company=config.agent.company)
         self._key = config.agent_api_key
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self.http = httpx.AsyncClient(
@@ -104,8 +106,10 @@ class OpenAIAgent:
         text = "\n".join(x for x in (burst, notes) if x)
         if photos:  # the prepared (downscaled) JPEG, as OpenAI's image content part
             parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
-            parts += [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," +
-                       base64.b64encode(jpeg).decode()}} for jpeg in photos]  # fmt: skip
+            parts += [
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()}}
+                for jpeg in photos
+            ]
             out.append({"role": "user", "content": parts})
         else:
             out.append({"role": "user", "content": text})
@@ -119,9 +123,7 @@ class OpenAIAgent:
         except httpx.HTTPError as exc:
             raise AgentError(f"openai backend: request failed: {self._one_line(exc)}") from None
         if resp.status_code >= 400:
-            raise AgentError(
-                f"openai backend: HTTP {resp.status_code}: {self._one_line(error_text(resp))}"
-            )
+            raise AgentError(f"openai backend: HTTP {resp.status_code}: {self._one_line(error_text(resp))}")
         try:
             return resp.json()
         except ValueError:  # not JSON, or not even UTF-8
@@ -167,12 +169,17 @@ def media_notes(media: list[MediaResult]) -> str:
     for r in media:
         if r.kind == "image" and r.bill:
             b = r.bill
-            found = [f"valor a pagar {brl(Decimal(b['amount']))}" if b.get("amount") else "",
-                     f"consumo {b['kwh']} kWh" if b.get("kwh") else "",
-                     f"distribuidora {b['distributor']}" if b.get("distributor") else "",
-                     f"vencimento {b['due_date']}" if b.get("due_date") else ""]  # fmt: skip
-            notes.append("[O lead enviou a foto da conta de luz; lemos: " + ", ".join(x for x in found if x)
-                         + ". Confirme o valor com o lead.]")  # fmt: skip
+            found = [
+                f"valor a pagar {brl(Decimal(b['amount']))}" if b.get("amount") else "",
+                f"consumo {b['kwh']} kWh" if b.get("kwh") else "",
+                f"distribuidora {b['distributor']}" if b.get("distributor") else "",
+                f"vencimento {b['due_date']}" if b.get("due_date") else "",
+            ]
+            notes.append(
+                "[O lead enviou a foto da conta de luz; lemos: "
+                + ", ".join(x for x in found if x)
+                + ". Confirme o valor com o lead.]"
+            )
         elif r.kind == "image":
             notes.append("[O lead enviou uma imagem que não conseguimos ler; peça o valor da conta de luz.]")
         elif r.kind == "audio" and not r.transcript:

@@ -11,31 +11,75 @@ from typing import Any
 
 from daemon.agents import AgentReply, TurnInput
 from daemon.config import AgentSettings
-from daemon.text import brl, fold
 from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.followups.meeting import parse_meeting
 from daemon.media.result import MediaResult
+from daemon.text import brl, fold
 
 # Leads often skip the "?"; these openings make a question anyway. Ambiguous ones ("pode",
 # "tem") are left out: "pode ser amanhã" is an answer, not a question.
 QUESTION_STARTS = (
-    "como ", "quanto", "quanta", "qual ", "quais ", "quando ", "onde ", "por que ",
-    "porque ", "o que ", "e se ", "vale a pena",
-)  # fmt: skip
+    "como ",
+    "quanto",
+    "quanta",
+    "qual ",
+    "quais ",
+    "quando ",
+    "onde ",
+    "por que ",
+    "porque ",
+    "o que ",
+    "e se ",
+    "vale a pena",
+)
 GREETINGS = {
-    "oi", "ola", "bom dia", "boa tarde", "boa noite", "opa", "eae", "e ai", "hello", "hi",
-    "oie", "oii", "tudo bem", "blz", "beleza",
-}  # fmt: skip
+    "oi",
+    "ola",
+    "bom dia",
+    "boa tarde",
+    "boa noite",
+    "opa",
+    "eae",
+    "e ai",
+    "hello",
+    "hi",
+    "oie",
+    "oii",
+    "tudo bem",
+    "blz",
+    "beleza",
+}
 NAME_PATTERNS = re.compile(
     r"(?:meu nome (?:e|eh)|me chamo|pode me chamar de|aqui (?:e|eh)(?: o| a)?|eu sou (?:o |a )?|sou (?:o |a ))"
     r"[ ]*([a-z][a-z]+(?:[ ]+[a-z][a-z]+)?)"
 )
 NOT_NAMES = {
-    "interessado", "interessada", "cliente", "dono", "dona", "eu", "que", "de", "da", "do",
-    "e", "minha", "meu", "aqui", "tudo", "bem", "quero", "gostaria", "queria", "tenho", "moro",
-}  # fmt: skip
+    "interessado",
+    "interessada",
+    "cliente",
+    "dono",
+    "dona",
+    "eu",
+    "que",
+    "de",
+    "da",
+    "do",
+    "e",
+    "minha",
+    "meu",
+    "aqui",
+    "tudo",
+    "bem",
+    "quero",
+    "gostaria",
+    "queria",
+    "tenho",
+    "moro",
+}
 MONEY = re.compile(r"(?:r\$\s*)?(\d{1,3}(?:\.\d{3})+(?:,\d{1,2})?|\d+(?:[.,]\d{1,2})?)\s*(mil\b|k\b)?")
-YES = re.compile(r"\b(sim|pode|claro|bora|quero|vamos|ok|okay|combinado|fechado|perfeito|beleza|show|agenda|agendar|marca|marcar)\b")
+YES = re.compile(
+    r"\b(sim|pode|claro|bora|quero|vamos|ok|okay|combinado|fechado|perfeito|beleza|show|agenda|agendar|marca|marcar)\b"
+)
 NO = re.compile(r"\b(nao|agora nao|depois|sem interesse|nao quero|talvez depois)\b")
 WHEN = re.compile(
     r"\b(hoje|amanha|segunda|terca|quarta|quinta|sexta|sabado|domingo|manha|tarde|noite"
@@ -72,7 +116,12 @@ def extract_name(text: str, *, loose: bool) -> str | None:
     candidate = match.group(1) if match else None
     if candidate is None and loose:
         words = re.sub(r"[^a-z ]", "", f).split()
-        if 1 <= len(words) <= 3 and not is_greeting(f) and not is_question(original) and not any(ch.isdigit() for ch in f):
+        if (
+            1 <= len(words) <= 3
+            and not is_greeting(f)
+            and not is_question(original)
+            and not any(ch.isdigit() for ch in f)
+        ):
             candidate = " ".join(words)
     if not candidate:
         return None
@@ -96,7 +145,11 @@ def extract_money(text: str, *, loose: bool) -> Decimal | None:
             continue
         if "kwh" in f[match.end() : match.end() + 5]:
             continue
-        number = raw.replace(".", "").replace(",", ".") if ("," in raw or raw.count(".") > 1 or re.search(r"\.\d{3}$", raw)) else raw
+        number = (
+            raw.replace(".", "").replace(",", ".")
+            if ("," in raw or raw.count(".") > 1 or re.search(r"\.\d{3}$", raw))
+            else raw
+        )
         try:
             value = Decimal(number)
         except InvalidOperation:
@@ -111,18 +164,23 @@ def extract_money(text: str, *, loose: bool) -> Decimal | None:
 PROPERTY_WORDS = (
     ("apartamento", ("apartamento", "apto", "ap ", "condominio", "predio")),
     ("rural", ("sitio", "fazenda", "chacara", "rural", "roca")),
-    ("comercial", ("comercio", "empresa", "loja", "galpao", "escritorio", "industria", "comercial", "mercado", "restaurante")),
+    (
+        "comercial",
+        ("comercio", "empresa", "loja", "galpao", "escritorio", "industria", "comercial", "mercado", "restaurante"),
+    ),
     ("casa", ("casa", "residencia", "sobrado", "moradia")),
-)  # fmt: skip
+)
 OTHERS = re.compile(
     r"\b(esposa|marido|mulher|conjuge|socio|socia|socios|familia|pai|mae|filho|filha|sogr[oa]|"
     r"irma|irmao|namorad[oa]|nos dois|a gente|junto|juntos|tambem)\b"
 )
 MYSELF = re.compile(r"\b(sou eu|so eu|eu mesm[oa]|eu decido|minha|sim|sou|eu)\b")
 PROPERTY_LABEL = {
-    "casa": "sua casa", "apartamento": "seu apartamento", "comercial": "sua empresa",
+    "casa": "sua casa",
+    "apartamento": "seu apartamento",
+    "comercial": "sua empresa",
     "rural": "sua propriedade rural",
-}  # fmt: skip
+}
 
 
 def extract_property(text: str) -> str | None:
@@ -158,9 +216,7 @@ class Playbook:
 
     name = "playbook"
 
-    def __init__(
-        self, settings: AgentSettings, hours: BusinessHours | None = None, clock: Clock = utc_now
-    ) -> None:
+    def __init__(self, settings: AgentSettings, hours: BusinessHours | None = None, clock: Clock = utc_now) -> None:
         self.persona = settings.persona
         self.company = settings.company
         self.hours = hours  # to read a meeting time ("sexta às 15h") in the business's zone
@@ -176,19 +232,26 @@ class Playbook:
         t = _Turn(turn.lead, "\n".join(x for x in turn.texts if x.strip()))
         if t.text and is_question(t.text):
             entries = await turn.knowledge()
-            t.say(entries[0].content if entries else (
-                "Boa pergunta! Vou confirmar essa informação com um dos nossos consultores e "
-                "te retorno por aqui."
-            ))  # fmt: skip
+            t.say(
+                entries[0].content
+                if entries
+                else (
+                    "Boa pergunta! Vou confirmar essa informação com um dos nossos consultores e te retorno por aqui."
+                )
+            )
             t.answered = True
         stage = turn.lead.get("stage") or "new"
         if self._media(t, turn.media, stage):
             return AgentReply("\n\n".join(t.parts), t.updates)
         handler = {
-            "new": self._new, "ask_name": self._ask_name, "ask_bill": self._ask_bill,
-            "ask_property": self._ask_property, "ask_decision": self._ask_decision,
-            "offer_meeting": self._offer_meeting, "confirm_bill": self._confirm_bill,
-        }.get(stage, self._after)  # fmt: skip
+            "new": self._new,
+            "ask_name": self._ask_name,
+            "ask_bill": self._ask_bill,
+            "ask_property": self._ask_property,
+            "ask_decision": self._ask_decision,
+            "offer_meeting": self._offer_meeting,
+            "confirm_bill": self._confirm_bill,
+        }.get(stage, self._after)
         handler(t)
         return AgentReply("\n\n".join(t.parts), t.updates)
 
@@ -209,7 +272,11 @@ class Playbook:
                     if name:
                         t.updates["name"] = name
                     t.say(f"Olá{', ' + name if name else ''}! Eu sou a {self.persona}, da {self.company} ☀️")
-                self._to(t, "confirm_bill", f"Recebi a foto da sua conta 📄 Vi aqui que sua conta veio {brl(value)}{kwh}, certo?")
+                self._to(
+                    t,
+                    "confirm_bill",
+                    f"Recebi a foto da sua conta 📄 Vi aqui que sua conta veio {brl(value)}{kwh}, certo?",
+                )
                 return True
             if r.kind == "image":
                 if r.outcome == "refused":
@@ -217,11 +284,17 @@ class Playbook:
                 else:
                     t.say("Recebi a foto, obrigada!")
                 if early and not t.text:
-                    self._to(t, "ask_bill", "Não consegui ler o valor da conta por aqui: quanto veio a sua conta de luz no último mês?")
+                    self._to(
+                        t,
+                        "ask_bill",
+                        "Não consegui ler o valor da conta por aqui: quanto veio a sua conta de luz no último mês?",
+                    )
                     return True
             elif r.kind == "audio" and not r.transcript:
                 if r.reason == "too_long":
-                    t.say("Seu áudio ficou um pouco longo para mim 😅 Consegue me mandar um áudio mais curto, ou escrever por aqui?")
+                    t.say(
+                        "Seu áudio ficou um pouco longo para mim 😅 Consegue me mandar um áudio mais curto, ou escrever por aqui?"
+                    )
                 else:
                     t.say("Não consigo ouvir áudios por aqui 😅 Pode me escrever a sua mensagem?")
                 if not t.text:
@@ -281,10 +354,10 @@ class Playbook:
     def _got_bill(self, t: _Turn, value: Decimal) -> None:
         t.updates["bill_value"] = value
         self._to(
-            t, "ask_property",
-            f"Anotado: conta de {brl(value)} por mês. E o imóvel é casa, apartamento, comércio "
-            "ou propriedade rural?",
-        )  # fmt: skip
+            t,
+            "ask_property",
+            f"Anotado: conta de {brl(value)} por mês. E o imóvel é casa, apartamento, comércio ou propriedade rural?",
+        )
 
     def _ask_property(self, t: _Turn) -> None:
         kind = extract_property(t.text)
@@ -296,10 +369,11 @@ class Playbook:
             return
         t.updates["property_type"] = kind
         self._to(
-            t, "ask_decision",
+            t,
+            "ask_decision",
             "Perfeito! E a decisão sobre a energia aí é só sua, ou tem mais alguém envolvido "
             "(cônjuge, sócio, família)?",
-        )  # fmt: skip
+        )
 
     def _ask_decision(self, t: _Turn) -> None:
         f = fold(t.text)
@@ -340,10 +414,11 @@ class Playbook:
             )
         invite = " Se fizer sentido, chame também quem decide com você." if shared else ""
         self._to(
-            t, "offer_meeting",
+            t,
+            "offer_meeting",
             "Posso agendar uma conversa de 20 minutos com um dos nossos consultores para te mostrar "
             f"a proposta? Qual dia e horário ficam melhores para você?{invite}",
-        )  # fmt: skip
+        )
 
     def _offer_meeting(self, t: _Turn) -> None:
         f = fold(t.text)
@@ -353,27 +428,35 @@ class Playbook:
             if meeting is not None:  # a day and an hour: reminders can be planned for it
                 t.updates["meeting_at"] = meeting
             self._to(
-                t, "booked",
+                t,
+                "booked",
                 f"Combinado{', ' + t.name if t.name else ''}! Anotei sua preferência{when}. Um "
                 f"consultor da {self.company} vai te chamar aqui no WhatsApp para confirmar o "
                 "horário. Obrigada! ☀️",
-            )  # fmt: skip
+            )
         elif NO.search(f):
             self._to(
-                t, "nurture",
+                t,
+                "nurture",
                 "Sem problemas! Fico à disposição: quando quiser conversar sobre a sua economia "
                 "com energia solar, é só me chamar por aqui.",
-            )  # fmt: skip
+            )
         elif t.answered:
             t.say("Quer que eu agende uma conversa rápida com um consultor? Qual dia e horário ficam bons?")
         else:
-            t.say("Posso agendar uma conversa de 20 minutos com um consultor? Qual dia e horário ficam melhores para você?")
+            t.say(
+                "Posso agendar uma conversa de 20 minutos com um consultor? Qual dia e horário ficam melhores para você?"
+            )
 
     def _after(self, t: _Turn) -> None:  # booked, nurture
         if t.answered:
             return
         if t.lead.get("stage") == "nurture" and YES.search(fold(t.text)):
-            self._to(t, "offer_meeting", "Que ótimo! Qual dia e horário ficam melhores para uma conversa de 20 minutos com um consultor?")
+            self._to(
+                t,
+                "offer_meeting",
+                "Que ótimo! Qual dia e horário ficam melhores para uma conversa de 20 minutos com um consultor?",
+            )
         else:
             t.say(f"Qualquer dúvida é só me chamar por aqui{', ' + t.name if t.name else ''}! ☀️")
 
@@ -384,6 +467,5 @@ class Playbook:
 
 
 BILL_QUESTION = (
-    "Para eu calcular quanto você pode economizar, me conta: quanto vem, em média, a sua "
-    "conta de luz por mês?"
+    "Para eu calcular quanto você pode economizar, me conta: quanto vem, em média, a sua conta de luz por mês?"
 )

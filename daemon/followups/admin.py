@@ -90,9 +90,11 @@ async def list_follow_ups(
         where.append(f"l.phone_number = ${len(args)}")
     order = "ASC" if status == "pending" else "DESC"
     args.append(limit)
-    query = (f"SELECT {COLUMNS} FROM follow_ups f JOIN leads l ON l.id = f.lead_id"
-             f" {'WHERE ' + ' AND '.join(where) if where else ''}"
-             f" ORDER BY f.due_at {order}, f.id {order} LIMIT ${len(args)}")  # fmt: skip
+    query = (
+        f"SELECT {COLUMNS} FROM follow_ups f JOIN leads l ON l.id = f.lead_id"
+        f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+        f" ORDER BY f.due_at {order}, f.id {order} LIMIT ${len(args)}"
+    )
     return _rows(await conn.fetch(query, *args))
 
 
@@ -101,8 +103,11 @@ async def cancel_one(conn: asyncpg.Connection, follow_up_id: int) -> Cancelled:
     if cancelled:
         return Cancelled(cancelled, [], [])
     # Not pending (any more): read it as it is now, to say why.
-    rows = _rows(await conn.fetch(
-        f"SELECT {COLUMNS} FROM follow_ups f JOIN leads l ON l.id = f.lead_id WHERE f.id = $1", follow_up_id))  # fmt: skip
+    rows = _rows(
+        await conn.fetch(
+            f"SELECT {COLUMNS} FROM follow_ups f JOIN leads l ON l.id = f.lead_id WHERE f.id = $1", follow_up_id
+        )
+    )
     if not rows:
         raise NotFoundError(f"no follow-up with id {follow_up_id}; `sdrctl followups list` shows them")
     busy = [f for f in rows if f.status == "executing"]
@@ -115,7 +120,11 @@ async def cancel_lead(conn: asyncpg.Connection, phone: str) -> Cancelled:
     if lead_id is None:
         raise NotFoundError(f"no lead with phone {phone}; `sdrctl followups list` shows the leads with follow-ups")
     cancelled = _rows(await conn.fetch(CANCEL.format(which=BY_LEAD), lead_id, CANCEL_REASON))
-    busy = _rows(await conn.fetch(
-        f"SELECT {COLUMNS} FROM follow_ups f JOIN leads l ON l.id = f.lead_id"
-        " WHERE f.lead_id = $1 AND f.status = 'executing' ORDER BY f.id", lead_id))  # fmt: skip
+    busy = _rows(
+        await conn.fetch(
+            f"SELECT {COLUMNS} FROM follow_ups f JOIN leads l ON l.id = f.lead_id"
+            " WHERE f.lead_id = $1 AND f.status = 'executing' ORDER BY f.id",
+            lead_id,
+        )
+    )
     return Cancelled(cancelled, busy, [])

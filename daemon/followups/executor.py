@@ -32,11 +32,17 @@ log = logging.getLogger("sdr.followups")
 
 class FollowUpExecutor:
     def __init__(
-        self, config: Config, store: FollowUpStore, locks: LeadLocks, sender: EvolutionClient | None,
-        metrics: Metrics, on_handoff: Callable[[str], Awaitable[None]], clock: Clock = utc_now,
+        self,
+        config: Config,
+        store: FollowUpStore,
+        locks: LeadLocks,
+        sender: EvolutionClient | None,
+        metrics: Metrics,
+        on_handoff: Callable[[str], Awaitable[None]],
+        clock: Clock = utc_now,
         settle: Callable[[str, str, datetime], Awaitable[tuple[str, str | None]]] | None = None,
         unreachable: Callable[[str], Awaitable[None]] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.settings = config.followups
         self.knobs = config.profile.followups
         self.store = store
@@ -110,7 +116,9 @@ class FollowUpExecutor:
     async def _send(self, f: Claimed, lead: dict[str, Any]) -> str:
         now = self.clock()
         meeting = lead.get("meeting_at")
-        text = render(self.templates[f.kind], values_for(lead, self.settings, _instant(meeting) if meeting else None, self.hours))
+        text = render(
+            self.templates[f.kind], values_for(lead, self.settings, _instant(meeting) if meeting else None, self.hours)
+        )
         if not text:
             await self.store.finish(f, "cancelled", now, "the template left nothing to say")
             return "cancelled"
@@ -127,7 +135,9 @@ class FollowUpExecutor:
                     outcome, provider_id = await self.settle(f.phone, text, now)
                     if outcome == "skip":
                         await self.store.send_failed(outbox_id, str(exc))
-                        await self.store.finish(f, "failed", self.clock(), f"{exc} (uncertain; on_uncertain_send = skip)")
+                        await self.store.finish(
+                            f, "failed", self.clock(), f"{exc} (uncertain; on_uncertain_send = skip)"
+                        )
                         return "failed"
                 if provider_id is None:  # did not arrive, or cannot be known and resend is the policy
                     await self.store.send_failed(outbox_id, str(exc))

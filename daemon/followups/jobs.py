@@ -39,9 +39,16 @@ class Jobs:
 
     def every(self, name: str, seconds: float, job: Job) -> None:
         self.scheduler.add_job(
-            self._run, "interval", args=(name, job), seconds=seconds, id=name, name=name,
-            max_instances=1, coalesce=True, misfire_grace_time=None,
-        )  # fmt: skip
+            self._run,
+            "interval",
+            args=(name, job),
+            seconds=seconds,
+            id=name,
+            name=name,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
 
     def start(self) -> None:
         self.scheduler.start()
@@ -98,8 +105,17 @@ class CrmPush:
     `concurrency` requests at once, each tried `attempts` times; the watermark moves only
     past what the CRM accepted, so nothing is skipped (a lead may be sent twice)."""
 
-    def __init__(self, pool: asyncpg.Pool, url: str, *, batch: int, concurrency: int, attempts: int,
-                 timeout: float, backoff: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        url: str,
+        *,
+        batch: int,
+        concurrency: int,
+        attempts: int,
+        timeout: float,
+        backoff: float,
+    ) -> None:
         self.pool = pool
         self.url = url
         self.batch = batch
@@ -118,8 +134,9 @@ class CrmPush:
                       property_type, decision_maker, meeting_at, updated_at
                  FROM leads WHERE $1::timestamptz IS NULL OR updated_at > $1
                 ORDER BY updated_at, id LIMIT $2""",
-            since, self.batch * 10,
-        )  # fmt: skip
+            since,
+            self.batch * 10,
+        )
         if not rows:
             return 0
         batches = [rows[i : i + self.batch] for i in range(0, len(rows), self.batch)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, time, timedelta
 
-from daemon.text import fold
 from daemon.followups.calendar import BusinessHours
+from daemon.text import fold
 
 WEEKDAYS = ("segunda", "terca", "quarta", "quinta", "sexta", "sabado", "domingo")
 DAY = re.compile(

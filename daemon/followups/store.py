@@ -67,9 +67,14 @@ class FollowUpStore:
 
     async def plan(self, lead_id: int, planned: list[Planned], now: datetime, reason: str) -> None:
         await self.pool.execute(
-            PLAN, lead_id, [p.as_json() for p in planned], now, reason, list(SILENCE_KINDS),
+            PLAN,
+            lead_id,
+            [p.as_json() for p in planned],
+            now,
+            reason,
+            list(SILENCE_KINDS),
             timeout=self.timeout,
-        )  # fmt: skip
+        )
 
     async def cancel_silence(self, lead_id: int, now: datetime, reason: str) -> None:
         await self.plan(lead_id, [], now, reason)
@@ -77,10 +82,20 @@ class FollowUpStore:
     async def claim(self, now: datetime, limit: int, stuck_after: float) -> list[Claimed]:
         rows = await self.pool.fetch(CLAIM, now, limit, stuck_after, timeout=self.timeout)
         return [
-            Claimed(r["id"], r["lead_id"], r["kind"], r["step"], r["due_at"], _obj(r["payload"]),
-                    r["attempts"], r["created_at"], r["phone_number"], r["last_send"])
+            Claimed(
+                r["id"],
+                r["lead_id"],
+                r["kind"],
+                r["step"],
+                r["due_at"],
+                _obj(r["payload"]),
+                r["attempts"],
+                r["created_at"],
+                r["phone_number"],
+                r["last_send"],
+            )
             for r in rows
-        ]  # fmt: skip
+        ]
 
     async def lead(self, lead_id: int) -> tuple[dict[str, Any], datetime | None]:
         """The lead and when it last wrote to us."""
@@ -88,16 +103,18 @@ class FollowUpStore:
             """SELECT to_jsonb(l) AS lead,
                       (SELECT max(received_at) FROM messages m WHERE m.lead_id = l.id AND m.direction = 'in') AS wrote
                  FROM leads l WHERE l.id = $1""",
-            lead_id, timeout=self.timeout,
-        )  # fmt: skip
+            lead_id,
+            timeout=self.timeout,
+        )
         assert row is not None
         return _obj(row["lead"]), row["wrote"]
 
     async def start_send(self, f: Claimed, text: str, status: str, now: datetime) -> int:
         """The outbox row (and the conversation's message) before the send is attempted,
         so a daemon dying mid-send leaves a trace, never a second message."""
-        return int(await self.pool.fetchval(
-            """WITH msg AS (
+        return int(
+            await self.pool.fetchval(
+                """WITH msg AS (
                    INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
                    SELECT c.id, $1, 'out', $3, $5 FROM conversations c
                     WHERE c.lead_id = $1 AND c.status = 'open')
@@ -105,10 +122,19 @@ class FollowUpStore:
                VALUES ($1, $2, $3, $4, CASE WHEN $4 = 'sending' THEN 1 ELSE 0 END, $6,
                        CASE WHEN $4 = 'local' THEN $5 END)
                RETURNING id""",
-            f.lead_id, f.phone, text, status, now, f.id, timeout=self.timeout,
-        ))  # fmt: skip
+                f.lead_id,
+                f.phone,
+                text,
+                status,
+                now,
+                f.id,
+                timeout=self.timeout,
+            )
+        )
 
-    async def sent(self, f: Claimed, outbox_id: int, provider_id: str | None, now: datetime, nxt: list[Planned]) -> None:
+    async def sent(
+        self, f: Claimed, outbox_id: int, provider_id: str | None, now: datetime, nxt: list[Planned]
+    ) -> None:
         """Done: the follow-up, its outbox row, and the next of its sequence, at once."""
         await self.pool.execute(
             """WITH f AS (
@@ -121,14 +147,22 @@ class FollowUpStore:
                INSERT INTO follow_ups (lead_id, kind, step, due_at, payload, created_at, updated_at)
                SELECT $5, p.kind, p.step, p.due_at, coalesce(p.payload, '{}'), $3, $3
                  FROM jsonb_to_recordset($6::jsonb) AS p(kind text, step int, due_at timestamptz, payload jsonb)""",
-            f.id, outbox_id, now, provider_id, f.lead_id, [p.as_json() for p in nxt], timeout=self.timeout,
-        )  # fmt: skip
+            f.id,
+            outbox_id,
+            now,
+            provider_id,
+            f.lead_id,
+            [p.as_json() for p in nxt],
+            timeout=self.timeout,
+        )
 
     async def send_failed(self, outbox_id: int, error: str) -> None:
         await self.pool.execute(
-            "UPDATE outbox SET status = 'failed', last_error = $2 WHERE id = $1", outbox_id, error[:500],
+            "UPDATE outbox SET status = 'failed', last_error = $2 WHERE id = $1",
+            outbox_id,
+            error[:500],
             timeout=self.timeout,
-        )  # fmt: skip
+        )
 
     async def retry_at(self, f: Claimed, due_at: datetime, now: datetime, error: str | None, *, attempt: bool) -> None:
         """Back to pending; `attempt` False when nothing was tried (closed hours, a live
@@ -138,15 +172,24 @@ class FollowUpStore:
                       last_error = coalesce($4, last_error),
                       attempts = attempts - CASE WHEN $5 THEN 0 ELSE 1 END
                 WHERE id = $1""",
-            f.id, due_at, now, error, attempt, timeout=self.timeout,
-        )  # fmt: skip
+            f.id,
+            due_at,
+            now,
+            error,
+            attempt,
+            timeout=self.timeout,
+        )
 
     async def finish(self, f: Claimed, status: str, now: datetime, error: str | None) -> None:
         """failed or cancelled, with why."""
         await self.pool.execute(
             "UPDATE follow_ups SET status = $2, updated_at = $3, last_error = $4 WHERE id = $1",
-            f.id, status, now, error, timeout=self.timeout,
-        )  # fmt: skip
+            f.id,
+            status,
+            now,
+            error,
+            timeout=self.timeout,
+        )
 
 
 def _obj(value: Any) -> dict[str, Any]:

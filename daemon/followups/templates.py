@@ -11,9 +11,9 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from daemon.text import brl
 from daemon.config import FollowUpSettings
 from daemon.followups.calendar import BusinessHours
+from daemon.text import brl
 
 # A sentence ends at . ! or ? followed by white space (kept, so line breaks survive).
 SENTENCE_END = re.compile(r"(?<=[.!?])(\s+)")
@@ -24,8 +24,14 @@ OPTIONAL = {"name_comma"}
 MIN_WORDS = 3
 
 WEEKDAYS_PT = (
-    "segunda-feira", "terça-feira", "quarta-feira", "quinta-feira", "sexta-feira", "sábado", "domingo",
-)  # fmt: skip
+    "segunda-feira",
+    "terça-feira",
+    "quarta-feira",
+    "quinta-feira",
+    "sexta-feira",
+    "sábado",
+    "domingo",
+)
 
 
 def render(template: str, values: dict[str, str | None]) -> str | None:

@@ -36,8 +36,23 @@ INPUT = ("-format_whitelist", "ogg,mp3,mov,wav,matroska,aac,flac,amr", "-protoco
 PROBE = ("-select_streams", "a:0", "-show_entries", "stream=codec_type:format=duration", "-of", "json")
 # Demuxing only (-c copy), with machine-readable progress: the last out_time is the length.
 STREAM_TIME = ("-map", "0:a:0", "-c", "copy", "-f", "null", "-", "-nostats", "-progress", "pipe:1")
-WAV_OUT = ("-map", "0:a:0", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le",
-           "-map_metadata", "-1", "-fflags", "+bitexact", "-f", "wav", "pipe:1")  # fmt: skip
+WAV_OUT = (
+    "-map",
+    "0:a:0",
+    "-ac",
+    "1",
+    "-ar",
+    "16000",
+    "-c:a",
+    "pcm_s16le",
+    "-map_metadata",
+    "-1",
+    "-fflags",
+    "+bitexact",
+    "-f",
+    "wav",
+    "pipe:1",
+)
 
 
 class TranscriptionError(SdrError):
@@ -183,9 +198,7 @@ class Transcriber:
     """An OpenAI-compatible `/audio/transcriptions` API (Whisper and the like) through one
     pooled httpx client."""
 
-    def __init__(
-        self, base_url: str, model: str, api_key: str | None, timeout: float, max_connections: int
-    ) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float, max_connections: int) -> None:
         self.model = model
         self.timeout = timeout
         self._key = api_key
@@ -232,6 +245,9 @@ def make_transcriber(config: Config) -> Transcriber | None:
     if not agent.transcription_url:
         return None
     return Transcriber(
-        agent.transcription_url, agent.transcription_model, config.agent_api_key,
-        profile.timeouts.audio_processing, profile.pools.http_max_connections,
-    )  # fmt: skip
+        agent.transcription_url,
+        agent.transcription_model,
+        config.agent_api_key,
+        profile.timeouts.audio_processing,
+        profile.pools.http_max_connections,
+    )

@@ -43,9 +43,7 @@ def tesseract_available() -> bool:
     if exe is None:
         return False
     try:
-        out = subprocess.run(
-            [exe, "--list-langs"], capture_output=True, text=True, timeout=10, check=False
-        )
+        out = subprocess.run([exe, "--list-langs"], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     return "por" in (out.stdout + out.stderr).split()  # older versions list on stderr
@@ -59,12 +57,19 @@ async def ocr(jpeg: bytes, timeout: float) -> str:
         raise ValueError("ocr() takes a JPEG (the output of images.prepare)")
     try:
         proc = await asyncio.create_subprocess_exec(
-            "tesseract", "stdin", "stdout", "-l", "por", "--psm", PSM,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            "tesseract",
+            "stdin",
+            "stdout",
+            "-l",
+            "por",
+            "--psm",
+            PSM,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             # OpenMP threads would fight the event loop and the image workers for the cores.
             env={**os.environ, "OMP_THREAD_LIMIT": "1"},
-        )  # fmt: skip
+        )
     except FileNotFoundError:
         raise RuntimeError(f"tesseract is not installed: {INSTALL_HINT}") from None
     try:
@@ -132,10 +137,31 @@ _DUE_WINDOW = 80
 # A distributor named on the bill wins over its group: "Neoenergia Coelba" is COELBA,
 # "CEEE Equatorial" is CEEE, "RGE, uma empresa CPFL" is RGE.
 DISTRIBUTORS = (
-    "AMAZONAS ENERGIA", "RORAIMA ENERGIA", "CEMIG", "COPEL", "CELESC", "LIGHT", "COELBA",
-    "CELPE", "COSERN", "ELEKTRO", "CEEE", "RGE", "ENEL", "EDP", "ENERGISA", "SULGIPE", "DMED",
-    "ELETROPAULO", "COELCE", "CELPA", "CEMAR", "CEPISA", "CEAL", "CELG",
-)  # fmt: skip
+    "AMAZONAS ENERGIA",
+    "RORAIMA ENERGIA",
+    "CEMIG",
+    "COPEL",
+    "CELESC",
+    "LIGHT",
+    "COELBA",
+    "CELPE",
+    "COSERN",
+    "ELEKTRO",
+    "CEEE",
+    "RGE",
+    "ENEL",
+    "EDP",
+    "ENERGISA",
+    "SULGIPE",
+    "DMED",
+    "ELETROPAULO",
+    "COELCE",
+    "CELPA",
+    "CEMAR",
+    "CEPISA",
+    "CEAL",
+    "CELG",
+)
 GROUPS = ("NEOENERGIA", "EQUATORIAL", "CPFL")  # only when no subsidiary is named
 
 
@@ -187,9 +213,9 @@ def _amount(text: str) -> Decimal | None:
             return best[1]
     # No label read: a bill's largest R$ value is almost always its total.
     values = [
-        _money(m)
+        _money(found)
         for r in _R_MONEY.finditer(text)
-        if (m := _MONEY.match(text, r.end())) and low <= _money(m) <= high
+        if (found := _MONEY.match(text, r.end())) and low <= _money(found) <= high
     ]
     return max(values, default=None)
 

@@ -20,7 +20,7 @@ from daemon.config import Media
 from daemon.media.refusal import MediaRefused
 
 try:  # iPhone photos (HEIC), only when the optional plugin is installed
-    import pillow_heif  # type: ignore[import-not-found]
+    import pillow_heif
 
     pillow_heif.register_heif_opener()
     _HEIF: tuple[str, ...] = ("HEIF",)
@@ -69,9 +69,7 @@ def estimated_size(b64: str) -> int:
 def decode(b64: str, max_bytes: int) -> bytes:
     size = estimated_size(b64)
     if size > max_bytes:
-        raise MediaRefused(
-            "too_large", f"image of {size / _MB:.1f} MB, the limit is {max_bytes / _MB:.1f} MB"
-        )
+        raise MediaRefused("too_large", f"image of {size / _MB:.1f} MB, the limit is {max_bytes / _MB:.1f} MB")
     payload = "".join(b64[_payload_start(b64) :].split())  # tolerate whitespace/newlines
     try:
         data = binascii.a2b_base64(payload, strict_mode=True)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
 import multiprocessing
 import signal
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
@@ -41,7 +41,7 @@ KINDS = ("image", "audio")
 class MediaProcessor:
     def __init__(
         self, config: Config, sender: EvolutionClient | None, cache: TwoTierCache[dict[str, Any]], metrics: Metrics
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.config = config
         self.media = config.profile.media
         self.timeouts = config.profile.timeouts
@@ -53,16 +53,20 @@ class MediaProcessor:
         # forked: a fork of a process with running threads and an event loop is unsafe.
         # Each worker warms Pillow up (its lazy plugin imports) when it starts.
         self.pool = ProcessPoolExecutor(
-            max_workers=self.media.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_start, initargs=(self.media,),
-        )  # fmt: skip
+            max_workers=self.media.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_start,
+            initargs=(self.media,),
+        )
         # OCR and ffmpeg subprocesses, as many at once as worker threads: more would only
         # fight for the same cores (and the event loop's).
         self.subprocesses = asyncio.Semaphore(self.media.workers)
         self.transcriber = audio.make_transcriber(config)
         self.ocr = self.media.ocr and bill.tesseract_available()
         if self.media.ocr and not self.ocr:
-            log.warning("tesseract (with Portuguese) is not installed: bills are not read; the agent asks for the value")
+            log.warning(
+                "tesseract (with Portuguese) is not installed: bills are not read; the agent asks for the value"
+            )
         if not audio.ffmpeg_available():
             log.warning("ffmpeg is not installed: voice notes are not converted; the agent asks the lead to type")
 
@@ -139,9 +143,10 @@ class MediaProcessor:
         if reading.found():
             doc["bill"] = {
                 "amount": str(reading.amount) if reading.amount is not None else None,
-                "kwh": reading.kwh, "distributor": reading.distributor,
+                "kwh": reading.kwh,
+                "distributor": reading.distributor,
                 "due_date": reading.due_date.isoformat() if reading.due_date else None,
-            }  # fmt: skip
+            }
         return doc
 
     # --- voice notes --------------------------------------------------------------------

@@ -25,8 +25,14 @@ class MediaResult:
 
     def cacheable(self) -> dict[str, Any]:
         """The part worth caching by content hash: not the photo, not the message id."""
-        return {"kind": self.kind, "outcome": self.outcome, "reason": self.reason,
-                "bill": self.bill, "transcript": self.transcript, "seconds": self.seconds}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "bill": self.bill,
+            "transcript": self.transcript,
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_cache(cls, message_id: int, doc: dict[str, Any]) -> MediaResult:
