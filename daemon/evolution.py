@@ -17,7 +17,7 @@ import httpx
 import msgspec
 
 from daemon.config import Config
-from daemon.store import Inbound
+from daemon.models import Inbound
 
 log = logging.getLogger("sdr.evolution")
 

@@ -14,7 +14,8 @@ import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
-from daemon.store import Inbound, Store
+from daemon.models import Inbound
+from daemon.store import Store
 
 LID_SERVER = "@lid"
 

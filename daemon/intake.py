@@ -17,7 +17,8 @@ from typing import Any
 from daemon.buffer import MessageBuffer, member, window_for
 from daemon.config import Profile
 from daemon.identity import Identities
-from daemon.store import Inbound, Store
+from daemon.models import Inbound
+from daemon.store import Store
 
 log = logging.getLogger("sdr.intake")
 

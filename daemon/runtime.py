@@ -34,8 +34,9 @@ from daemon.intake import IngestBatcher
 from daemon.locks import LeadLocks
 from daemon.media.processor import MediaProcessor
 from daemon.metrics import Metrics
+from daemon.models import Inbound, KbEntry
 from daemon.outbox import UncertainSends
-from daemon.store import Inbound, KbEntry, Store, connect
+from daemon.store import Store, connect
 from daemon.tasks import cancel_and_wait
 from daemon.turn import StageFailed, TurnRunner
 

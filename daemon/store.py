@@ -7,7 +7,6 @@ Timeouts come from the profile."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +15,7 @@ import msgspec
 
 from daemon.config import Profile
 from daemon.connections import pg_options
+from daemon.models import FinishedTurn, Inbound, KbEntry, PendingMessage, TurnRecord
 
 _encoder = msgspec.json.Encoder(enc_hook=str)  # Decimal and the like as PostgreSQL reads them
 
@@ -70,74 +70,6 @@ async def connect(url: str, profile: Profile, size: int | None = None, *, pooled
     )
     assert pool is not None
     return pool
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """One lead message as the intake stores it."""
-
-    phone: str
-    push_name: str | None
-    provider_id: str
-    kind: str
-    body: str
-    media: dict[str, Any] | None
-    provider_ts: datetime
-    lid: str | None = None  # the lead's LID jid, when the event gave it
-
-
-@dataclass(frozen=True)
-class PendingMessage:
-    id: int
-    lead_id: int
-    conversation_id: int
-    kind: str
-    body: str
-    provider_ts: datetime
-    received_at: datetime
-    media: dict[str, Any] | None = None  # image/audio: mimetype, seconds, key, base64 when sent
-
-
-@dataclass(frozen=True)
-class KbEntry:
-    id: int
-    category: str
-    title: str
-    content: str
-    rank: float
-
-
-@dataclass(frozen=True)
-class TurnRecord:
-    lead_id: int
-    conversation_id: int
-    message_ids: list[int]
-    first_message_at: datetime
-    last_message_at: datetime
-    started_at: datetime
-    finished_at: datetime
-    buffer_wait_ms: float
-    window_ms: float
-    stages: dict[str, float]
-    timeouts: list[str]
-    failures: list[str]
-    agent_backend: str
-    outcome: str
-    reply: str
-    parts: list[str]  # the reply as WhatsApp messages (split on sentence boundaries)
-    phone: str
-    outbox_status: str  # 'pending' (to be sent) or 'local' (kept for `sdrctl chat`)
-    response_ms: float | None  # known now for local replies; set on delivery otherwise
-    lead_updates: dict[str, Any]
-    cache_hits: int
-    cache_misses: int
-
-
-@dataclass(frozen=True)
-class FinishedTurn:
-    turn_id: int
-    outbox_ids: list[int]
-    lead: dict[str, Any]  # the lead as stored after the turn's updates
 
 
 # The lead columns a turn may update, with their SQL types.

@@ -27,7 +27,8 @@ from daemon.locks import LeadLocks
 from daemon.media.processor import MediaProcessor
 from daemon.media.result import MediaResult
 from daemon.metrics import Metrics
-from daemon.store import KbEntry, PendingMessage, Store, TurnRecord, tsquery_any
+from daemon.models import KbEntry, PendingMessage, TurnRecord
+from daemon.store import Store, tsquery_any
 from daemon.tasks import cancel_and_wait
 
 log = logging.getLogger("sdr.turn")

@@ -11,7 +11,10 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from daemon.bench import (
+from daemon.config import Config
+from daemon.errors import ConfigError
+from daemon.tasks import run_fast
+from daemon.tools.bench import (
     CapacityStep,
     ProfileResult,
     Tally,
@@ -24,11 +27,8 @@ from daemon.bench import (
     run_bench,
     run_intake,
 )
-from daemon.bench_followups import run_followups
-from daemon.config import Config
-from daemon.errors import ConfigError
-from daemon.soak import Sample, SoakResult, parse_duration, run_soak
-from daemon.tasks import run_fast
+from daemon.tools.bench_followups import run_followups
+from daemon.tools.soak import Sample, SoakResult, parse_duration, run_soak
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 from sdrctl.workload import (
     DurationOpt,

@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from daemon.chat import ChatSession
 from daemon.config import Config
 from daemon.embedded import Endpoints, services
 from daemon.identity import IDENTITY_HELP, parse_identity
+from daemon.tools.chat import ChatSession
 from sdrctl.common import ConfigOpt, ProfileOpt, err, fail, friendly_errors, load, out
 
 

@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from daemon.replay import dumps_line, parse_since
-from daemon.replay import export as export_lines
+from daemon.tools.replay import dumps_line, parse_since
+from daemon.tools.replay import export as export_lines
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load
 
 

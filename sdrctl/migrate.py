@@ -12,11 +12,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from daemon import migrations, verify
+from daemon import migrations
 from daemon.config import Config
 from daemon.connections import pg_options
 from daemon.embedded import Endpoints, services
 from daemon.errors import ConfigError, UnavailableError
+from daemon.tools import verify
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out, setup_logging
 
 app = typer.Typer(

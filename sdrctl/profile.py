@@ -12,9 +12,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from daemon.bench import Tally, Workload
 from daemon.errors import ConfigError
-from daemon.profiling import (
+from daemon.tools.bench import Tally, Workload
+from daemon.tools.profiling import (
     Breakdown,
     call_tree,
     html_report,

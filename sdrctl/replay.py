@@ -13,7 +13,7 @@ from rich.table import Table
 
 from daemon.config import Config
 from daemon.errors import ConfigError
-from daemon.replay import (
+from daemon.tools.replay import (
     Conversation,
     ConversationResult,
     ReplayReport,
@@ -24,7 +24,7 @@ from daemon.replay import (
     parse_since,
     select,
 )
-from daemon.replay import (
+from daemon.tools.replay import (
     replay as run_replay,
 )
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out, setup_logging

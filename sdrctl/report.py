@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from daemon.errors import ConfigError
-from daemon.report import (
+from daemon.tools.report import (
     INTERRUPT_WINDOW,
     REPLY_WITHIN,
     FollowUpStats,
@@ -24,7 +24,7 @@ from daemon.report import (
     interrupt_window,
     resolve_window,
 )
-from daemon.report_html import render
+from daemon.tools.report_html import render
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 from sdrctl.migrate import with_connection
 

@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from daemon import tuning
 from daemon.errors import ConfigError, SdrError
+from daemon.tools import tuning
 from sdrctl.common import ConfigOpt, ProfileOpt, friendly_errors, load, out
 from sdrctl.migrate import with_connection
 

@@ -25,7 +25,7 @@ import httpx
 
 from daemon import migrations
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis
-from daemon.fake_evolution import FakeEvolution, background_server, quiet_server
+from daemon.testing.fake_evolution import FakeEvolution, background_server, quiet_server
 from tests.helpers import ServeProcess, event, free_port, start_serve
 
 SUMMARY: list[dict[str, Any]] = []

@@ -30,8 +30,8 @@ from daemon.config import (
 )
 from daemon.embedded import Endpoints
 from daemon.evolution import text_event
-from daemon.fake_evolution import background_server, run_fake_evolution
 from daemon.followups.calendar import Clock
+from daemon.testing.fake_evolution import background_server, run_fake_evolution
 
 __all__ = ["run_fake_evolution"]  # re-exported for the tests
 from daemon.runtime import Runtime

@@ -21,7 +21,7 @@ from daemon.config import Config
 from daemon.embedded import Endpoints
 from daemon.errors import AgentError
 from daemon.latency import parse_latency
-from daemon.store import KbEntry
+from daemon.models import KbEntry
 from tests.fake_openai import FakeOpenAI, run_fake_openai
 from tests.helpers import make_config
 

@@ -15,7 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from daemon.bench import (
+from daemon.config import load_profile
+from daemon.errors import ConfigError
+from daemon.testing.fake_evolution import background_server, quiet_server
+from daemon.tools.bench import (
     BurstPlan,
     LeadSimulator,
     Tally,
@@ -26,11 +29,8 @@ from daemon.bench import (
     run_bench,
     scaled_overrides,
 )
-from daemon.bursts import SentBurst, account, classify
-from daemon.config import load_profile
-from daemon.errors import ConfigError
-from daemon.fake_evolution import background_server, quiet_server
-from daemon.loadgen import RawClient
+from daemon.tools.bursts import SentBurst, account, classify
+from daemon.tools.loadgen import RawClient
 from tests.helpers import sdrctl
 
 
@@ -168,7 +168,7 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile([], 95) is None
 
 
-# --- per-burst accounting (daemon/bursts.py) on a hand-made run ----------------------
+# --- per-burst accounting (daemon/tools/bursts.py) on a hand-made run ----------------------
 
 
 def _burst(phone: str, *messages: tuple[str, float | None]) -> SentBurst:

@@ -16,7 +16,7 @@ from redis.retry import Retry
 from daemon.cache import CHANNEL, CacheInvalidations, TwoTierCache
 from daemon.embedded import Endpoints
 from daemon.metrics import Metrics
-from daemon.store import KbEntry
+from daemon.models import KbEntry
 from daemon.tasks import cancel_and_wait
 from tests.helpers import wait_for
 

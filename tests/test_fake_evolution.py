@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon import fake_evolution
-from daemon.fake_evolution import FakeEvolution, create_jid, run_fake_evolution, slices
+from daemon.testing import fake_evolution
+from daemon.testing.fake_evolution import FakeEvolution, create_jid, run_fake_evolution, slices
 
 FIXTURES = Path(__file__).with_name("fixtures") / "evolution"
 INSTANCE = "loja-principal"

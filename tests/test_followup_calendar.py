@@ -16,7 +16,7 @@ from daemon.config import AgentSettings, FollowUpSettings
 from daemon.followups.calendar import BusinessHours, utc_now
 from daemon.followups.meeting import parse_meeting
 from daemon.followups.templates import meeting_phrase, render, values_for
-from daemon.store import KbEntry
+from daemon.models import KbEntry
 from tests.helpers import FixedClock
 
 SP = ZoneInfo("America/Sao_Paulo")

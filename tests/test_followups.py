@@ -16,10 +16,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from daemon.embedded import Endpoints
-from daemon.fake_evolution import background_server, quiet_server
 from daemon.followups.executor import FollowUpExecutor
 from daemon.followups.jobs import CrmPush, KnowledgeRefresh
 from daemon.runtime import Runtime
+from daemon.testing.fake_evolution import background_server, quiet_server
 from tests.helpers import (
     FixedClock,
     event,

@@ -25,7 +25,7 @@ from daemon.embedded import Endpoints
 from daemon.evolution import media_event
 from daemon.media.processor import MediaProcessor
 from daemon.metrics import Metrics
-from daemon.store import PendingMessage
+from daemon.models import PendingMessage
 from tests.bills import bill_image
 from tests.fake_openai import run_fake_openai
 from tests.helpers import (

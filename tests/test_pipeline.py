@@ -11,7 +11,8 @@ import pytest
 
 from daemon.embedded import Endpoints
 from daemon.metrics import Metrics
-from daemon.store import Inbound, Store, connect
+from daemon.models import Inbound
+from daemon.store import Store, connect
 from daemon.turn import StageClock, StageFailed
 from tests.helpers import event, fetch, make_config, run_daemon, run_fake_evolution, wait_for
 

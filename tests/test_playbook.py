@@ -9,7 +9,7 @@ import pytest
 from daemon.agents import TurnInput
 from daemon.agents.playbook import Playbook, brl, extract_money, extract_name, extract_property, is_question
 from daemon.config import AgentSettings
-from daemon.store import KbEntry
+from daemon.models import KbEntry
 
 
 @pytest.mark.parametrize(

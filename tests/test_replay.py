@@ -12,7 +12,7 @@ from daemon.config import Config, load_config
 from daemon.embedded import Endpoints
 from daemon.errors import ConfigError
 from daemon.evolution import split_message
-from daemon.replay import parse_file, parse_lines, pseudonym, replay
+from daemon.tools.replay import parse_file, parse_lines, pseudonym, replay
 from tests.helpers import FAST_PROFILE, REPO, run_daemon
 from tests.helpers import sdrctl as run_cli
 

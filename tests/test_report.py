@@ -23,7 +23,7 @@ import pytest
 
 from daemon.config import SloSettings
 from daemon.embedded import Endpoints
-from daemon.report import Window, build_report
+from daemon.tools.report import Window, build_report
 from tests.helpers import child_env, sdrctl
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -11,7 +11,7 @@ import pytest
 
 from daemon.errors import ConfigError, SdrError
 from daemon.metrics import Metrics
-from daemon.soak import Sample, judge, parse_duration, trends
+from daemon.tools.soak import Sample, judge, parse_duration, trends
 from tests.helpers import metric, sdrctl
 
 MB = 2**20

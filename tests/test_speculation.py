@@ -16,7 +16,7 @@ from daemon.buffer import DUE, MessageBuffer
 from daemon.config import load_config
 from daemon.embedded import Endpoints
 from daemon.evolution import presence_event
-from daemon.store import Inbound
+from daemon.models import Inbound
 from tests.helpers import event, fetch, make_config, metric, run_daemon, wait_for
 
 PHONE = "5511955554444"

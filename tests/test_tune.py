@@ -20,9 +20,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from daemon import tuning
 from daemon.config import PROFILE_SECTIONS, load_profile
 from daemon.embedded import Endpoints
+from daemon.tools import tuning
 from tests.helpers import REPO, child_env
 
 ALL_KEYS = [f"{s}.{f.name}" for s, cls in PROFILE_SECTIONS.items() for f in dataclasses.fields(cls)]

@@ -14,7 +14,7 @@ from daemon.config import Config
 from daemon.errors import ConfigError
 from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.media.result import MediaResult
-from daemon.store import KbEntry
+from daemon.models import KbEntry
 
 
 @dataclass(frozen=True)

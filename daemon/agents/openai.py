@@ -18,8 +18,8 @@ from daemon.agents.playbook import extract_money, extract_name
 from daemon.config import Config
 from daemon.errors import AgentError
 from daemon.media.result import MediaResult
+from daemon.models import KbEntry
 from daemon.openai_http import error_text, one_line
-from daemon.store import KbEntry
 from daemon.text import brl
 
 log = logging.getLogger("sdr.agent")

@@ -31,7 +31,7 @@ from daemon.media import audio, bill, images
 from daemon.media.refusal import MediaRefused
 from daemon.media.result import MediaResult
 from daemon.metrics import Metrics
-from daemon.store import PendingMessage
+from daemon.models import PendingMessage
 
 log = logging.getLogger("sdr.media")
 T = TypeVar("T")

@@ -35,11 +35,11 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.bench import ProfileResult, Tally, Workload, _drive, start_daemon
 from daemon.config import load_profile
 from daemon.errors import ConfigError, SdrError, UnavailableError
-from daemon.fake_evolution import run_fake_evolution
 from daemon.tasks import cancel_and_wait
+from daemon.testing.fake_evolution import run_fake_evolution
+from daemon.tools.bench import ProfileResult, Tally, Workload, _drive, start_daemon
 
 SERIES = {"rss_bytes": "sdr_process_rss_bytes", "tasks": "sdr_asyncio_tasks", "fds": "sdr_open_fds"}
 RSS_LIMIT = 0.10  # relative growth allowed after the warm-up

@@ -27,17 +27,17 @@ from typing import Any
 import asyncpg
 import httpx
 
-from daemon.bench import spread
 from daemon.buffer import window_for
 from daemon.config import Config
 from daemon.connections import pg_options
 from daemon.embedded import services
 from daemon.errors import ConfigError, SdrError, UnavailableError
 from daemon.evolution import text_event
-from daemon.fake_evolution import run_fake_evolution
 from daemon.identity import IDENTITY_HELP, parse_identity
-from daemon.inprocess import inprocess_daemon, with_changes
 from daemon.store import connect, init_connection
+from daemon.testing.fake_evolution import run_fake_evolution
+from daemon.tools.bench import spread
+from daemon.tools.inprocess import inprocess_daemon, with_changes
 
 REQUIRED = ("conversation", "phone", "direction", "text", "ts")
 OPTIONAL = ("name", "media")

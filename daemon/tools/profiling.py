@@ -27,12 +27,12 @@ from pyinstrument.renderers import ConsoleRenderer, HTMLRenderer, JSONRenderer
 from pyinstrument.renderers.base import ProcessorList
 from pyinstrument.session import Session
 
-from daemon.bench import ProfileResult, Progress, Workload, _drive, _scaled_spec, percentile, scaled_overrides
 from daemon.config import Config, Profile, load_config
 from daemon.errors import SdrError
-from daemon.fake_evolution import run_fake_evolution
-from daemon.inprocess import InProcessDaemon, inprocess_daemon
 from daemon.store import init_connection
+from daemon.testing.fake_evolution import run_fake_evolution
+from daemon.tools.bench import ProfileResult, Progress, Workload, _drive, _scaled_spec, percentile, scaled_overrides
+from daemon.tools.inprocess import InProcessDaemon, inprocess_daemon
 
 # The order rows are shown in: a turn's life from the buffer to the reply.
 ORDER = ("buffer wait", "context", "knowledge", "agent", "store + send", "store", "send")
@@ -322,13 +322,14 @@ async def _settle(d: InProcessDaemon, w: Workload) -> None:
 
 # --- the call tree ---------------------------------------------------------------------------
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # as code objects name their files
-# The load and its harness run in this process too, but they are not the pipeline.
-_HARNESS = {f"{_PACKAGE}{name}.py" for name in ("bench", "fake_evolution", "inprocess", "profiling")}
+# As code objects name their files. The load and its harness run in this process too, but
+# they live in daemon/tools/ and daemon/testing/: everything else in daemon/ is the pipeline.
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_HARNESS = tuple(_PACKAGE + folder + os.sep for folder in ("tools", "testing"))
 
 
 def _is_pipeline(path: str | None) -> bool:
-    return path is not None and path.startswith(_PACKAGE) and path not in _HARNESS
+    return path is not None and path.startswith(_PACKAGE) and not path.startswith(_HARNESS)
 
 
 def keep_pipeline_frames(frame: Frame | None, options: processors.ProcessorOptions) -> Frame | None:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from daemon.report import (
+from daemon.tools.report import (
     REPLY_WITHIN,
     Bin,
     FollowUpStats,

@@ -6,7 +6,7 @@ that runs here and notes when each reply arrives. Leads type bursts at human spe
 quick gaps of the `quick-typers` scenario), wait for a reply, think, and write again.
 Several profiles run at the same time on the same workload and seed, so their figures are
 comparable. After the run every burst is accounted for from the daemon's database and the
-fake's arrivals (whole, split, lost, unanswered: daemon/bursts.py)."""
+fake's arrivals (whole, split, lost, unanswered: daemon/tools/bursts.py)."""
 
 from __future__ import annotations
 
@@ -33,14 +33,14 @@ import asyncpg
 import httpx
 import msgspec
 
-from daemon.bursts import BurstFigures, SentBurst, account, percentile, spread  # noqa: F401 (percentile: re-exported)
 from daemon.config import Profile, Timeouts, load_profile
 from daemon.errors import ConfigError, SdrError
 from daemon.evolution import presence_event, text_event
-from daemon.fake_evolution import FakeEvolution, run_fake_evolution
 from daemon.latency import parse_latency
-from daemon.loadgen import LoadResult, RawClient, post_load
 from daemon.store import init_connection
+from daemon.testing.fake_evolution import FakeEvolution, run_fake_evolution
+from daemon.tools.bursts import BurstFigures, SentBurst, account, percentile, spread  # noqa: F401 (percentile: re-exported)
+from daemon.tools.loadgen import LoadResult, RawClient, post_load
 
 # What leads write: pt-BR, from 2 to ~90 characters, as people write on WhatsApp. The mix
 # (by list entry): statements ~40 % short (2-15 chars: "Oi", "Ok", a name), ~35 % medium
@@ -192,7 +192,7 @@ class Workload:
         return self
 
 
-SCENARIOS = resources.files("daemon") / "scenarios"  # named scenarios, shipped in the package
+SCENARIOS = resources.files("daemon.tools") / "scenarios"  # named scenarios, shipped in the package
 
 
 def named_scenarios() -> list[str]:
@@ -201,7 +201,7 @@ def named_scenarios() -> list[str]:
 
 def load_scenario(scenario: Path | str, **overrides: Any) -> Workload:
     """A scenario: a TOML table with Workload's keys (unknown keys refused), from a file or
-    by the name of one shipped in daemon/scenarios (`quick-typers`). Overrides that are not
+    by the name of one shipped in daemon/tools/scenarios (`quick-typers`). Overrides that are not
     None win over the file."""
     path = Path(scenario)
     source: Path | Traversable = path
@@ -513,7 +513,7 @@ class ProfileResult:
     bursts: BurstFigures | None = None
 
     def summary(self) -> dict[str, Any]:
-        """The figures; `response_s` is the burst response (see daemon/bursts.py),
+        """The figures; `response_s` is the burst response (see daemon/tools/bursts.py),
         `lead_wait_s` what the lead waited for any reply."""
         t = self.tally
         per_burst = self.bursts.summary() if self.bursts is not None else {}
@@ -908,7 +908,7 @@ async def _bare_server(ready_timeout: float) -> AsyncIterator[str]:
         sys.executable,
         "-m",
         "uvicorn",
-        "daemon.bare_app:app",
+        "daemon.tools.bare_app:app",
         "--host",
         "127.0.0.1",
         "--port",

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from daemon.config import Config
-from daemon.fake_evolution import run_fake_evolution
-from daemon.inprocess import inprocess_daemon, with_changes
+from daemon.testing.fake_evolution import run_fake_evolution
+from daemon.tools.inprocess import inprocess_daemon, with_changes
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from daemon.config import Config
 from daemon.embedded import Endpoints, services
-from daemon.fake_evolution import background_server
 from daemon.runtime import Runtime
 from daemon.server import uvicorn_server
+from daemon.testing.fake_evolution import background_server
 
 
 @dataclass

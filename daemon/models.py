@@ -1,0 +1,77 @@
+"""The pipeline's domain types: what a lead sent, what a turn read and wrote. Plain frozen
+dataclasses, so the Evolution client, the agents and the store share them without
+importing each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One lead message as the intake stores it."""
+
+    phone: str
+    push_name: str | None
+    provider_id: str
+    kind: str
+    body: str
+    media: dict[str, Any] | None
+    provider_ts: datetime
+    lid: str | None = None  # the lead's LID jid, when the event gave it
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    id: int
+    lead_id: int
+    conversation_id: int
+    kind: str
+    body: str
+    provider_ts: datetime
+    received_at: datetime
+    media: dict[str, Any] | None = None  # image/audio: mimetype, seconds, key, base64 when sent
+
+
+@dataclass(frozen=True)
+class KbEntry:
+    id: int
+    category: str
+    title: str
+    content: str
+    rank: float
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    lead_id: int
+    conversation_id: int
+    message_ids: list[int]
+    first_message_at: datetime
+    last_message_at: datetime
+    started_at: datetime
+    finished_at: datetime
+    buffer_wait_ms: float
+    window_ms: float
+    stages: dict[str, float]
+    timeouts: list[str]
+    failures: list[str]
+    agent_backend: str
+    outcome: str
+    reply: str
+    parts: list[str]  # the reply as WhatsApp messages (split on sentence boundaries)
+    phone: str
+    outbox_status: str  # 'pending' (to be sent) or 'local' (kept for `sdrctl chat`)
+    response_ms: float | None  # known now for local replies; set on delivery otherwise
+    lead_updates: dict[str, Any]
+    cache_hits: int
+    cache_misses: int
+
+
+@dataclass(frozen=True)
+class FinishedTurn:
+    turn_id: int
+    outbox_ids: list[int]
+    lead: dict[str, Any]  # the lead as stored after the turn's updates
