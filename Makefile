@@ -12,14 +12,20 @@ LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet
 # locked too, so installing needs nothing from outside the locks.
 BUILD_REQS := hatchling>=1.24\neditables>=0.5\n
 
-.PHONY: serve test test-latest lock install clean system-deps
+.PHONY: serve test lint test-latest lock install clean system-deps
 
 serve: $(VENV)/.installed
 	@./scripts/system-deps media
 	$(BIN)/sdrctl serve
 
-test: $(VENV)/.installed-dev system-deps
+test: lint system-deps
 	$(BIN)/python -m pytest
+
+# The static gates (configured in pyproject.toml): lint, format, and mypy strict on the packages.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check daemon sdrctl tests
+	$(BIN)/ruff format --check daemon sdrctl tests
+	$(BIN)/mypy
 
 # The suite against the newest release of every dependency (no lock), in its own venv:
 # drift shows here before it breaks a user who installs the wheel.
@@ -28,6 +34,8 @@ test-latest: system-deps
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/pip install --quiet --disable-pip-version-check --upgrade -e '.[dev]'
 	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/ruff check daemon sdrctl tests
+	.venv-latest/bin/mypy
 	.venv-latest/bin/python -m pytest
 
 # Refresh both locks from pyproject.toml's ranges (then run `make test` and commit them).

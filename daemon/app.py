@@ -18,16 +18,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon.evolution import BadPayload, Edit, Ignored, Typing, parse_envelope, parse_event
+from daemon.connections import OUTAGE
+from daemon.errors import BadPayload, TooLarge
+from daemon.evolution import Edit, Ignored, Typing, parse_envelope, parse_event
 from daemon.openapi import openapi
 from daemon.ratelimit import LeadRateLimiter, retry_after
-from daemon.runtime import OUTAGE, Runtime
+from daemon.runtime import Runtime
 
 log = logging.getLogger("sdr.intake")
-
-
-class TooLarge(Exception):
-    pass
 
 
 def error(status: int, message: str) -> JSONResponse:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from daemon.config import Buffer
 from daemon.connections import Redis
+from daemon.models import MEDIA_KINDS
 from daemon.tasks import cancel_and_wait
 
 # One hash tag for all: the scripts touch them together, so in Redis Cluster they must live
@@ -268,7 +269,9 @@ class MessageBuffer:
         return int(await self.redis.zcard(DUE))
 
 
-MEDIA_KINDS = frozenset({"image", "audio", "video", "document"})
+# Media the lead usually follows up (a photo, then its caption; a voice note, then another);
+# a sticker ends a thought like a short text.
+FOLLOWED_UP = MEDIA_KINDS - {"sticker"}
 
 
 def window_for(kind: str, text: str, settings: Buffer) -> float:
@@ -277,7 +280,7 @@ def window_for(kind: str, text: str, settings: Buffer) -> float:
     (a photo, then its caption; a voice note, then another): wait longer."""
     if not settings.adaptive:
         return settings.quiet_window
-    if kind in MEDIA_KINDS:
+    if kind in FOLLOWED_UP:
         return settings.extended_window
     body = text.strip()
     if body.endswith("?"):

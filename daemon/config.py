@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.durations import parse_duration
 from daemon.errors import ConfigError
 from daemon.latency import SPEC_HELP, parse_latency
 
@@ -164,18 +165,8 @@ class SloSettings:
 
 
 def parse_durations(text: str) -> list[float]:
-    """ "30m, 24h" -> [1800.0, 86400.0]: delays as people write them (s, m, h, d)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        unit = part[-1]
-        if unit not in units or not part[:-1].replace(".", "", 1).isdigit():
-            raise ValueError(part)
-        out.append(float(part[:-1]) * units[unit])
-    return out
+    """ "30m, 24h" -> [1800.0, 86400.0]: delays as people write them (daemon/durations.py)."""
+    return [parse_duration(part) for part in text.split(",") if part.strip()]
 
 
 def parse_clock(text: str) -> tuple[int, int]:
@@ -204,6 +195,9 @@ def _timezone(name: str) -> object:
 
 @dataclass(frozen=True)
 class FollowUpSettings:
+    """[followups] in sdr.toml: what is sent and when (business hours, delays, templates,
+    the CRM). The profile's [followups] (FollowUpKnobs) says how the scheduler runs."""
+
     enabled: bool = knob(True, "send follow-ups (re-engagement, nurturing, meeting reminders)")
     timezone: str = knob(
         "America/Sao_Paulo",
@@ -223,7 +217,7 @@ class FollowUpSettings:
         "30m, 24h",
         "silence after our last reply before each re-engagement (mid-qualification)",
         check=parse_durations,
-        describe="comma-separated durations such as 30m, 24h (s, m, h, d)",
+        describe="comma-separated durations such as 30m, 24h (s, m, h, d, w; decimals allowed)",
     )
     nurture_every: str = knob(
         "24h",
@@ -431,6 +425,13 @@ class Limits:
         min=1,
         max=7 * 86400,
     )
+    uncertain_look_back: int = knob(
+        3,
+        "pages of the Evolution instance's message history (findMessages, newest first) searched "
+        "for a reply whose send is uncertain, before it is sent again",
+        min=1,
+        max=50,
+    )
     lead_rate: float = knob(
         5.0,
         "webhooks per second one lead may sustain (per daemon); more get 429; 0 = no limit",
@@ -507,7 +508,10 @@ class Media:
 
 
 @dataclass(frozen=True)
-class FollowUps:
+class FollowUpKnobs:
+    """[followups] in a profile: how the scheduler runs (polling, batches, retries), tuned
+    like every other knob. What is sent is sdr.toml's [followups] (FollowUpSettings)."""
+
     poll_interval: float = knob(5.0, "how often the scheduler claims due follow-ups", unit="s", min=0.01, max=3600)
     claim_batch: int = knob(50, "due follow-ups claimed at most per poll", min=1, max=10000)
     concurrency: int = knob(3, "follow-ups being sent at once", min=1, max=1000)
@@ -534,7 +538,7 @@ PROFILE_SECTIONS: dict[str, type] = {
     "features": Features,
     "cache": Cache,
     "media": Media,
-    "followups": FollowUps,
+    "followups": FollowUpKnobs,
 }
 SETTINGS_SECTIONS: dict[str, type] = {
     "daemon": DaemonSettings,
@@ -559,7 +563,7 @@ class Profile:
     features: Features = field(default_factory=Features)
     cache: Cache = field(default_factory=Cache)
     media: Media = field(default_factory=Media)
-    followups: FollowUps = field(default_factory=FollowUps)
+    followups: FollowUpKnobs = field(default_factory=FollowUpKnobs)
 
 
 @dataclass(frozen=True)
@@ -620,7 +624,7 @@ def profile_path(name: str) -> Path:
 # --- parsing and validation -----------------------------------------------------------
 
 
-def _describe(f: dataclasses.Field[Any]) -> str:
+def describe_knob(f: dataclasses.Field[Any]) -> str:
     meta = f.metadata
     if meta["describe"]:
         return str(meta["describe"])
@@ -636,7 +640,7 @@ def _type_of(f: dataclasses.Field[Any]) -> type:
     return {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
 
 
-def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
+def coerce_value(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
     """Returns the value as the field's type, or raises ValueError saying what is allowed."""
     kind = _type_of(f)
     if from_env and kind is not str:
@@ -680,9 +684,9 @@ def _build_section(cls: type, section: str, values: Mapping[str, Any], where: st
         else:
             continue
         try:
-            kwargs[name] = _coerce(f, raw, from_env)
+            kwargs[name] = coerce_value(f, raw, from_env)
         except (ValueError, TypeError):
-            raise ConfigError(f"{origin} = {raw!r}: must be {_describe(f)}") from None
+            raise ConfigError(f"{origin} = {raw!r}: must be {describe_knob(f)}") from None
     return cls(**kwargs)
 
 

@@ -4,22 +4,62 @@ port 6543), Redis as one server or as a Redis Cluster."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from daemon.config import Config
+from daemon.errors import DatabaseError, DatabaseTimeout, UnavailableError
 
 SUPABASE_POOLER_PORT = 6543  # Supabase's transaction pooler (Supavisor); 5432 is session mode
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
+# What an outage of PostgreSQL or Redis looks like above the stores: the intake answers
+# 503, a turn is re-queued, a job tries again on its next run.
+OUTAGE = (UnavailableError, RedisError, OSError, TimeoutError)
+
 # --- PostgreSQL ---------------------------------------------------------------------------
+
+P = ParamSpec("P")
+T = TypeVar("T")
+C = TypeVar("C", bound=type)
+# What asyncpg raises for a server that failed, went away or answered too late
+# (InternalClientError: a connection the server dropped mid-query).
+DRIVER_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
+def pg_boundary(cls: C) -> C:
+    """A class decorator for the classes that run SQL: each public coroutine method turns
+    the driver's errors into ours (`DatabaseTimeout`, `DatabaseError`), so nothing above
+    the stores knows asyncpg."""
+    for name, method in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(method):
+            setattr(cls, name, _converting(method))
+    return cls
+
+
+def _converting(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except TimeoutError as exc:
+            raise DatabaseTimeout(f"PostgreSQL did not answer in time ({method.__qualname__})") from exc
+        except DRIVER_ERRORS as exc:
+            raise DatabaseError(f"PostgreSQL failed ({method.__qualname__}): {exc.__class__.__name__}: {exc}") from exc
+
+    return wrapper
 
 
 def database_target(url: str, pooler: str) -> tuple[str, bool]:

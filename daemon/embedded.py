@@ -25,6 +25,11 @@ logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every pg_ctl 
 DATABASE = "sdr"
 
 
+def postgres_url(socket_dir: str | Path, port: int) -> str:
+    """The URL of the embedded PostgreSQL: over its Unix socket, as the superuser."""
+    return f"postgresql://postgres@/{DATABASE}?host={socket_dir}&port={port}"
+
+
 @dataclass(frozen=True)
 class Endpoints:
     database_url: str
@@ -76,7 +81,7 @@ class EmbeddedPostgres:
         exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")
         if "(1 row)" not in exists:
             server.psql(f"CREATE DATABASE {DATABASE};")
-        return f"postgresql://postgres@/{DATABASE}?host={info.socket_dir}&port={info.port}"
+        return postgres_url(info.socket_dir, info.port)
 
     def stop(self) -> None:
         if self._server is not None:

@@ -17,6 +17,7 @@ import httpx
 import msgspec
 
 from daemon.config import Config
+from daemon.errors import BadPayload, MediaUnavailable, SendFailed
 from daemon.models import Inbound
 
 log = logging.getLogger("sdr.evolution")
@@ -26,7 +27,7 @@ PRESENCE = "presence.update"
 EDITED = "messages.edited"  # a lead edited a message: the raw protocolMessage
 TYPING = frozenset({"composing", "recording"})
 STOPPED = frozenset({"paused", "available", "unavailable"})  # Baileys' WAPresence, the rest
-MEDIA_KINDS = {
+MEDIA_FIELDS = {  # Baileys' message field -> our kind (daemon.models.MEDIA_KINDS)
     "imageMessage": "image",
     "audioMessage": "audio",
     "videoMessage": "video",
@@ -83,14 +84,6 @@ _envelope = msgspec.json.Decoder(Envelope)
 _message = msgspec.json.Decoder(MessageData)
 _presence = msgspec.json.Decoder(PresenceData)
 _edit = msgspec.json.Decoder(EditData)
-
-
-class BadPayload(Exception):
-    """The body is not a valid event: `status` 400 (not JSON) or 422 (wrong shape)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -277,7 +270,7 @@ def _content(message: dict[str, Any]) -> tuple[str | None, str, dict[str, Any] |
         text = message["extendedTextMessage"].get("text")
     if isinstance(text, str) and (text := _no_nul(text)).strip():
         return "text", text, None
-    for field, kind in MEDIA_KINDS.items():
+    for field, kind in MEDIA_FIELDS.items():
         part = message.get(field)
         if isinstance(part, dict):
             caption = _no_nul(part["caption"]) if isinstance(part.get("caption"), str) else ""
@@ -334,32 +327,6 @@ _TRANSIENT = (
 )
 
 
-class SendFailed(Exception):
-    """A send that did not certainly arrive, by what a later try can do about it:
-    - `transient`: certainly not delivered (no connection, or Evolution's 400 wrapping a
-      WhatsApp reconnect, a time-out or a rate limit): try again;
-    - `uncertain`: the request was written and no answer came (a timeout, a dropped
-      connection, a 5xx): it may have been delivered, so look before sending again;
-    - `unreachable`: Evolution answered `exists: false`: no try can reach this number;
-    - `refused`: any other 4xx (a bad request, a wrong key or instance): final."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-    @property
-    def retryable(self) -> bool:
-        return self.kind == "transient"
-
-    @property
-    def uncertain(self) -> bool:
-        return self.kind == "uncertain"
-
-    @property
-    def final(self) -> bool:
-        return self.kind in ("unreachable", "refused")
-
-
 def classify(status: int, body: str) -> str:
     """What an Evolution error answer means, from its real bodies (see
     tests/fixtures/evolution/SOURCES.md): every send error comes wrapped in a 400
@@ -382,10 +349,6 @@ def classify(status: int, body: str) -> str:
     if status >= 500 or status == 408:  # it may have failed after WhatsApp took the message
         return "uncertain"
     return "refused"
-
-
-class MediaUnavailable(Exception):
-    """The Evolution API could not give us a media file."""
 
 
 class EvolutionClient:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
+from daemon.cache import TwoTierCache
 from daemon.models import Inbound
-from daemon.store import Store
+
+if TYPE_CHECKING:  # the store imports the outbox, which addresses chats with `jid` from here
+    from daemon.store import Store
 
 LID_SERVER = "@lid"
 
@@ -71,10 +74,10 @@ class Identities:
     change, so the ones seen are kept in a bounded LRU: a LID-addressed lead costs one
     lookup, not one per message."""
 
-    def __init__(self, store: Store, size: int, on_change: Callable[[list[str]], Awaitable[None]]) -> None:
+    def __init__(self, store: Store, size: int, leads: TwoTierCache[dict[str, Any]]) -> None:
         self.store = store
         self.size = size
-        self.on_change = on_change  # identities whose lead row changed (caches drop them)
+        self.leads = leads  # identities whose lead row changed are dropped from it
         self._phones: OrderedDict[str, str] = OrderedDict()  # lid -> phone
 
     def _remember(self, lid: str, phone: str) -> None:
@@ -100,7 +103,8 @@ class Identities:
             for lid, phone in learned.items():
                 self._remember(lid, phone)
             if changed:
-                await self.on_change(changed)
+                for identity in changed:  # renamed or merged: cached copies are stale
+                    await self.leads.invalidate(identity)
         unknown = sorted({m.lid for m in msgs if m.lid and m.phone == m.lid and self.known(m.lid) is None})
         if unknown:
             for lid, phone in (await self.store.phones_for_lids(unknown)).items():

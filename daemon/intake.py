@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from daemon.buffer import MessageBuffer, member, window_for
+from daemon.cache import TwoTierCache
 from daemon.config import Profile
 from daemon.identity import Identities
 from daemon.models import Inbound
@@ -37,7 +37,7 @@ class IngestBatcher:
         store: Store,
         buffer: MessageBuffer,
         profile: Profile,
-        on_lead: Callable[[str, dict[str, Any]], Awaitable[None]],
+        leads: TwoTierCache[dict[str, Any]],
         identities: Identities,
     ) -> None:
         self.store = store
@@ -46,7 +46,7 @@ class IngestBatcher:
         self.settings = profile.buffer
         self.max_batch = profile.pools.ingest_batch
         self.max_flushes = profile.pools.ingest_flushes
-        self.on_lead = on_lead  # a created or changed lead: write the cache through
+        self.leads = leads  # a created or changed lead is written through, stale copies dropped
         self._queue: list[_Waiting] = []  # bounded by [pools] webhooks_in_flight (the app)
         self._flushers: set[asyncio.Task[None]] = set()
 
@@ -92,7 +92,8 @@ class IngestBatcher:
             assert got is not None
             message_id, _, unanswered, lead = got
             if lead is not None:
-                await self.on_lead(m.phone, lead)
+                await self.leads.invalidate(m.phone)
+                await self.leads.set(m.phone, lead)
             if unanswered:  # also for a retried delivery: the first may have missed the buffer
                 arms.append(
                     (member(m.phone, message_id, self.settings.coalesce), window_for(m.kind, m.body, self.settings))

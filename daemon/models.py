@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+# The kinds of media message the intake stores (besides 'text' and 'edit'), and the ones
+# the media processor reads (photos, voice notes); the rest are answered by their caption.
+MEDIA_KINDS = frozenset({"image", "audio", "video", "document", "sticker"})
+ANALYSED_KINDS = frozenset({"image", "audio"})
+
 
 @dataclass(frozen=True)
 class Inbound:

@@ -1,7 +1,7 @@
 """The daemon's lifecycle in one place: start (pools, migrations, recovery, the buffer's
-flush loop), the intake's entry point, and stop (stop intake, let in-flight turns finish
-within the grace period, cancel the rest, close pools). Every task it starts is in its
-owned set; none is fire-and-forget."""
+flush loop, jobs), the intake's entry point, and stop (stop intake, let in-flight turns
+finish within the grace period, cancel the rest, close everything start opened). Every
+task it starts is owned: turns in `_tasks`, loops and clients on the exit stack."""
 
 from __future__ import annotations
 
@@ -9,22 +9,22 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Coroutine
-from datetime import datetime
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from contextlib import AsyncExitStack
+from functools import partial
+from typing import Any, TypeVar
 
 import asyncpg
-from redis.exceptions import RedisError
 
 from daemon import migrations
-from daemon.agents import make_agent
+from daemon.agents import Agent, make_agent
 from daemon.buffer import MessageBuffer, member, parse_member, window_for
 from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import Config
-from daemon.connections import pg_options, redis_client
+from daemon.connections import DRIVER_ERRORS, OUTAGE, Redis, pg_options, redis_client
 from daemon.embedded import Endpoints
-from daemon.errors import MigrationError, UnavailableError
-from daemon.evolution import Edit, EvolutionClient, SendFailed, Typing
+from daemon.errors import MigrationError, SdrError, StageFailed, UnavailableError
+from daemon.evolution import Edit, EvolutionClient, Typing
 from daemon.followups.executor import FollowUpExecutor
 from daemon.followups.jobs import CrmPush, Jobs, KnowledgeRefresh
 from daemon.followups.planner import Planner
@@ -35,19 +35,49 @@ from daemon.locks import LeadLocks
 from daemon.media.processor import MediaProcessor
 from daemon.metrics import Metrics
 from daemon.models import Inbound, KbEntry
-from daemon.outbox import UncertainSends
+from daemon.outbox import Outbox
 from daemon.store import Store, connect
 from daemon.tasks import cancel_and_wait
-from daemon.turn import StageFailed, TurnRunner
+from daemon.turn import TurnRunner
 
 log = logging.getLogger("sdr.runtime")
+T = TypeVar("T")
 
-# What an outage of Postgres or Redis looks like from here: the intake answers 503.
-# (InternalClientError: asyncpg on a connection the server dropped mid-query.)
-OUTAGE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, RedisError)
+
+async def _step(failure: str, work: Awaitable[T]) -> T:
+    """One step of start(): an outage becomes one line that says which step failed."""
+    try:
+        return await work
+    except SdrError:
+        raise
+    except (*OUTAGE, *DRIVER_ERRORS) as exc:
+        raise UnavailableError(f"{failure}: {exc.__class__.__name__}: {exc}") from None
 
 
 class Runtime:
+    """The daemon: `start()` opens everything on one exit stack (any step that fails closes
+    what was opened and raises one clear SdrError), the front door (`ingest`, `typing`,
+    `edit`, `readiness`), the buffer's flush loop that spawns turns, and `stop()`."""
+
+    # Built by start(), in this order, each closed by stop() in the reverse order.
+    pool: asyncpg.Pool  # the turns', jobs' and follow-ups' PostgreSQL connections
+    intake_pool: asyncpg.Pool  # the intake's own: a webhook never waits behind a turn
+    redis: Redis
+    store: Store
+    buffer: MessageBuffer
+    locks: LeadLocks
+    leads: TwoTierCache[dict[str, Any]]
+    knowledge: TwoTierCache[list[KbEntry]]
+    identities: Identities
+    intake: IngestBatcher
+    outbox: Outbox | None  # None without an Evolution API: replies stay in the table
+    agent: Agent
+    media: MediaProcessor
+    followup_store: FollowUpStore
+    runner: TurnRunner
+    followups: FollowUpExecutor
+    jobs: Jobs
+
     def __init__(self, config: Config, endpoints: Endpoints, *, auto_migrate: bool) -> None:
         self.config = config
         self.endpoints = endpoints
@@ -55,41 +85,41 @@ class Runtime:
         self.metrics = Metrics()
         self.accepting = False
         self._stopping = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._background: list[asyncio.Task[None]] = []
-        self._sender: EvolutionClient | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # turns in flight
+        self._stack = AsyncExitStack()  # what start() opened, closed by stop()
+        self._flusher: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        cfg, p = self.config, self.config.profile
+        """Opens and starts everything, or nothing: a step that fails closes what the
+        steps before it opened, and raises one SdrError that names the step."""
         try:
-            self.pool = await connect(self.endpoints.database_url, p, pooled=self.endpoints.pooled)
-        except OUTAGE as exc:
-            raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
-        try:
-            # The intake's own connections: a webhook never waits behind turns' queries.
-            self.intake_pool = await connect(
-                self.endpoints.database_url, p, size=p.pools.ingest_flushes, pooled=self.endpoints.pooled
-            )
-        except OUTAGE as exc:
-            await self.pool.close()
-            raise UnavailableError(f"PostgreSQL is unreachable: {exc}") from None
-        self.redis = redis_client(self.endpoints.redis_url, self.endpoints.redis_cluster, cfg)
-        try:
-            await self.redis.ping()
-        except OUTAGE as exc:
-            await self._close_pools()
-            raise UnavailableError(f"Redis is unreachable: {exc}") from None
-        try:
-            await self._check_schema()
-        except (MigrationError, *OUTAGE) as exc:
-            await self._close_pools()
-            if isinstance(exc, MigrationError):
+            await self._open(self._stack)
+        except BaseException as exc:
+            await self._stack.aclose()
+            if isinstance(exc, SdrError) or not isinstance(exc, (*OUTAGE, *DRIVER_ERRORS)):
                 raise
-            raise UnavailableError(f"PostgreSQL failed while checking the schema: {exc}") from None
+            raise UnavailableError(f"the daemon could not start: {exc.__class__.__name__}: {exc}") from None
+        self.accepting = True
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        cfg, p = self.config, self.config.profile
+        ep = self.endpoints
+        self.pool = await _step("PostgreSQL is unreachable", connect(ep.database_url, p, pooled=ep.pooled))
+        stack.push_async_callback(self.pool.close)
+        size = p.pools.ingest_flushes
+        self.intake_pool = await _step(
+            "PostgreSQL is unreachable", connect(ep.database_url, p, size=size, pooled=ep.pooled)
+        )
+        stack.push_async_callback(self.intake_pool.close)
+        self.redis = redis_client(ep.redis_url, ep.redis_cluster, cfg)
+        stack.push_async_callback(self.redis.aclose)
+        await _step("Redis is unreachable", self.redis.ping())
+        await _step("PostgreSQL failed while checking the schema", self._check_schema())
+
         self.store = Store(self.pool, p)
-        b = p.buffer
+        b, c = p.buffer, p.cache
         self.buffer = MessageBuffer(
             self.redis,
             b.quiet_window,
@@ -101,90 +131,75 @@ class Runtime:
             typing_hold=p.timeouts.reply_hold if self._presence_aware() else 0.0,
             poll=b.hold_poll,
         )
-        locks = LeadLocks(self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff)
-        c = p.cache
-        self.leads: TwoTierCache[dict[str, Any]] = TwoTierCache(
-            "lead",
-            self.redis,
-            dict[str, Any],
-            ttl=c.lead_ttl,
-            local_ttl=c.local_ttl,
-            size=c.lead_size,
-            enabled=c.enabled,
-            metrics=self.metrics,
-        )
-        self.knowledge: TwoTierCache[list[KbEntry]] = TwoTierCache(
-            "knowledge",
-            self.redis,
-            list[KbEntry],
-            ttl=c.kb_ttl,
-            local_ttl=c.local_ttl,
-            size=c.kb_size,
-            enabled=c.enabled,
-            metrics=self.metrics,
-        )
+        stack.push_async_callback(self.buffer.close)
+        self.locks = LeadLocks(self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff)
+        stack.push_async_callback(self.locks.close, p.timeouts.redis)
+        self.leads = self._cache("lead", dict[str, Any], c.lead_ttl, c.lead_size)
+        self.knowledge = self._cache("knowledge", list[KbEntry], c.kb_ttl, c.kb_size)
         intake_store = Store(self.intake_pool, p)
-        self.identities = Identities(intake_store, c.lead_size, self._leads_changed)
-        self.intake = IngestBatcher(intake_store, self.buffer, p, self._lead_written, self.identities)
-        self.uncertain: UncertainSends | None = None
-        if cfg.evolution.base_url:
-            self._sender = EvolutionClient(cfg)
-            self.uncertain = UncertainSends(cfg, self._sender, self.store, self.metrics)
+        self.identities = Identities(intake_store, c.lead_size, self.leads)
+        self.intake = IngestBatcher(intake_store, self.buffer, p, self.leads, self.identities)
+        stack.push_async_callback(self.intake.close)
+        sender = EvolutionClient(cfg) if cfg.evolution.base_url else None
+        if sender is not None:
+            stack.push_async_callback(sender.close)
+        self.outbox = Outbox(cfg, self.pool, sender, self.locks, self.metrics) if sender is not None else None
         self.agent = make_agent(cfg)
-        media_cache: TwoTierCache[dict[str, Any]] = TwoTierCache(
-            "media",
-            self.redis,
-            dict[str, Any],
-            ttl=p.media.result_ttl,
-            local_ttl=c.local_ttl,
-            size=p.media.result_size,
-            enabled=c.enabled,
-            metrics=self.metrics,
-        )
-        self.media = MediaProcessor(cfg, self._sender, media_cache, self.metrics)
-        self.planner = Planner(cfg.followups)
+        stack.push_async_callback(self.agent.close)
+        media_cache = self._cache("media", dict[str, Any], p.media.result_ttl, p.media.result_size)
+        self.media = MediaProcessor(cfg, sender, media_cache, self.metrics)
+        stack.push_async_callback(self.media.close)
         self.followup_store = FollowUpStore(self.pool, p.timeouts.database)
         self.runner = TurnRunner(
             store=self.store,
-            locks=locks,
+            locks=self.locks,
             agent=self.agent,
-            sender=self._sender,
+            outbox=self.outbox,
             metrics=self.metrics,
             profile=p,
             leads=self.leads,
             knowledge=self.knowledge,
             media=self.media,
-            after_turn=self._plan_follow_ups,
-            on_send_failed=self._send_failed,
+            planner=Planner(cfg.followups),
+            followup_store=self.followup_store,
             buffer=self.buffer,
         )
+        stack.push_async_callback(self.runner.close)
         self.followups = FollowUpExecutor(
             cfg,
             self.followup_store,
-            locks,
-            self._sender,
+            self.outbox or Outbox(cfg, self.pool, None, self.locks, self.metrics),
             self.metrics,
             on_handoff=self._hand_back,
-            settle=self._settle,
-            unreachable=self.store.mark_unreachable,
         )
-        self.jobs = self._schedule()
+        self.jobs = self._schedule(stack)
+
         # Bursts a previous run accepted but never answered are answered now.
         # Only those without a buffer entry: with several daemons, a burst still being
         # written has one (another daemon's intake armed it), and flushing it now would
         # split it in two turns.
-        recovered = await self.store.unanswered()
+        recovered = await _step("cannot re-queue unanswered messages", self.store.unanswered())
         for phone, message_id in recovered:
-            await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
+            await self.buffer.add_if_absent(member(phone, message_id, b.coalesce), 0)
         if recovered:
             log.info("re-queued %d unanswered message(s)", len(recovered))
         invalidations = CacheInvalidations(self.redis, [self.leads, self.knowledge], retry_delay=p.timeouts.redis)
-        self._background = [
-            asyncio.create_task(self._flush_loop(), name="buffer-flush"),
-            asyncio.create_task(invalidations.run(), name="cache-invalidations"),
-        ]
+        self._own(stack, invalidations.run(), "cache-invalidations")
+        self._flusher = self._own(stack, self._flush_loop(), "buffer-flush")
         self.jobs.start()
-        self.accepting = True
+        stack.push_async_callback(self.jobs.stop)
+
+    def _cache(self, name: str, kind: Any, ttl: float, size: int) -> TwoTierCache[Any]:
+        c = self.config.profile.cache
+        return TwoTierCache(
+            name, self.redis, kind, ttl=ttl, local_ttl=c.local_ttl, size=size, enabled=c.enabled, metrics=self.metrics
+        )
+
+    def _own(self, stack: AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A background task that lives as long as the runtime; cancelled at stop."""
+        task = asyncio.create_task(coro, name=name)
+        stack.push_async_callback(cancel_and_wait, task, self.config.profile.timeouts.redis, "shutdown")
+        return task
 
     async def _check_schema(self) -> None:
         # Over the direct connection: migrations hold a session advisory lock, which a
@@ -207,21 +222,18 @@ class Runtime:
             raise MigrationError(f"{len(waiting)} migration(s) pending ({names}); run `sdrctl migrate` first")
 
     async def stop(self) -> None:
-        """Stop intake, drain turns within the grace period, cancel the rest, close pools."""
+        """Stop intake, drain turns within the grace period, cancel the rest, close."""
         p = self.config.profile
         # 1. Stop taking work: the webhook answers 503, the flush loop ends after its
         #    current claim. (A flag, not only a cancel: a library that swallows one
         #    CancelledError must not keep the loop alive.)
         self.accepting = False
         self._stopping = True
-        flusher, *others = self._background or [None]
-        if flusher is not None:
-            done, _ = await asyncio.wait({flusher}, timeout=p.buffer.poll_interval + p.timeouts.redis)
+        if self._flusher is not None:
+            done, _ = await asyncio.wait({self._flusher}, timeout=p.buffer.poll_interval + p.timeouts.redis)
             if not done:
-                await cancel_and_wait(flusher, p.timeouts.redis, "shutdown")
-        for task in others:
-            await cancel_and_wait(task, p.timeouts.redis, "shutdown")
-        await self.jobs.stop()  # scheduled jobs: no new runs; running ones cancelled
+                await cancel_and_wait(self._flusher, p.timeouts.redis, "shutdown")
+            await self.jobs.stop()  # scheduled jobs: no new runs; running ones cancelled
         # 2. Let in-flight turns finish within the grace period; cancel the rest (their
         #    messages stay unanswered in Postgres and are answered on the next start).
         if self._tasks:
@@ -232,23 +244,9 @@ class Runtime:
                 await cancel_and_wait(task, p.timeouts.database, "shutdown grace period over")
             if late:
                 log.warning("cancelled %d turn(s); their messages are answered on next start", len(late))
-        await self.intake.close()
-        await self.runner.locks.close(p.timeouts.redis)
-        await self.runner.close()
-        await self.buffer.close()
-        # 3. Close clients and pools.
-        if self._sender is not None:
-            await self._sender.close()
-        await self.agent.close()
-        await self.media.close()
-        if self.crm is not None:
-            await self.crm.close()
-        await self._close_pools()
-
-    async def _close_pools(self) -> None:
-        await self.redis.aclose()
-        await self.pool.close()
-        await self.intake_pool.close()
+        # 3. Everything start() opened, in reverse: jobs, background loops, the turns'
+        #    stragglers, clients, caches, pools.
+        await self._stack.aclose()
 
     # --- work -----------------------------------------------------------------------
 
@@ -287,7 +285,7 @@ class Runtime:
             if len(due) < self.buffer.claim_batch:
                 await asyncio.sleep(interval)
 
-    def _schedule(self) -> Jobs:
+    def _schedule(self, stack: AsyncExitStack) -> Jobs:
         cfg, p = self.config, self.config.profile
         f = p.followups
         jobs = Jobs(self.metrics)
@@ -297,11 +295,12 @@ class Runtime:
             "knowledge-refresh", f.kb_refresh_interval, KnowledgeRefresh(self.pool, self.knowledge.invalidate_all)
         )
         jobs.every("unanswered-sweep", p.buffer.sweep_interval, self._sweep)
-        if self._sender is not None:
-            jobs.every("outbox-redelivery", p.limits.redeliver_interval, self._redeliver)
-        self.crm: CrmPush | None = None
+        if self.outbox is not None:
+            jobs.every(
+                "outbox-redelivery", p.limits.redeliver_interval, partial(self.outbox.redeliver, self._hand_back)
+            )
         if cfg.followups.crm_url:
-            self.crm = CrmPush(
+            crm = CrmPush(
                 self.pool,
                 cfg.followups.crm_url,
                 batch=f.crm_batch,
@@ -310,7 +309,8 @@ class Runtime:
                 timeout=f.crm_timeout,
                 backoff=f.crm_backoff,
             )
-            jobs.every("crm-push", f.crm_interval, self.crm)
+            stack.push_async_callback(crm.close)
+            jobs.every("crm-push", f.crm_interval, crm)
         return jobs
 
     async def _sweep(self) -> None:
@@ -333,67 +333,6 @@ class Runtime:
             await self.buffer.add_if_absent(member(phone, message_id, p.buffer.coalesce), 0)
         if stale:
             log.warning("re-queued %d message(s) left unanswered past %.0fs", len(stale), age)
-
-    async def _redeliver(self) -> None:
-        """Replies that did not go out are sent again, in order, under each lead's lock
-        (never interleaved with a live turn's replies). One that may have arrived (its send
-        timed out, or its daemon died mid-send) is looked up first (daemon.outbox)."""
-        p = self.config.profile
-        assert self._sender is not None and self.uncertain is not None
-        stale = p.timeouts.evolution_send * p.limits.send_attempts + p.timeouts.redis_lock_ttl
-        rows = await self.store.undelivered(
-            stale, p.limits.redeliver_attempts, p.limits.redeliver_within, p.buffer.claim_batch
-        )
-        by_lead: dict[str, list[tuple[int, str, str, datetime, str | None]]] = {}
-        for outbox_id, phone, body, status, created, lid in rows:
-            by_lead.setdefault(phone, []).append((outbox_id, body, status, created, lid))
-        for phone, replies in by_lead.items():
-            async with self.runner.locks.held(phone, lambda phone=phone: self._hand_back(phone)) as got:
-                if not got:
-                    continue  # a live turn is sending: next pass
-                for outbox_id, body, status, created, lid in replies:
-                    if status in ("sending", "uncertain"):  # did it arrive after all?
-                        outcome, provider_id = await self.uncertain.settle(phone, lid, body, created)
-                        if outcome == "arrived":
-                            await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
-                            continue
-                        if outcome == "skip":
-                            await self.store.record_delivery(
-                                [outbox_id], status="failed", error="uncertain send skipped (on_uncertain_send = skip)"
-                            )
-                            continue
-                    if not await self.store.claim_redelivery(outbox_id, status):
-                        continue  # another daemon's job got it first
-                    try:
-                        provider_id = await self._sender.send_text(phone, body)
-                    except SendFailed as exc:
-                        await self._send_failed(outbox_id, phone, exc)
-                        self.metrics.sends.labels("redelivery_failed").inc()
-                        break  # keep the lead's replies in order
-                    await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
-                    self.metrics.sends.labels("redelivered").inc()
-
-    async def _settle(self, phone: str, text: str, since: datetime) -> tuple[str, str | None]:
-        assert self.uncertain is not None
-        return await self.uncertain.settle(phone, None, text, since)
-
-    async def _send_failed(self, outbox_id: int, phone: str, exc: SendFailed) -> None:
-        """A reply's send failed: final ones are marked failed (an unreachable number on
-        the lead too); the rest wait for the re-delivery job."""
-        self.metrics.send_errors.labels(exc.kind).inc()
-        if exc.final:
-            await self.store.record_delivery([outbox_id], status="failed", error=str(exc)[:500])
-            if exc.kind == "unreachable":
-                await self.store.mark_unreachable(phone)
-        else:
-            await self.store.postpone(
-                outbox_id, str(exc), self.config.profile.limits.redeliver_backoff, uncertain=exc.uncertain
-            )
-
-    async def _plan_follow_ups(self, lead: dict[str, Any], replied_at: datetime, updates: dict[str, Any]) -> None:
-        """After a turn: the lead's next follow-ups replace its pending silence ones."""
-        planned = self.planner.after_turn(lead, replied_at, meeting_changed="meeting_at" in updates)
-        await self.followup_store.plan(int(lead["id"]), planned, replied_at, "the lead wrote again")
 
     async def _hand_back(self, phone: str) -> None:
         """Messages arrived while a follow-up held the lead: answer them now."""
@@ -435,16 +374,6 @@ class Runtime:
     async def ingest(self, msg: Inbound) -> str:
         """Stores a lead message and arms its buffer; returns 'stored' or 'duplicate'."""
         return await self.intake.ingest(msg)
-
-    async def _lead_written(self, phone: str, lead: dict[str, Any]) -> None:
-        """The intake created or changed a lead: write the cache through, drop copies elsewhere."""
-        await self.leads.invalidate(phone)
-        await self.leads.set(phone, lead)
-
-    async def _leads_changed(self, identities: list[str]) -> None:
-        """Leads renamed or merged when their LID met their phone: cached copies are stale."""
-        for identity in identities:
-            await self.leads.invalidate(identity)
 
     def _presence_aware(self) -> bool:
         b = self.config.profile.buffer

@@ -7,15 +7,15 @@ Timeouts come from the profile."""
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
 from daemon.config import Profile
-from daemon.connections import pg_options
+from daemon.connections import pg_boundary, pg_options
 from daemon.models import FinishedTurn, Inbound, KbEntry, PendingMessage, TurnRecord
+from daemon.outbox import Status
 
 _encoder = msgspec.json.Encoder(enc_hook=str)  # Decimal and the like as PostgreSQL reads them
 
@@ -115,9 +115,9 @@ WITH t AS (
     -- The first part's first send attempt is recorded here, before it is attempted.
     INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, attempts, sent_at)
     SELECT $1, t.id, $16, p.part,
-           CASE WHEN $20::text = 'pending' AND p.n = 1 THEN 'sending' ELSE $20::text END,
-           CASE WHEN $20::text = 'pending' AND p.n = 1 THEN 1 ELSE 0 END,
-           CASE WHEN $20::text = 'local' THEN clock_timestamp() END
+           CASE WHEN $20::text = '{Status.PENDING}' AND p.n = 1 THEN '{Status.SENDING}' ELSE $20::text END,
+           CASE WHEN $20::text = '{Status.PENDING}' AND p.n = 1 THEN 1 ELSE 0 END,
+           CASE WHEN $20::text = '{Status.LOCAL}' THEN clock_timestamp() END
       FROM t, unnest($21::text[]) WITH ORDINALITY AS p(part, n)
      ORDER BY p.n
     RETURNING id
@@ -135,6 +135,7 @@ def tsquery_any(text: str) -> str:
     return " | ".join(words)
 
 
+@pg_boundary
 class Store:
     def __init__(self, pool: asyncpg.Pool, profile: Profile) -> None:
         self.pool = pool
@@ -209,24 +210,6 @@ class Store:
                 if new_id is not None
                 else ("duplicate", row["phone_number"], row["id"])
             )
-
-    async def last_sent(self) -> tuple[str, str] | None:
-        """(identity, provider id) of the newest reply Evolution accepted: what asking its
-        history about tells whether it keeps one."""
-        row = await self.pool.fetchrow(
-            """SELECT phone_number, provider_id FROM outbox
-                WHERE status = 'sent' AND provider_id IS NOT NULL ORDER BY id DESC LIMIT 1""",
-            timeout=self.timeout,
-        )
-        return (row["phone_number"], row["provider_id"]) if row else None
-
-    async def mark_unreachable(self, phone: str) -> None:
-        """Evolution says the number is not on WhatsApp: no reply can reach it."""
-        await self.pool.execute(
-            "UPDATE leads SET unreachable_at = now(), updated_at = now() WHERE phone_number = $1 AND unreachable_at IS NULL",
-            phone,
-            timeout=self.timeout,
-        )
 
     async def pending_messages(self, phone: str, only: int | None = None) -> list[PendingMessage]:
         """The lead's unanswered messages (or just message `only`), in the order the lead
@@ -337,101 +320,6 @@ class Store:
             message_ids,
             reason,
             agent_ms,
-            timeout=self.timeout,
-        )
-
-    async def record_send_attempt(self, outbox_id: int) -> None:
-        """Written before each attempt, so a crash mid-send leaves a trace, not a guess."""
-        await self.pool.execute(
-            "UPDATE outbox SET status = 'sending', attempts = attempts + 1 WHERE id = $1",
-            outbox_id,
-            timeout=self.timeout,
-        )
-
-    async def record_delivery(
-        self,
-        outbox_ids: list[int],
-        *,
-        status: str,
-        provider_id: str | None = None,
-        error: str | None = None,
-        turn_id: int | None = None,
-        response_ms: float | None = None,
-    ) -> None:
-        """Marks sends done or failed; with `turn_id`, also the turn's response time (the
-        lead's first reply), in the same round trip."""
-        await self.pool.execute(
-            """WITH sent AS (
-                   UPDATE outbox SET status = $2, provider_id = $3, last_error = $4,
-                          sent_at = CASE WHEN $2 = 'sent' THEN clock_timestamp() END
-                    WHERE id = ANY($1::bigint[]))
-               UPDATE turns SET response_ms = $6 WHERE id = $5""",
-            outbox_ids,
-            status,
-            provider_id,
-            error,
-            turn_id,
-            response_ms,
-            timeout=self.timeout,
-        )
-
-    async def undelivered(
-        self, stale_after: float, max_attempts: int, within: float, limit: int
-    ) -> list[tuple[int, str, str, str, datetime, str | None]]:
-        """(outbox id, identity, body, status, created, lid) of replies to send again,
-        oldest first: those whose send failed in a way a later try can fix ('undelivered'),
-        may have arrived ('uncertain'), or were left 'sending' by a daemon that died (older
-        than any send can take). Gives up on the ones out of attempts or past `within`
-        seconds (a reply that late no longer answers anything)."""
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                """UPDATE outbox SET status = 'failed', last_error = coalesce(last_error, '') || ' (gave up)'
-                    WHERE status IN ('undelivered', 'sending', 'uncertain')
-                      AND (attempts >= $1 OR created_at < clock_timestamp() - make_interval(secs => $3))
-                      AND (status <> 'sending' OR created_at < clock_timestamp() - make_interval(secs => $2))""",
-                max_attempts,
-                stale_after,
-                within,
-                timeout=self.timeout,
-            )
-            rows = await conn.fetch(
-                """SELECT o.id, o.phone_number, o.body, o.status, o.created_at, l.lid FROM outbox o
-                     JOIN leads l ON l.id = o.lead_id
-                    WHERE ((o.status IN ('undelivered', 'uncertain') AND (o.retry_at IS NULL OR o.retry_at <= clock_timestamp()))
-                           OR (o.status = 'sending' AND o.created_at < clock_timestamp() - make_interval(secs => $1)))
-                      AND o.attempts < $2
-                    ORDER BY o.id LIMIT $3""",
-                stale_after,
-                max_attempts,
-                limit,
-                timeout=self.timeout,
-            )
-        return [(r["id"], r["phone_number"], r["body"], r["status"], r["created_at"], r["lid"]) for r in rows]
-
-    async def claim_redelivery(self, outbox_id: int, status: str) -> bool:
-        """Takes one reply for a re-send if it is still in `status` (another daemon's job
-        may have sent it since it was listed); counts the attempt."""
-        return bool(
-            await self.pool.fetchval(
-                """UPDATE outbox SET status = 'sending', attempts = attempts + 1
-                WHERE id = $1 AND status = $2 RETURNING true""",
-                outbox_id,
-                status,
-                timeout=self.timeout,
-            )
-        )
-
-    async def postpone(self, outbox_id: int, error: str, backoff: float, *, uncertain: bool = False) -> None:
-        """Undelivered again ('uncertain' when it may have arrived: looked up before a
-        re-send): the next try waits backoff * 2^(attempts-1), at most an hour."""
-        await self.pool.execute(
-            """UPDATE outbox SET status = $4, last_error = $2,
-                      retry_at = clock_timestamp() + make_interval(secs => least(3600, $3 * 2 ^ greatest(attempts - 1, 0)))
-                WHERE id = $1""",
-            outbox_id,
-            error[:500],
-            backoff,
-            "uncertain" if uncertain else "undelivered",
             timeout=self.timeout,
         )
 

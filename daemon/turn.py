@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -21,62 +19,25 @@ from daemon.agents import Agent, AgentReply, TurnInput
 from daemon.buffer import MessageBuffer, window_for
 from daemon.cache import TwoTierCache
 from daemon.config import Profile
-from daemon.evolution import PRESENCE_MAX_MS, EvolutionClient, SendFailed, split_message
+from daemon.errors import StageFailed
+from daemon.evolution import PRESENCE_MAX_MS, split_message
 from daemon.followups.calendar import Clock, utc_now
+from daemon.followups.planner import Planner
+from daemon.followups.store import FollowUpStore
 from daemon.locks import LeadLocks
 from daemon.media.processor import MediaProcessor
 from daemon.media.result import MediaResult
 from daemon.metrics import Metrics
-from daemon.models import KbEntry, PendingMessage, TurnRecord
+from daemon.models import ANALYSED_KINDS, KbEntry, PendingMessage, TurnRecord
+from daemon.outbox import Outbox, Status
+from daemon.stages import StageClock
 from daemon.store import Store, tsquery_any
-from daemon.tasks import cancel_and_wait
+from daemon.tasks import Children, cancel_and_wait
 
 log = logging.getLogger("sdr.turn")
 T = TypeVar("T")
 
 FALLBACK = "Oi! Recebi sua mensagem 😊 Estou verificando algumas informações e já te respondo por aqui."
-
-
-class StageFailed(Exception):
-    """A stage timed out or raised; already recorded."""
-
-
-@dataclass
-class StageClock:
-    """Times each stage of one turn; records which timed out or failed, and cache use."""
-
-    metrics: Metrics
-    times: dict[str, float] = field(default_factory=dict)
-    timeouts: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    cache_hits: int = 0
-    cache_misses: int = 0
-
-    async def run(self, stage: str, work: Awaitable[T], timeout: float | None) -> T:
-        start = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout or None):
-                return await work
-        except TimeoutError:
-            self.timeouts.append(stage)
-            self.metrics.timeouts.labels(stage).inc()
-            log.warning("stage %s timed out after %.2fs", stage, timeout)
-            raise StageFailed(stage) from None
-        except Exception as exc:
-            self.failures.append(stage)
-            self.metrics.failures.labels(stage).inc()
-            log.warning("stage %s failed: %s: %s", stage, exc.__class__.__name__, exc)
-            raise StageFailed(stage) from exc
-        finally:
-            elapsed = time.perf_counter() - start
-            self.times[stage] = round(elapsed * 1000, 3)
-            self.metrics.stage_time.labels(stage).observe(elapsed)
-
-    def cache_use(self, hit: bool) -> None:
-        if hit:
-            self.cache_hits += 1
-        else:
-            self.cache_misses += 1
 
 
 class TurnRunner:
@@ -86,33 +47,35 @@ class TurnRunner:
         store: Store,
         locks: LeadLocks,
         agent: Agent,
-        sender: EvolutionClient | None,
+        outbox: Outbox | None,
         metrics: Metrics,
         profile: Profile,
         leads: TwoTierCache[dict[str, Any]],
         knowledge: TwoTierCache[list[KbEntry]],
         media: MediaProcessor | None = None,
-        after_turn: Callable[[dict[str, Any], datetime, dict[str, Any]], Awaitable[None]] | None = None,
+        planner: Planner | None = None,
+        followup_store: FollowUpStore | None = None,
         clock: Clock = utc_now,
-        on_send_failed: Callable[[int, str, SendFailed], Awaitable[None]] | None = None,
         buffer: MessageBuffer | None = None,
     ) -> None:
         self.store = store
         # With [buffer] speculate, where a finished reply learns whether the lead wrote again
         # or is typing (daemon.buffer keeps both).
         self.buffer = buffer
-        self._stragglers: set[asyncio.Task[None]] = set()
+        self._stragglers: set[asyncio.Task[Any]] = set()  # children that outlived their cancel
         self.locks = locks
         self.agent = agent
-        self.sender = sender
+        self.outbox = outbox  # None: replies stay in the outbox table (`sdrctl chat`)
+        self.sender = outbox.sender if outbox is not None else None  # for "typing..."
         self.metrics = metrics
         self.profile = profile
         self.leads = leads
         self.knowledge = knowledge
         self.media = media
-        self.after_turn = after_turn  # plans the lead's follow-ups
+        # After each reply, the lead's next follow-ups replace its pending silence ones.
+        self.planner = planner
+        self.followup_store = followup_store
         self.clock = clock  # dates the turn: its reply is what follow-ups are planned from
-        self.on_send_failed = on_send_failed or self._postpone  # the runtime's: one policy for every send
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
     async def run(self, phone: str, only: int | None, on_handoff: Callable[[], Awaitable[None]]) -> bool | None:
@@ -130,23 +93,25 @@ class TurnRunner:
                 self.metrics.turns_in_flight.dec()
 
     async def _turn(self, phone: str, only: int | None) -> bool | None:
+        burst = await self.store.pending_messages(phone, only)
+        if not burst:  # another daemon answered it already
+            return None
+        if not self.profile.buffer.coalesce:
+            burst = burst[:1]
+        # The turn's children ("typing...", the knowledge search) end with it, on any path.
+        async with Children(self.profile.timeouts.evolution_send, self._stragglers) as children:
+            return await self._answer(phone, burst, children)
+
+    async def _answer(self, phone: str, burst: list[PendingMessage], children: Children) -> bool | None:
         p = self.profile
         t = p.timeouts
         started = self.clock()
         clock = StageClock(self.metrics)
-        burst = await self.store.pending_messages(phone, only)
-        if not burst:  # another daemon answered it already
-            return None
-        if not p.buffer.coalesce:
-            burst = burst[:1]
         first, last = burst[0], burst[-1]
-        media_task: asyncio.Task[list[MediaResult]] | None = None
-        if self.media is not None and any(m.kind in MEDIA_KINDS for m in burst):
-            # First: a voice note's transcript is part of what the knowledge search and the
-            # agent read. Never raises: a failed photo still leaves the burst's text.
-            media_task = asyncio.create_task(self._media(burst, clock), name=f"media:{phone[-4:]}")
-            await asyncio.wait({media_task})
-        media = media_task.result() if media_task is not None else []
+        # First: a voice note's transcript is part of what the knowledge search and the
+        # agent read. Never raises: a failed photo still leaves the burst's text.
+        analysed = self.media is not None and any(m.kind in ANALYSED_KINDS for m in burst)
+        media = await self._media(burst, clock) if analysed else []
         texts = _texts(burst, media)
 
         speculative = p.buffer.speculate and p.buffer.coalesce and self.buffer is not None
@@ -154,22 +119,17 @@ class TurnRunner:
         # it (and hold a connection for nothing). It shows once the lead has been quiet for
         # the settle window, if the reply is not out by then.
         quiet = (datetime.now(UTC) - max(m.received_at for m in burst)).total_seconds()
-        presence = self._show_typing(phone, p.buffer.settle_window - quiet if speculative else 0.0)
+        presence = self._show_typing(phone, p.buffer.settle_window - quiet if speculative else 0.0, children)
         kb_task: asyncio.Task[list[KbEntry]] | None = None
         query = self.agent.knowledge_query(texts)
         if not p.features.parallel_context:  # legacy: always the search first, then the rest
-            kb_task = asyncio.create_task(self._search(query or " ".join(texts), clock))
+            kb_task = children.start(self._search(query or " ".join(texts), clock), f"kb:{phone[-4:]}")
             await asyncio.wait({kb_task})
         elif query:  # started now, awaited only when needed
-            kb_task = asyncio.create_task(self._search(query, clock), name=f"kb:{phone[-4:]}")
+            kb_task = children.start(self._search(query, clock), f"kb:{phone[-4:]}")
 
         async def knowledge() -> list[KbEntry]:
-            if kb_task is None:
-                return []
-            try:
-                return await kb_task
-            except StageFailed:
-                return []
+            return [] if kb_task is None else await kb_task
 
         outcome, updates = "ok", {}
         try:
@@ -185,14 +145,14 @@ class TurnRunner:
                 raise StageFailed("agent")
         except StageFailed:
             text, outcome = FALLBACK, "fallback"
-        finally:
-            if kb_task is not None:
-                await cancel_and_wait(kb_task)  # unused if the agent did not need it
+        if kb_task is not None:
+            await children.stop(kb_task)  # unused if the agent did not need it
 
         if speculative and await clock.run("hold", self._overtaken(phone, burst), None):
-            return await self._discard(phone, burst, clock, presence)
+            await self._discard(phone, burst, clock, presence, children)
+            return None
 
-        local = self.sender is None
+        local = self.outbox is None
         finished = self.clock()
         record = TurnRecord(
             lead_id=first.lead_id,
@@ -212,7 +172,7 @@ class TurnRunner:
             reply=text,
             parts=split_message(text, p.limits.max_message_length),
             phone=phone,
-            outbox_status="local" if local else "pending",
+            outbox_status=Status.LOCAL if local else Status.PENDING,
             response_ms=(finished - last.received_at).total_seconds() * 1000 if local else None,
             lead_updates=updates,
             cache_hits=clock.cache_hits,
@@ -220,23 +180,26 @@ class TurnRunner:
         )
         done = await clock.run("store", self.store.finish_turn(record, unless_newer=speculative), t.database)
         if done is None:  # a newer message was stored after the last look: it is answered with the rest
-            return await self._discard(phone, burst, clock, presence)
-        if self.after_turn is not None:
+            await self._discard(phone, burst, clock, presence, children)
+            return None
+        if self.planner is not None and self.followup_store is not None:
+            planned = self.planner.after_turn(done.lead, finished, meeting_changed="meeting_at" in updates)
             try:
-                await self.after_turn(done.lead, finished, updates)
+                await self.followup_store.plan(first.lead_id, planned, finished, "the lead wrote again")
             except Exception as exc:  # the reply matters more; the next turn plans them again
                 log.warning("could not plan follow-ups: %s: %s", exc.__class__.__name__, exc)
         if updates:  # write through, and drop stale copies in other daemons
             await self.leads.invalidate(phone)
             await self.leads.set(phone, done.lead)
         self.metrics.turns.labels(outcome).inc()
-        if presence is not None:  # never "typing..." after the reply: no request outlives the turn
-            await self._stop_typing(presence)
-        if local:
+        if presence is not None:  # never "typing..." after the reply
+            await children.stop(presence)
+        if self.outbox is None:
             self.metrics.sends.labels("local").inc(len(record.parts))
-            self.metrics.response_time.observe(record.response_ms / 1000)  # type: ignore[operator]
+            self.metrics.response_time.observe((finished - last.received_at).total_seconds())
         else:
-            await self._deliver(phone, record.parts, done.turn_id, done.outbox_ids, last.received_at, clock)
+            parts = list(zip(done.outbox_ids, record.parts, strict=True))
+            await self.outbox.send_reply(phone, parts, done.turn_id, last.received_at, clock)
         return True
 
     async def _overtaken(self, phone: str, burst: list[PendingMessage]) -> bool:
@@ -271,25 +234,25 @@ class TurnRunner:
         burst: list[PendingMessage],
         clock: StageClock,
         presence: asyncio.Task[None] | None,
+        children: Children,
     ) -> None:
         """A reply overtaken by a newer message: thrown away, and counted (an agent call paid
         for). The newer message armed the lead's buffer; if that entry was lost (or already
         claimed by a turn that found us holding the lead), the lead is armed again."""
         assert self.buffer is not None
         if presence is not None:
-            await self._stop_typing(presence)
+            await children.stop(presence)
         reason = "newer_message"
         self.metrics.discarded.labels(reason).inc()
         await self.store.discard_reply(burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"))
         await self.buffer.add_if_absent(phone, self.profile.buffer.quiet_window)
         log.info("reply for ...%s thrown away: the lead wrote again", phone[-4:])
-        return None
 
     async def _media(self, burst: list[PendingMessage], clock: StageClock) -> list[MediaResult]:
         """Every photo and voice note of the burst, concurrently, within the multimodal
         budget; a timeout or failure is recorded on the turn and answered gracefully."""
         assert self.media is not None
-        items = [m for m in burst if m.kind in MEDIA_KINDS]
+        items = [m for m in burst if m.kind in ANALYSED_KINDS]
         work = asyncio.gather(*(self.media.analyse(m) for m in items))
         try:
             results: list[MediaResult] = await clock.run("media", work, self.profile.timeouts.multimodal)
@@ -333,13 +296,16 @@ class TurnRunner:
 
         # Keyed by the normalised query, so "Quanto custa?" and "quanto custa" share an entry.
         key = f"{limit}:{tsquery_any(text)}"
-        entries = await clock.run(
-            "knowledge", self.knowledge.get_or_load(key, load), self.profile.timeouts.knowledge_base
-        )
+        try:
+            entries = await clock.run(
+                "knowledge", self.knowledge.get_or_load(key, load), self.profile.timeouts.knowledge_base
+            )
+        except StageFailed:  # recorded; the agent answers without the knowledge base
+            return []
         clock.cache_use(not loaded)
         return entries
 
-    def _show_typing(self, phone: str, not_before: float) -> asyncio.Task[None] | None:
+    def _show_typing(self, phone: str, not_before: float, children: Children) -> asyncio.Task[None] | None:
         """ "typing..." once the turn has run `typing_after`, for at most the agent's budget;
         best effort, owned by the turn. Evolution holds each request for its delay and,
         past 20 s, loops composing -> paused -> composing on its own (which would show
@@ -359,80 +325,12 @@ class TurnRunner:
             except Exception as exc:  # never worth failing a turn over
                 log.info("typing presence not shown: %s", exc.__class__.__name__)
 
-        return asyncio.create_task(show(), name=f"typing:{phone[-4:]}")
-
-    async def _stop_typing(self, presence: asyncio.Task[None]) -> None:
-        """Cancels "typing...": bounded, so a library that swallows a cancellation cannot
-        hold the turn (and the lead's lock) forever."""
-        if not await cancel_and_wait(presence, self.profile.timeouts.evolution_send):
-            log.warning("the typing-presence task did not end when cancelled")
-            self._stragglers.add(presence)  # owned until it ends; cancelled again at shutdown
-            presence.add_done_callback(self._stragglers.discard)
+        return children.start(show(), f"typing:{phone[-4:]}")
 
     async def close(self) -> None:
-        """Shutdown: cancels the typing tasks that did not end with their turn."""
+        """Shutdown: cancels the turns' children that did not end with their turn."""
         for task in list(self._stragglers):
             await cancel_and_wait(task, self.profile.timeouts.evolution_send)
-
-    async def _postpone(self, outbox_id: int, phone: str, exc: SendFailed) -> None:
-        await self.store.postpone(outbox_id, str(exc), self.profile.limits.redeliver_backoff, uncertain=exc.uncertain)
-
-    async def _deliver(
-        self,
-        phone: str,
-        parts: list[str],
-        turn_id: int,
-        outbox_ids: list[int],
-        last_at: datetime,
-        clock: StageClock,
-    ) -> None:
-        """Sends the parts in order; a part that fails stops the rest (recorded failed)."""
-        assert self.sender is not None
-        sender = self.sender
-        for i, (outbox_id, part) in enumerate(zip(outbox_ids, parts, strict=True)):
-            tries = 0
-
-            async def record_attempt(outbox_id: int = outbox_id, first_part: bool = i == 0) -> None:
-                nonlocal tries
-                tries += 1
-                if not (first_part and tries == 1):  # that one was recorded with the turn
-                    await self.store.record_send_attempt(outbox_id)
-
-            try:
-                # the client has its own timeouts, per attempt
-                provider_id = await clock.run("send", sender.send_text(phone, part, record_attempt), None)
-            except StageFailed as exc:
-                cause = exc.__cause__
-                if not isinstance(cause, SendFailed):  # the send stage's own time budget: unknown
-                    cause = SendFailed(str(cause or exc), "uncertain")
-                await self.on_send_failed(outbox_id, phone, cause)
-                # The parts after it certainly did not go: re-delivered in order, or with an
-                # unreachable number, failed with it.
-                for later in outbox_ids[i + 1 :]:
-                    if cause.final:
-                        await self.store.record_delivery([later], status="failed", error=str(cause)[:500])
-                    else:
-                        await self.store.postpone(
-                            later, "an earlier part did not go out", self.profile.limits.redeliver_backoff
-                        )
-                self.metrics.sends.labels("failed").inc(len(outbox_ids) - i)
-                return
-            self.metrics.sends.labels("sent").inc()
-            if i == 0:  # the lead sees an answer from the first message on
-                response = (datetime.now(UTC) - last_at).total_seconds()
-                await self.store.record_delivery(
-                    [outbox_id],
-                    status="sent",
-                    provider_id=provider_id,
-                    turn_id=turn_id,
-                    response_ms=response * 1000,
-                )
-                self.metrics.response_time.observe(response)
-            else:
-                await self.store.record_delivery([outbox_id], status="sent", provider_id=provider_id)
-
-
-MEDIA_KINDS = ("image", "audio")
 
 
 def _texts(burst: list[PendingMessage], media: list[MediaResult]) -> list[str]:

@@ -23,12 +23,12 @@ from daemon.tools.bench import (
     compare,
     find_capacity,
     load_scenario,
-    percentile,
     run_bench,
     run_intake,
 )
 from daemon.tools.bench_followups import run_followups
-from daemon.tools.soak import Sample, SoakResult, parse_duration, run_soak
+from daemon.tools.bursts import percentile
+from daemon.tools.soak import Sample, SoakResult, run_soak, soak_seconds
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 from sdrctl.workload import (
     DurationOpt,
@@ -193,7 +193,7 @@ def bench(
     if soak is not None:
         if vs or duration is not None:
             raise ConfigError("--soak runs one profile for its own duration; drop --vs and --duration")
-        _soak(cfg.profile.source, workload, parse_duration(soak), config_path, json_file)
+        _soak(cfg.profile.source, workload, soak_seconds(soak), config_path, json_file)
         return
     if followups is not None:
         _followups(cfg, followups, json_file)

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from daemon.tools.replay import dumps_line, parse_since
-from daemon.tools.replay import export as export_lines
+from daemon.tools.replay.export import export as export_lines
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load
 
 

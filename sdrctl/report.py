@@ -145,7 +145,7 @@ def print_report(r: Report) -> None:
 def report(
     ctx: typer.Context,
     since: Annotated[
-        str | None, typer.Option(help="turns finished within this, up to now: 30m, 24h, 7d, 2w [default: 24h]")
+        str | None, typer.Option(help="turns finished within this, up to now: 30m, 1.5h, 24h, 7d, 2w [default: 24h]")
     ] = None,
     start: Annotated[
         str | None, typer.Option("--from", help="window start, ISO 8601 (local time when no offset)")

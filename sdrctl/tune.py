@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from daemon.durations import duration_option
 from daemon.errors import ConfigError, SdrError
 from daemon.tools import tuning
 from sdrctl.common import ConfigOpt, ProfileOpt, friendly_errors, load, out
@@ -138,7 +140,9 @@ def new(
 @friendly_errors
 def recommend(
     ctx: typer.Context,
-    since: Annotated[str, typer.Option(help="turns started (messages received) within this: 30m, 24h, 7d")] = "24h",
+    since: Annotated[
+        str, typer.Option(help="turns started (messages received) within this: 30m, 1.5h, 24h, 7d, 2w")
+    ] = "24h",
     headroom: Annotated[float, typer.Option(help="timeout = P99 x this (at least 2)")] = 3.0,
     min_samples: Annotated[int, typer.Option(help="fewer samples (or in-burst gaps) than this: no proposal")] = 200,
     burst_coverage: Annotated[
@@ -151,7 +155,7 @@ def recommend(
 ) -> None:
     """Stage timeouts from the latencies recorded in the turns table; the buffer's
     settle_window and quiet_window from the pauses leads make inside their bursts."""
-    window = tuning.parse_duration(since)
+    window = timedelta(seconds=duration_option("--since", since))
     tuning.check_options(headroom, min_samples, burst_coverage)
     name = _which(ctx, config, profile)
     if write:

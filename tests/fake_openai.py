@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon.testing.fake_evolution import background_server
+from daemon.testing.servers import background_server
 
 _ids = itertools.count(1)
 

@@ -25,8 +25,9 @@ import httpx
 
 from daemon import migrations
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis
-from daemon.testing.fake_evolution import FakeEvolution, background_server, quiet_server
-from tests.helpers import ServeProcess, event, free_port, start_serve
+from daemon.testing.fake_evolution import FakeEvolution
+from daemon.testing.servers import background_server, free_port, quiet_server
+from tests.helpers import ServeProcess, event, start_serve
 
 SUMMARY: list[dict[str, Any]] = []
 DAEMONS = 3

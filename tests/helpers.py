@@ -1,5 +1,6 @@
-"""Test helpers: an in-process daemon on a real port, a fake Evolution API (a real HTTP
-server speaking its wire format), and waits that poll instead of sleeping blindly."""
+"""Test helpers: an in-process daemon on a real port (daemon/tools/inprocess.py, as the
+tools run one), a fake Evolution API (a real HTTP server speaking its wire format), a real
+`sdrctl serve` in a subprocess, and waits that poll instead of sleeping blindly."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-import httpx
 
 from daemon.agents.playbook import Playbook
 from daemon.config import (
@@ -31,12 +30,13 @@ from daemon.config import (
 from daemon.embedded import Endpoints
 from daemon.evolution import text_event
 from daemon.followups.calendar import Clock
-from daemon.testing.fake_evolution import background_server, run_fake_evolution
+from daemon.runtime import Runtime
+from daemon.store import init_connection
+from daemon.testing.fake_evolution import run_fake_evolution
+from daemon.testing.servers import free_port, wait_ready
+from daemon.tools.inprocess import InProcessDaemon, inprocess_daemon
 
 __all__ = ["run_fake_evolution"]  # re-exported for the tests
-from daemon.runtime import Runtime
-from daemon.server import uvicorn_server
-from daemon.store import init_connection
 
 FAST_PROFILE = str(Path(__file__).with_name("fast.toml"))
 T = TypeVar("T")
@@ -119,23 +119,13 @@ def event(phone: str, text: str, **kw: Any) -> dict[str, Any]:
     return text_event(phone, text, **kw)
 
 
-@dataclass
-class Daemon:
-    url: str
-    runtime: Runtime
-
-
 @contextlib.asynccontextmanager
-async def run_daemon(config: Config, endpoints: Endpoints | None = None) -> AsyncIterator[Daemon]:
-    """The real runtime and ASGI app behind uvicorn on a free loopback port."""
+async def run_daemon(config: Config, endpoints: Endpoints | None = None) -> AsyncIterator[InProcessDaemon]:
+    """The real runtime and ASGI app behind uvicorn on a free loopback port, on the suite's
+    servers (the config's URLs unless `endpoints` are given): `d.url`, `d.runtime`."""
     endpoints = endpoints or Endpoints(config.database.url, config.redis.url)
-    rt = Runtime(config, endpoints, auto_migrate=False)
-    await rt.start()
-    try:
-        async with background_server(uvicorn_server(config, rt, "127.0.0.1", 0)) as url:
-            yield Daemon(url, rt)
-    finally:
-        await rt.stop()
+    async with inprocess_daemon(config, endpoints=endpoints) as d:
+        yield d
 
 
 async def wait_for(check: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
@@ -175,27 +165,12 @@ class ServeProcess:
         return self.log_path.read_text()
 
     async def wait_ready(self, timeout: float = 60) -> None:
-        async with httpx.AsyncClient(base_url=self.url) as http:
-
-            async def ready() -> bool:
-                assert self.proc.returncode is None, self.log
-                try:
-                    return (await http.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(ready, timeout=timeout)
+        assert await wait_ready(self.url, self.proc, timeout), f"not ready within {timeout}s, or ended:\n{self.log}"
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
         return await asyncio.wait_for(self.proc.wait(), timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start_serve(

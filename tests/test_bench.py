@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from daemon.config import load_profile
 from daemon.errors import ConfigError
-from daemon.testing.fake_evolution import background_server, quiet_server
+from daemon.testing.servers import background_server, quiet_server
 from daemon.tools.bench import (
     BurstPlan,
     LeadSimulator,
@@ -25,11 +25,10 @@ from daemon.tools.bench import (
     Workload,
     load_scenario,
     named_scenarios,
-    percentile,
     run_bench,
     scaled_overrides,
 )
-from daemon.tools.bursts import SentBurst, account, classify
+from daemon.tools.bursts import SentBurst, account, classify, percentile
 from daemon.tools.loadgen import RawClient
 from tests.helpers import sdrctl
 

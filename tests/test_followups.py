@@ -19,7 +19,7 @@ from daemon.embedded import Endpoints
 from daemon.followups.executor import FollowUpExecutor
 from daemon.followups.jobs import CrmPush, KnowledgeRefresh
 from daemon.runtime import Runtime
-from daemon.testing.fake_evolution import background_server, quiet_server
+from daemon.testing.servers import background_server, quiet_server
 from tests.helpers import (
     FixedClock,
     event,
@@ -39,7 +39,7 @@ FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 
 def executor(rt: Runtime, clock: FixedClock) -> FollowUpExecutor:
     """A daemon's follow-up executor on a fake clock (the scheduler's own job is off)."""
-    return FollowUpExecutor(rt.config, rt.followup_store, rt.runner.locks, rt._sender, rt.metrics, rt._hand_back, clock)
+    return FollowUpExecutor(rt.config, rt.followup_store, rt.followups.outbox, rt.metrics, rt._hand_back, clock)
 
 
 async def post(url: str, *events: dict[str, Any]) -> None:
@@ -366,11 +366,11 @@ async def test_a_follow_up_waits_while_a_live_turn_holds_the_lead(clean: Endpoin
             await a_silent_lead(d, clean, fake)
             now = datetime(2026, 11, 25, 10, 0, tzinfo=SP)
             await _set_due(clean, now)
-            token = await d.runtime.runner.locks.try_acquire(PHONE)  # a turn is running
+            token = await d.runtime.locks.try_acquire(PHONE)  # a turn is running
             assert token is not None
             await executor(d.runtime, FixedClock(now)).run_due()
             [waiting] = await follow_ups(clean)
-            await d.runtime.runner.locks.release(PHONE, token)
+            await d.runtime.locks.release(PHONE, token)
             await executor(d.runtime, FixedClock(now + timedelta(seconds=31))).run_due()
             [row, *_] = await follow_ups(clean)
     assert waiting["status"] == "pending" and waiting["attempts"] == 0

@@ -10,10 +10,11 @@ import httpx
 import pytest
 
 from daemon.embedded import Endpoints
+from daemon.errors import StageFailed
 from daemon.metrics import Metrics
 from daemon.models import Inbound
 from daemon.store import Store, connect
-from daemon.turn import StageClock, StageFailed
+from daemon.turn import StageClock
 from tests.helpers import event, fetch, make_config, run_daemon, run_fake_evolution, wait_for
 
 PHONE = "5511912345678"

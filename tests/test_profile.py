@@ -11,8 +11,9 @@ import pytest
 
 from daemon.config import Config
 from daemon.errors import SdrError
+from daemon.testing.servers import free_port
 from daemon.tools.profiling import breakdown_from_metrics, breakdown_from_turns, bucket_quantile
-from tests.helpers import FAST_PROFILE, event, free_port, run_daemon, wait_for
+from tests.helpers import FAST_PROFILE, event, run_daemon, wait_for
 from tests.helpers import sdrctl as run_cli
 
 

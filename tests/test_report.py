@@ -305,6 +305,15 @@ async def test_an_empty_window_says_so_and_is_not_a_miss(clean: Endpoints) -> No
     assert doc["kpis"]["response_p95_ms"]["value"] is None and doc["stages"] == []
 
 
+async def test_since_takes_fractions_and_weeks(clean: Endpoints) -> None:
+    env = {"SDR_DATABASE_URL": clean.database_url}
+    for since, span in (("1.5h", timedelta(minutes=90)), ("2w", timedelta(weeks=2))):
+        code, out, err = await sdrctl("report", "--since", since, "--json", env=env)
+        assert code == 0, err
+        doc = json.loads(out)
+        assert datetime.fromisoformat(doc["to"]) - datetime.fromisoformat(doc["from"]) == span
+
+
 async def test_bad_windows_exit_2_saying_what_is_allowed() -> None:
     code, _, err = await sdrctl("report", "--since", "5x")
     assert code == 2 and "--since '5x'" in err and "30m, 24h, 7d" in err, err

@@ -11,7 +11,7 @@ import pytest
 
 from daemon.errors import ConfigError, SdrError
 from daemon.metrics import Metrics
-from daemon.tools.soak import Sample, judge, parse_duration, trends
+from daemon.tools.soak import Sample, judge, soak_seconds, trends
 from tests.helpers import metric, sdrctl
 
 MB = 2**20
@@ -61,10 +61,10 @@ async def test_soak_refuses_vs_and_duration() -> None:
     assert code == 2 and "drop --vs and --duration" in err
 
 
-def test_durations_parse_in_seconds_minutes_and_hours() -> None:
-    assert [parse_duration(v) for v in ("90s", "2m", "30M", "1.5h", " 24h ")] == [90, 120, 1800, 5400, 86400]
+def test_soak_durations_parse_in_seconds_minutes_and_hours() -> None:
+    assert [soak_seconds(v) for v in ("90s", "2m", "30M", "1.5h", " 24h ", "1d")] == [90, 120, 1800, 5400, 86400, 86400]
     with pytest.raises(ConfigError, match="from 1m to 24h"):
-        parse_duration("59s")
+        soak_seconds("59s")
 
 
 def _series(values: list[float], every: float = 2.0, field: str = "rss_bytes") -> list[Sample]:

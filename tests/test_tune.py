@@ -331,6 +331,17 @@ async def test_recommend_proposes_p99_times_headroom_from_the_turns(clean: Endpo
     assert "not enough samples (50)" in r.stdout
 
 
+async def test_recommend_since_takes_weeks_and_fractions(clean: Endpoints, mine: Path) -> None:
+    # known_turns() has 40 more agent samples two days back: within 2w, not within 1.5h.
+    await insert_turns(clean.database_url, known_turns())
+    env = {"SDR_DATABASE_URL": clean.database_url}
+    for since, samples in (("2w", 340), ("1.5h", 300)):
+        r = await asyncio.to_thread(tune, "recommend", "-p", "mine", "--since", since, "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        agent = next(s for s in json.loads(r.stdout)["stages"] if s["stage"] == "agent")
+        assert agent["samples"] == samples
+
+
 async def test_recommend_write_applies_the_proposals_through_the_validated_write(clean: Endpoints, mine: Path) -> None:
     await insert_turns(clean.database_url, known_turns())
     before = values("mine")
@@ -375,7 +386,7 @@ async def test_recommend_refuses_without_enough_samples(clean: Endpoints, mine: 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--since", "3x"], "--since '3x': use a number and a unit (s, m, h or d), e.g. 30m, 24h or 7d"),
+        (["--since", "3x"], "--since '3x': use a number and a unit (s, m, h, d or w), such as 30m, 24h, 7d"),
         (["--since", "0h"], "--since '0h': must be longer than zero"),
         (["--headroom", "1.5"], "--headroom 1.5: must be from 2 to 100"),
         (["--min-samples", "0"], "--min-samples 0: must be at least 1"),
@@ -392,12 +403,6 @@ def test_recommend_refuses_bad_options_before_touching_the_database(
     assert r.returncode == 2
     assert message in r.stderr
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-
-
-def test_since_accepts_minutes_hours_and_days() -> None:
-    assert tuning.parse_duration("30m") == timedelta(minutes=30)
-    assert tuning.parse_duration("24h") == timedelta(hours=24)
-    assert tuning.parse_duration("7d") == timedelta(days=7)
 
 
 # --- recommend: the buffer's windows from the pauses inside bursts --------------------

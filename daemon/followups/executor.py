@@ -19,13 +19,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from daemon.config import Config
-from daemon.evolution import EvolutionClient, SendFailed
+from daemon.errors import SendFailed
 from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.followups.planner import QUALIFYING, SILENCE_KINDS, Planner
 from daemon.followups.store import Claimed, FollowUpStore
 from daemon.followups.templates import render, values_for
-from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
+from daemon.outbox import Outbox, Status
 
 log = logging.getLogger("sdr.followups")
 
@@ -35,24 +35,18 @@ class FollowUpExecutor:
         self,
         config: Config,
         store: FollowUpStore,
-        locks: LeadLocks,
-        sender: EvolutionClient | None,
+        outbox: Outbox,
         metrics: Metrics,
         on_handoff: Callable[[str], Awaitable[None]],
         clock: Clock = utc_now,
-        settle: Callable[[str, str, datetime], Awaitable[tuple[str, str | None]]] | None = None,
-        unreachable: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = config.followups
         self.knobs = config.profile.followups
         self.store = store
-        self.locks = locks
-        self.sender = sender
+        self.outbox = outbox  # sends like a turn's reply, under the lead's lock like a turn
         self.metrics = metrics
         self.on_handoff = on_handoff  # messages arrived while we held the lead: answer them
         self.clock = clock
-        self.settle = settle  # a send of unknown outcome: did it arrive? (daemon.outbox)
-        self.unreachable = unreachable  # Evolution said the number is not on WhatsApp
         self.planner = Planner(config.followups)
         self.hours = BusinessHours.from_settings(config.followups)
         self.templates = {
@@ -80,7 +74,7 @@ class FollowUpExecutor:
 
     async def _execute(self, f: Claimed) -> str:
         now = self.clock()
-        if f.last_send is not None and f.last_send != "failed":
+        if f.last_send is not None and f.last_send != Status.FAILED:
             # Reclaimed from a daemon that died after starting the send: never twice.
             await self.store.finish(f, "failed", now, f"interrupted during its send ({f.last_send}); not sent again")
             return "interrupted"
@@ -92,7 +86,7 @@ class FollowUpExecutor:
         if not self.hours.is_open(now):
             await self.store.retry_at(f, self.hours.next_opening(now), now, None, attempt=False)
             return "deferred"
-        async with self.locks.held(f.phone, lambda: self.on_handoff(f.phone)) as got:
+        async with self.outbox.locks.held(f.phone, lambda: self.on_handoff(f.phone)) as got:
             if not got:  # a live turn holds the lead: its reply may change everything
                 await self.store.retry_at(f, now + timedelta(seconds=self.knobs.busy_delay), now, None, attempt=False)
                 return "busy"
@@ -122,28 +116,29 @@ class FollowUpExecutor:
         if not text:
             await self.store.finish(f, "cancelled", now, "the template left nothing to say")
             return "cancelled"
-        local = self.sender is None
-        outbox_id = await self.store.start_send(f, text, "local" if local else "sending", now)
+        outbox, rows = self.outbox, self.outbox.rows
+        local = outbox.sender is None
+        outbox_id = await rows.open_follow_up(f.id, f.lead_id, f.phone, text, now, local=local)
         provider_id = None
         if not local:
-            assert self.sender is not None
             try:
-                provider_id = await self.sender.send_text(f.phone, text)
+                provider_id = await outbox.attempt(outbox_id, f.phone, text)
             except SendFailed as exc:
-                self.metrics.send_errors.labels(exc.kind).inc()
-                if exc.uncertain and self.settle is not None:
-                    outcome, provider_id = await self.settle(f.phone, text, now)
+                if exc.uncertain:
+                    outcome, provider_id = await outbox.settle(f.phone, text, now)
                     if outcome == "skip":
-                        await self.store.send_failed(outbox_id, str(exc))
+                        await rows.delivered([outbox_id], Status.FAILED, error=str(exc))
                         await self.store.finish(
                             f, "failed", self.clock(), f"{exc} (uncertain; on_uncertain_send = skip)"
                         )
                         return "failed"
-                if provider_id is None:  # did not arrive, or cannot be known and resend is the policy
-                    await self.store.send_failed(outbox_id, str(exc))
+                # Not arrived, or cannot be known and resend is the policy: this row fails,
+                # the follow-up is retried with a row of its own (or fails for good).
+                if provider_id is None:
+                    await rows.delivered([outbox_id], Status.FAILED, error=str(exc))
                     if exc.final:
-                        if exc.kind == "unreachable" and self.unreachable is not None:
-                            await self.unreachable(f.phone)
+                        if exc.kind == "unreachable":
+                            await rows.mark_unreachable(f.phone)
                         await self.store.finish(f, "failed", self.clock(), str(exc))
                         return "failed"
                     return await self._failed(f, str(exc))

@@ -36,6 +36,7 @@ class Jobs:
         self.metrics = metrics
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.running: set[asyncio.Task[Any]] = set()
+        self._stopped = False
 
     def every(self, name: str, seconds: float, job: Job) -> None:
         self.scheduler.add_job(
@@ -54,16 +55,13 @@ class Jobs:
         self.scheduler.start()
 
     async def stop(self) -> None:
-        if self.scheduler.running:
+        """No new runs; running ones cancelled. Idempotent: the asyncio scheduler shuts
+        down on the next loop pass, so `running` alone cannot tell a second call."""
+        if self.scheduler.running and not self._stopped:
+            self._stopped = True
             self.scheduler.shutdown(wait=False)
         for task in list(self.running):
             await cancel_and_wait(task)
-
-    async def run_now(self, name: str) -> None:
-        """Runs a job at once (tests, and `serve`'s first pass at start)."""
-        job = self.scheduler.get_job(name)
-        assert job is not None, name
-        await self._run(*job.args)
 
     async def _run(self, name: str, job: Job) -> None:
         task = asyncio.current_task()

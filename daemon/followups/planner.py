@@ -20,7 +20,6 @@ from daemon.followups.calendar import BusinessHours
 # Stages where the lead is still being qualified: silence there is worth a re-engagement.
 QUALIFYING = frozenset({"new", "ask_name", "ask_bill", "confirm_bill", "ask_property", "ask_decision", "offer_meeting"})
 SILENCE_KINDS = ("reengage", "nurture")  # cancelled when the lead writes again
-MEETING_KINDS = ("meeting_confirmation", "meeting_reminder")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from typing import Any
 
 import asyncpg
 
+from daemon.connections import pg_boundary
 from daemon.followups.planner import SILENCE_KINDS, Planned
+from daemon.outbox import Status
 
 # Replace the lead's pending silence follow-ups by what was planned (one statement). The
 # lead wrote or we replied: the old sequence no longer applies. Meeting follow-ups are
@@ -60,6 +62,7 @@ class Claimed:
     last_send: str | None  # the outbox status of a previous attempt, if any
 
 
+@pg_boundary
 class FollowUpStore:
     def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
         self.pool = pool
@@ -75,9 +78,6 @@ class FollowUpStore:
             list(SILENCE_KINDS),
             timeout=self.timeout,
         )
-
-    async def cancel_silence(self, lead_id: int, now: datetime, reason: str) -> None:
-        await self.plan(lead_id, [], now, reason)
 
     async def claim(self, now: datetime, limit: int, stuck_after: float) -> list[Claimed]:
         rows = await self.pool.fetch(CLAIM, now, limit, stuck_after, timeout=self.timeout)
@@ -109,39 +109,18 @@ class FollowUpStore:
         assert row is not None
         return _obj(row["lead"]), row["wrote"]
 
-    async def start_send(self, f: Claimed, text: str, status: str, now: datetime) -> int:
-        """The outbox row (and the conversation's message) before the send is attempted,
-        so a daemon dying mid-send leaves a trace, never a second message."""
-        return int(
-            await self.pool.fetchval(
-                """WITH msg AS (
-                   INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
-                   SELECT c.id, $1, 'out', $3, $5 FROM conversations c
-                    WHERE c.lead_id = $1 AND c.status = 'open')
-               INSERT INTO outbox (lead_id, phone_number, body, status, attempts, follow_up_id, sent_at)
-               VALUES ($1, $2, $3, $4, CASE WHEN $4 = 'sending' THEN 1 ELSE 0 END, $6,
-                       CASE WHEN $4 = 'local' THEN $5 END)
-               RETURNING id""",
-                f.lead_id,
-                f.phone,
-                text,
-                status,
-                now,
-                f.id,
-                timeout=self.timeout,
-            )
-        )
-
     async def sent(
         self, f: Claimed, outbox_id: int, provider_id: str | None, now: datetime, nxt: list[Planned]
     ) -> None:
-        """Done: the follow-up, its outbox row, and the next of its sequence, at once."""
+        """Done: the follow-up, its outbox row, and the next of its sequence, at once (one
+        statement: a crash between them would leave a sent row behind a follow-up that is
+        sent again)."""
         await self.pool.execute(
             """WITH f AS (
                    UPDATE follow_ups SET status = 'sent', sent_at = $3, updated_at = $3, last_error = NULL
                     WHERE id = $1),
                o AS (
-                   UPDATE outbox SET status = CASE WHEN status = 'local' THEN 'local' ELSE 'sent' END,
+                   UPDATE outbox SET status = CASE WHEN status = $7 THEN $7 ELSE $8 END,
                           provider_id = $4, sent_at = $3
                     WHERE id = $2)
                INSERT INTO follow_ups (lead_id, kind, step, due_at, payload, created_at, updated_at)
@@ -153,14 +132,8 @@ class FollowUpStore:
             provider_id,
             f.lead_id,
             [p.as_json() for p in nxt],
-            timeout=self.timeout,
-        )
-
-    async def send_failed(self, outbox_id: int, error: str) -> None:
-        await self.pool.execute(
-            "UPDATE outbox SET status = 'failed', last_error = $2 WHERE id = $1",
-            outbox_id,
-            error[:500],
+            Status.LOCAL,
+            Status.SENT,
             timeout=self.timeout,
         )
 

@@ -4,7 +4,7 @@ transcript, or a reason it could not.
 - The bytes come from the webhook (`base64`, when the instance sends it) or from the
   Evolution API, never from WhatsApp's encrypted CDN `url`.
 - Size is checked from the base64 length before anything is decoded.
-- Decoding, resizing and hashing run in a bounded thread pool; OCR and ffmpeg run in
+- Decoding, resizing and hashing run in a bounded pool of worker processes; OCR and ffmpeg run in
   subprocesses: nothing CPU-heavy runs on the event loop.
 - Results are cached by the content's sha256, so the same photo sent again (or by
   another daemon) is analysed once.
@@ -26,7 +26,8 @@ import httpx
 
 from daemon.cache import TwoTierCache
 from daemon.config import Config, Media
-from daemon.evolution import EvolutionClient, MediaUnavailable
+from daemon.errors import MediaUnavailable
+from daemon.evolution import EvolutionClient
 from daemon.media import audio, bill, images
 from daemon.media.refusal import MediaRefused
 from daemon.media.result import MediaResult
@@ -35,7 +36,6 @@ from daemon.models import PendingMessage
 
 log = logging.getLogger("sdr.media")
 T = TypeVar("T")
-KINDS = ("image", "audio")
 
 
 class MediaProcessor:
@@ -186,5 +186,5 @@ def _decode_and_hash(b64: str, limit: int) -> tuple[bytes, str]:
 
 
 def _doc(kind: str, outcome: str, reason: str | None = None) -> dict[str, Any]:
-    """A result's cacheable fields (see MediaResult)."""
+    """What is cached of a result, by content hash: not the photo, not the message id."""
     return {"kind": kind, "outcome": outcome, "reason": reason, "bill": None, "transcript": None, "seconds": None}

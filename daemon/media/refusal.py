@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from daemon.errors import SdrError
 
-class MediaRefused(Exception):
+
+class MediaRefused(SdrError):
     """Input we refuse on purpose: too big, not an image, a voice note too long...
     `reason` is a short code (metrics labels, the turn record); the message says what is
     wrong and what is allowed, for logs."""

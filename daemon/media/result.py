@@ -1,4 +1,4 @@
-"""What the turn learns from one image or voice note (cacheable, JSON-able)."""
+"""What the turn learns from one image or voice note."""
 
 from __future__ import annotations
 
@@ -22,18 +22,3 @@ class MediaResult:
     seconds: float | None = None  # a voice note's duration
     jpeg: bytes | None = field(default=None, repr=False)  # the prepared photo (vision models)
     cached: bool = False
-
-    def cacheable(self) -> dict[str, Any]:
-        """The part worth caching by content hash: not the photo, not the message id."""
-        return {
-            "kind": self.kind,
-            "outcome": self.outcome,
-            "reason": self.reason,
-            "bill": self.bill,
-            "transcript": self.transcript,
-            "seconds": self.seconds,
-        }
-
-    @classmethod
-    def from_cache(cls, message_id: int, doc: dict[str, Any]) -> MediaResult:
-        return cls(message_id=message_id, cached=True, **doc)

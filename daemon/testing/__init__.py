@@ -1,2 +1,2 @@
-"""What the tools and the tests run in place of the world: the fake Evolution API and the
-background server that hosts a fake (or a daemon) on a free port."""
+"""What the tools and the tests run in place of the world: the fake Evolution API
+(fake_evolution.py), and the servers that host a fake or a daemon on loopback (servers.py)."""

@@ -61,46 +61,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemon.identity import jid
-
-
-@contextlib.asynccontextmanager
-async def background_server(server: uvicorn.Server) -> AsyncIterator[str]:
-    """Runs a uvicorn server (port 0 = any free port) in this loop; yields its URL."""
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("server stopped before it started")
-        await asyncio.sleep(0.01)
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-def quiet_server(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> uvicorn.Server:
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="none",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        ws="none",
-        http="httptools",
-    )
-    return uvicorn.Server(config)
-
+from daemon.testing.servers import background_server, quiet_server
 
 # --- the real server's pieces -------------------------------------------------------------
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import time
 import tomllib
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,16 +31,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
-import httpx
 import msgspec
 
 from daemon.config import Profile, Timeouts, load_profile
+from daemon.embedded import postgres_url
 from daemon.errors import ConfigError, SdrError
 from daemon.evolution import presence_event, text_event
 from daemon.latency import parse_latency
 from daemon.store import init_connection
 from daemon.testing.fake_evolution import FakeEvolution, run_fake_evolution
-from daemon.tools.bursts import BurstFigures, SentBurst, account, percentile, spread  # noqa: F401 (percentile: re-exported)
+from daemon.testing.servers import free_port, wait_ready
+from daemon.tools.bursts import BurstFigures, SentBurst, account, spread
 from daemon.tools.loadgen import LoadResult, RawClient, post_load
 
 # What leads write: pt-BR, from 2 to ~90 characters, as people write on WhatsApp. The mix
@@ -249,10 +251,18 @@ def scaled_overrides(profile: Profile, factor: float) -> dict[str, str]:
 # --- one daemon under test --------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def embedded_database_url(folder: Path) -> str:
+    """The URL of the embedded PostgreSQL running in `folder`, as daemon/embedded.py builds
+    it: the socket folder and port its postmaster.pid holds (pgserver moves the socket out
+    of a folder whose path is too long for one; the port is not always 5432)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns at import when XDG_RUNTIME_DIR is unset
+        from pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(folder)
+    if info is None or info.socket_dir is None:
+        raise SdrError(f"no embedded PostgreSQL runs in {folder} (does the config give a database.url?)")
+    return postgres_url(info.socket_dir, info.port)
 
 
 @dataclass
@@ -262,9 +272,10 @@ class DaemonUnderTest:
     data_dir: Path
     process: asyncio.subprocess.Process
 
-    @property
+    @functools.cached_property
     def database_url(self) -> str:
-        return f"postgresql://postgres@/sdr?host={self.data_dir / 'var' / 'pg'}"
+        """Its embedded PostgreSQL's (read once the daemon is ready, when it runs)."""
+        return embedded_database_url(self.data_dir / "var" / "pg")
 
 
 @contextlib.asynccontextmanager
@@ -278,7 +289,7 @@ async def start_daemon(
     extra_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[DaemonUnderTest]:
     data_dir = Path(tempfile.mkdtemp(prefix=f"sdrctl-bench-{profile.name}-", dir="/tmp"))
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDR_")}
     env.update(
         SDR_DAEMON_DATA_DIR=str(data_dir / "var"),
@@ -287,7 +298,7 @@ async def start_daemon(
         SDR_DAEMON_LOG_LEVEL="warning",
         SDR_EVOLUTION_BASE_URL=evolution_url,
         SDR_AGENT_BACKEND="simulated",
-        SDR_AGENT_SIMULATED_LATENCY=_scaled_spec(workload.agent_latency, workload.time_scale),
+        SDR_AGENT_SIMULATED_LATENCY=scaled_spec(workload.agent_latency, workload.time_scale),
         **scaled_overrides(profile, workload.time_scale),
     )
     env.update(extra_env or {})
@@ -298,7 +309,9 @@ async def start_daemon(
     proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT)
     daemon = DaemonUnderTest(profile, f"http://127.0.0.1:{port}", data_dir, proc)
     try:
-        await _wait_ready(daemon, ready_timeout)
+        if not await wait_ready(daemon.url, proc, ready_timeout):
+            log_text = (data_dir / "serve.log").read_text(errors="replace")[-2000:]
+            raise SdrError(f"the daemon for profile {profile.name} did not become ready:\n{log_text}")
         yield daemon
     finally:
         if proc.returncode is None:
@@ -316,21 +329,9 @@ async def start_daemon(
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def _wait_ready(daemon: DaemonUnderTest, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=daemon.url) as http:
-        while time.monotonic() < deadline:
-            if daemon.process.returncode is not None:
-                break
-            with contextlib.suppress(httpx.TransportError):
-                if (await http.get("/readyz")).status_code == 200:
-                    return
-            await asyncio.sleep(0.1)
-    log = (daemon.data_dir / "serve.log").read_text(errors="replace")[-2000:]
-    raise SdrError(f"the daemon for profile {daemon.profile.name} did not become ready:\n{log}")
-
-
-def _scaled_spec(spec: str, factor: float) -> str:
+def scaled_spec(spec: str, factor: float) -> str:
+    """A latency spec (daemon/latency.py) with its times multiplied by `factor`, written back
+    as a spec: what the simulated agent of a daemon under a time-scaled workload gets."""
     lat = parse_latency(spec).scaled(factor)
     if lat.kind == "fixed":
         return f"fixed:{lat.a!r}"
@@ -705,7 +706,7 @@ async def run_bench(
         daemons = [
             await stack.enter_async_context(start_daemon(p, fake.url, workload, config_path, ready)) for p in loaded
         ]
-        return await _drive(daemons, fake, workload, progress, progress_every)
+        return await drive(daemons, fake, workload, progress=progress, every=progress_every)
 
 
 def patience_for(p: Profile, w: Workload) -> float:
@@ -716,14 +717,20 @@ def patience_for(p: Profile, w: Workload) -> float:
     return (p.timeouts.message_buffer + settle_s + p.timeouts.agent + p.timeouts.evolution_send) * w.time_scale + 1.0
 
 
-async def _drive(
+async def drive(
     daemons: Sequence[Target],
     fake: FakeEvolution,
     w: Workload,
-    progress: Progress | None,
-    every: float,
+    *,
+    progress: Progress | None = None,
+    every: float = 1.0,
     run: int = 0,
 ) -> list[ProfileResult]:
+    """Runs the workload's leads against daemons already running (each replying to `fake`),
+    all at once, then accounts for every burst from each daemon's database and the fake's
+    arrivals: one result per daemon, in order. `progress` is called every `every` seconds
+    with the tallies so far; `run` (a capacity search's step) keeps each run's lead phones
+    apart on one daemon."""
     since = time.time()
     meters = [CpuMeter(getattr(getattr(d, "process", None), "pid", None)) for d in daemons]
     for m in meters:
@@ -854,7 +861,7 @@ async def find_capacity(
 
             async def step(leads: int) -> CapacityStep:
                 w = dataclasses.replace(workload, leads=leads)
-                [r] = await _drive([daemon], fake, w, None, 1.0, run=len(steps) + 1)
+                [r] = await drive([daemon], fake, w, run=len(steps) + 1)
                 s = r.summary()
                 outcomes = s.get("bursts_by_outcome", {})
                 steps.append(
@@ -903,7 +910,7 @@ class IntakeResult:
 
 @contextlib.asynccontextmanager
 async def _bare_server(ready_timeout: float) -> AsyncIterator[str]:
-    port = _free_port()
+    port = free_port()
     args = [
         sys.executable,
         "-m",

@@ -31,7 +31,8 @@ from daemon.config import Config, Profile, load_config
 from daemon.errors import SdrError
 from daemon.store import init_connection
 from daemon.testing.fake_evolution import run_fake_evolution
-from daemon.tools.bench import ProfileResult, Progress, Workload, _drive, _scaled_spec, percentile, scaled_overrides
+from daemon.tools.bench import ProfileResult, Progress, Workload, drive, scaled_overrides, scaled_spec
+from daemon.tools.bursts import percentile
 from daemon.tools.inprocess import InProcessDaemon, inprocess_daemon
 
 # The order rows are shown in: a turn's life from the buffer to the reply.
@@ -258,7 +259,7 @@ def profile_config(config_path: str | Path | None, profile: str | None, workload
     base = load_config(config_path, profile, env)
     env.update(
         SDR_AGENT_BACKEND="simulated",
-        SDR_AGENT_SIMULATED_LATENCY=_scaled_spec(workload.agent_latency, workload.time_scale),
+        SDR_AGENT_SIMULATED_LATENCY=scaled_spec(workload.agent_latency, workload.time_scale),
         **scaled_overrides(base.profile, workload.time_scale),
     )
     return load_config(config_path, profile, env)
@@ -301,7 +302,7 @@ async def _profiled(config: Config, w: Workload, progress: Progress | None) -> t
     async with run_fake_evolution(keep_bodies=False) as fake, inprocess_daemon(config, evolution_url=fake.url) as d:
         target = _Target(d.config.profile, d.url, d.endpoints.database_url)
         since = time.time()
-        [result] = await _drive([target], fake, w, progress, 1.0)
+        [result] = await drive([target], fake, w, progress=progress)
         await _settle(d, w)
         breakdown = await turn_breakdown(
             target.database_url, since, parallel_knowledge=d.config.profile.features.parallel_context

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from daemon.config import SloSettings
+from daemon.durations import duration_option
 from daemon.errors import ConfigError
 
 # A turn's life from the buffer to the reply; stages not listed here follow by name.
@@ -40,9 +40,6 @@ REPLY_WITHIN = timedelta(hours=24)  # a lead's message this soon after a follow-
 INTERRUPT_WINDOW = timedelta(seconds=5)
 INTERRUPT_WINDOW_MIN_S, INTERRUPT_WINDOW_MAX_S = 0.1, 60.0
 
-SINCE = re.compile(r"^(\d+)\s*([mhdw])$")
-UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
 
 # --- the window ------------------------------------------------------------------------
 
@@ -58,15 +55,6 @@ class Window:
 
 def _iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_since(text: str) -> timedelta:
-    match = SINCE.match(text.strip().lower())
-    if not match or int(match.group(1)) == 0:
-        raise ConfigError(
-            f"--since {text!r}: use a whole number of minutes, hours, days or weeks, such as 30m, 24h, 7d or 2w"
-        )
-    return timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
 
 
 def parse_time(option: str, text: str) -> datetime:
@@ -103,7 +91,7 @@ def resolve_window(since: str | None, start: str | None, end: str | None, now: d
         raise ConfigError("--to needs --from (or use --since for a window up to now)")
     now = now or datetime.now(UTC)
     if start is None:
-        return Window(now - parse_since(since or "24h"), now)
+        return Window(now - timedelta(seconds=duration_option("--since", since or "24h")), now)
     window = Window(parse_time("--from", start), parse_time("--to", end) if end else now)
     if window.start >= window.end:
         raise ConfigError(f"--from {start!r} must be before --to ({_iso(window.end)})")

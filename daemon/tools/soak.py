@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -36,26 +35,26 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import load_profile
+from daemon.durations import parse_duration
 from daemon.errors import ConfigError, SdrError, UnavailableError
 from daemon.tasks import cancel_and_wait
 from daemon.testing.fake_evolution import run_fake_evolution
-from daemon.tools.bench import ProfileResult, Tally, Workload, _drive, start_daemon
+from daemon.tools.bench import ProfileResult, Tally, Workload, drive, start_daemon
 
 SERIES = {"rss_bytes": "sdr_process_rss_bytes", "tasks": "sdr_asyncio_tasks", "fds": "sdr_open_fds"}
 RSS_LIMIT = 0.10  # relative growth allowed after the warm-up
 MIN_SOAK, MAX_SOAK = 60.0, 24 * 3600.0
-_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
-def parse_duration(text: str) -> float:
-    """'90s', '30m', '1.5h' -> seconds; a unit is required so '30' is never a guess."""
-    allowed = "a number and a unit s, m or h, from 1m to 24h (e.g. 90s, 30m, 2h)"
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh])\s*", text.lower())
-    if m is None:
-        raise ConfigError(f"--soak {text!r}: need {allowed}")
-    seconds = float(m[1]) * _UNITS[m[2]]
+def soak_seconds(text: str) -> float:
+    """--soak: how long the soak runs, a duration (daemon/durations.py) from 1m to 24h."""
+    allowed = "a duration from 1m to 24h, such as 90s, 30m, 2h"
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        seconds = math.nan
     if not MIN_SOAK <= seconds <= MAX_SOAK:
-        raise ConfigError(f"--soak {text}: need {allowed}")
+        raise ConfigError(f"--soak {text!r}: need {allowed}")
     return seconds
 
 
@@ -209,7 +208,7 @@ async def run_soak(
 
                 sampler = asyncio.create_task(sample())
                 try:
-                    [result] = await _drive([daemon], fake, w, tick, 1.0)
+                    [result] = await drive([daemon], fake, w, progress=tick)
                 finally:
                     await cancel_and_wait(sampler)
                 with contextlib.suppress(asyncio.CancelledError):

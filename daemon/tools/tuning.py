@@ -29,9 +29,9 @@ from daemon.config import (
     Buffer,
     Profile,
     Timeouts,
-    _coerce,
-    _describe,
     available_profiles,
+    coerce_value,
+    describe_knob,
     load_profile,
     profile_path,
     shipped_path,
@@ -183,9 +183,9 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
         if key in out:
             raise ConfigError(f"{key} is given twice")
         try:
-            out[key] = _coerce(f, raw, from_env=True)  # text in, as from SDR_ variables
+            out[key] = coerce_value(f, raw, from_env=True)  # text in, as from SDR_ variables
         except (ValueError, TypeError):
-            raise ConfigError(f"{key}={raw}: must be {_describe(f)}") from None
+            raise ConfigError(f"{key}={raw}: must be {describe_knob(f)}") from None
     return out
 
 
@@ -289,8 +289,6 @@ def diff(a: Profile, b: Profile) -> list[tuple[Knob, Knob]]:
 STAGE_TIMEOUTS = {"context": "personalization", "knowledge": "knowledge_base", "agent": "agent"}
 # Below twice the P99 a timeout cuts real turns as soon as latency drifts.
 MIN_HEADROOM = 2.0
-SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 # A failed stage's time says how fast it failed, not how long it needs: left out. A timed
 # out one is kept (its time is the timeout: a floor of what it needed) and counted.
@@ -327,16 +325,6 @@ class Proposal:
     stats: StageStats
     proposed: float | None  # None: not enough samples
     note: str
-
-
-def parse_duration(text: str, option: str = "--since") -> timedelta:
-    match = SINCE.match(text.strip().lower())
-    if not match:
-        raise ConfigError(f"{option} {text!r}: use a number and a unit (s, m, h or d), e.g. 30m, 24h or 7d")
-    delta = timedelta(**{UNITS[match.group(2)]: float(match.group(1))})
-    if not delta:
-        raise ConfigError(f"{option} {text!r}: must be longer than zero")
-    return delta
 
 
 def check_options(headroom: float, min_samples: int, burst_coverage: float = 0.98) -> None:
