@@ -68,7 +68,7 @@ class TurnRecord:
     reply: str
     parts: list[str]  # the reply as WhatsApp messages (split on sentence boundaries)
     phone: str
-    outbox_status: str  # 'pending' (to be sent) or 'local' (kept for `sdrctl chat`)
+    outbox_status: str  # daemon.outbox.Status: PENDING (to be sent) or LOCAL (kept for `sdrctl chat`)
     response_ms: float | None  # known now for local replies; set on delivery otherwise
     lead_updates: dict[str, Any]
     cache_hits: int

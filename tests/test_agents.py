@@ -22,7 +22,7 @@ from daemon.embedded import Endpoints
 from daemon.errors import AgentError
 from daemon.latency import parse_latency
 from daemon.models import KbEntry
-from tests.fake_openai import FakeOpenAI, run_fake_openai
+from daemon.testing.fake_openai import FakeOpenAI, run_fake_openai
 from tests.helpers import make_config
 
 # The agents touch neither database nor Redis; make_config only needs their addresses.

@@ -19,7 +19,7 @@ import pytest
 from daemon.embedded import Endpoints
 from daemon.media import audio
 from daemon.media.refusal import MediaRefused
-from tests.fake_openai import FakeOpenAI, run_fake_openai
+from daemon.testing.fake_openai import FakeOpenAI, run_fake_openai
 from tests.helpers import make_config
 from tests.voice import NOT_AUDIO, require_ffmpeg, voice_note
 

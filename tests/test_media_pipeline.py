@@ -26,8 +26,8 @@ from daemon.evolution import media_event
 from daemon.media.processor import MediaProcessor
 from daemon.metrics import Metrics
 from daemon.models import PendingMessage
+from daemon.testing.fake_openai import run_fake_openai
 from tests.bills import bill_image
-from tests.fake_openai import run_fake_openai
 from tests.helpers import (
     event,
     fetch,

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.buffer import DUE, FIRST, window_for
 from daemon.config import load_config, load_profile
 from daemon.embedded import Endpoints
+from daemon.testing.fake_openai import run_fake_openai
 from daemon.turn import FALLBACK
-from tests.fake_openai import run_fake_openai
 from tests.helpers import (
     event,
     fetch,

@@ -38,6 +38,7 @@ from daemon.embedded import postgres_url
 from daemon.errors import ConfigError, SdrError
 from daemon.evolution import presence_event, text_event
 from daemon.latency import parse_latency
+from daemon.outbox import OPEN, Status
 from daemon.store import init_connection
 from daemon.testing.fake_evolution import FakeEvolution, run_fake_evolution
 from daemon.testing.servers import free_port, wait_ready
@@ -548,7 +549,7 @@ async def turn_stats(database_url: str, since: float) -> dict[str, Any]:
             since,
         )
         unanswered = await conn.fetchval("SELECT count(*) FROM messages WHERE direction = 'in' AND turn_id IS NULL")
-        failed_sends = await conn.fetchval("SELECT count(*) FROM outbox WHERE status <> 'sent'")
+        failed_sends = await conn.fetchval("SELECT count(*) FROM outbox WHERE status <> $1", Status.SENT)
     finally:
         await conn.close()
     stages: dict[str, list[float]] = {}
@@ -574,10 +575,6 @@ async def turn_stats(database_url: str, since: float) -> dict[str, Any]:
     }
 
 
-# Outbox states that may still be delivered (the rest are final: sent, failed, local).
-_OPEN_SENDS = ["pending", "sending", "undelivered", "uncertain"]
-
-
 async def settle(database_url: str, ids: list[str], deadline: float) -> None:
     """Waits (until `deadline`, a time.monotonic()) for every stored message of the run to
     have a turn whose reply is no longer on its way, so the last bursts are judged on
@@ -592,7 +589,7 @@ async def settle(database_url: str, ids: list[str], deadline: float) -> None:
                       AND (m.turn_id IS NULL OR EXISTS (
                            SELECT 1 FROM outbox o WHERE o.turn_id = m.turn_id AND o.status = ANY($2::text[])))""",
                 ids,
-                _OPEN_SENDS,
+                list(OPEN),  # outbox states that may still be delivered
             )
             if not open_:
                 return
@@ -631,7 +628,7 @@ async def burst_records(
     deliveries: dict[int, list[float]] = {}
     for r in parts:
         at = delivered_at.get(r["provider_id"]) if r["provider_id"] else None
-        if at is None and r["status"] == "sent":
+        if at is None and r["status"] == Status.SENT:
             at = r["sent_at"]
         if at is not None:
             deliveries.setdefault(r["turn_id"], []).append(at)

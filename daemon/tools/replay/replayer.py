@@ -24,6 +24,7 @@ from daemon.config import Config
 from daemon.embedded import services
 from daemon.errors import ConfigError, SdrError, UnavailableError
 from daemon.evolution import text_event
+from daemon.outbox import Status
 from daemon.store import connect
 from daemon.testing.fake_evolution import run_fake_evolution
 from daemon.tools.inprocess import inprocess_daemon, with_changes
@@ -31,7 +32,7 @@ from daemon.tools.replay.recording import Conversation, Line
 from daemon.tools.replay.results import ConversationResult, ReplayReport, TurnResult, classify
 
 CONCURRENCY = 8  # conversations replayed at once: enough to overlap, few enough to stay readable
-DELIVERED = ("sent", "local", "failed")  # outbox statuses after which a part will not change
+DELIVERED = (Status.SENT, Status.LOCAL, Status.FAILED)  # after these a part will not change
 
 
 @dataclass(frozen=True)
