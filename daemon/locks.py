@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
+from daemon.buffer import MessageBuffer
 from daemon.connections import Redis
 from daemon.tasks import cancel_and_wait
 
@@ -40,8 +41,9 @@ def again_key(phone: str) -> str:
 
 
 class LeadLocks:
-    def __init__(self, redis: Redis, ttl: float, attempts: int, backoff: float) -> None:
+    def __init__(self, redis: Redis, ttl: float, attempts: int, backoff: float, buffer: MessageBuffer) -> None:
         self.redis = redis
+        self.buffer = buffer  # where a lead handed back is re-armed
         self.ttl_ms = max(1, int(ttl * 1000))
         self.attempts = attempts
         self.backoff = backoff
@@ -75,9 +77,10 @@ class LeadLocks:
         return await self.try_acquire(phone)
 
     @contextlib.asynccontextmanager
-    async def held(self, phone: str, on_handoff: Callable[[], Awaitable[None]]) -> AsyncIterator[bool]:
+    async def held(self, phone: str) -> AsyncIterator[bool]:
         """Yields whether the lock was taken; while held, it is renewed at a third of its
-        TTL. After release, `on_handoff` runs if another daemon asked for the lead."""
+        TTL. After release, if another daemon asked for the lead (messages arrived while
+        we held it), the lead is re-armed in the buffer to be answered at once."""
         token = await self.acquire_or_flag(phone)
         if token is None:
             yield False
@@ -101,7 +104,7 @@ class LeadLocks:
                 log.warning("could not release the lock of a lead: %s", exc)
                 handoff = False
             if handoff:
-                await on_handoff()
+                await self.buffer.add(phone, window=0)
 
     async def close(self, timeout: float) -> None:
         """Cancels the renewals that did not end with their turn (shutdown)."""

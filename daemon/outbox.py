@@ -14,7 +14,6 @@ cannot be asked, `[evolution] on_uncertain_send` decides (README: Uncertain send
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -293,7 +292,7 @@ class Outbox:
             await self.rows.record_attempt(outbox_id)
         return await self.attempt(outbox_id, phone, text, each_try=True)
 
-    async def redeliver(self, hand_back: Callable[[str], Awaitable[None]]) -> None:
+    async def redeliver(self) -> None:
         """The re-delivery job: rows that did not go out are sent again, in order, under
         each lead's lock (never interleaved with a live turn's replies). One that may have
         arrived (its send timed out, or its daemon died mid-send) is looked up first."""
@@ -305,11 +304,7 @@ class Outbox:
         for outbox_id, phone, body, status, created, lid in rows:
             by_lead.setdefault(phone, []).append((outbox_id, body, status, created, lid))
         for phone, replies in by_lead.items():
-
-            async def handoff(phone: str = phone) -> None:
-                await hand_back(phone)
-
-            async with self.locks.held(phone, handoff) as got:
+            async with self.locks.held(phone) as got:
                 if not got:
                     continue  # a live turn is sending: next pass
                 for outbox_id, body, status, created, lid in replies:

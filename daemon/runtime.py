@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Awaitable, Coroutine
 from contextlib import AsyncExitStack
-from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -132,7 +131,9 @@ class Runtime:
             poll=b.hold_poll,
         )
         stack.push_async_callback(self.buffer.close)
-        self.locks = LeadLocks(self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff)
+        self.locks = LeadLocks(
+            self.redis, p.timeouts.redis_lock_ttl, p.limits.lock_attempts, p.limits.lock_backoff, self.buffer
+        )
         stack.push_async_callback(self.locks.close, p.timeouts.redis)
         self.leads = self._cache("lead", dict[str, Any], c.lead_ttl, c.lead_size)
         self.knowledge = self._cache("knowledge", list[KbEntry], c.kb_ttl, c.kb_size)
@@ -170,7 +171,6 @@ class Runtime:
             self.followup_store,
             self.outbox or Outbox(cfg, self.pool, None, self.locks, self.metrics),
             self.metrics,
-            on_handoff=self._hand_back,
         )
         self.jobs = self._schedule(stack)
 
@@ -296,9 +296,7 @@ class Runtime:
         )
         jobs.every("unanswered-sweep", p.buffer.sweep_interval, self._sweep)
         if self.outbox is not None:
-            jobs.every(
-                "outbox-redelivery", p.limits.redeliver_interval, partial(self.outbox.redeliver, self._hand_back)
-            )
+            jobs.every("outbox-redelivery", p.limits.redeliver_interval, self.outbox.redeliver)
         if cfg.followups.crm_url:
             crm = CrmPush(
                 self.pool,
@@ -334,19 +332,12 @@ class Runtime:
         if stale:
             log.warning("re-queued %d message(s) left unanswered past %.0fs", len(stale), age)
 
-    async def _hand_back(self, phone: str) -> None:
-        """Messages arrived while a follow-up held the lead: answer them now."""
-        await self.buffer.add(phone, window=0)
-
     async def _answer(self, value: str) -> None:
         phone, only = parse_member(value)
         start = time.perf_counter()
 
-        async def handoff() -> None:  # messages came in during our turn: answer them now
-            await self.buffer.add(phone, window=0)
-
         try:
-            done = await self.runner.run(phone, only, handoff)
+            done = await self.runner.run(phone, only)
         except Exception as exc:
             # Nothing is lost: a turn commits all it writes in one statement, so its
             # messages are still unanswered in Postgres. Try again after a window.

@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import socket
 from collections.abc import Generator
 
 import uvicorn
@@ -18,6 +19,7 @@ import uvicorn
 from daemon.app import create_app
 from daemon.config import Config
 from daemon.embedded import Endpoints, services
+from daemon.errors import UnavailableError
 from daemon.httpguard import http_protocol, raise_fd_limit
 from daemon.runtime import Runtime
 from daemon.tasks import run_fast
@@ -77,11 +79,27 @@ def uvicorn_server(config: Config, rt: Runtime, host: str, port: int) -> _Server
     return _Server(uv)
 
 
-async def serve_forever(config: Config, endpoints: Endpoints, *, auto_migrate: bool) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """The daemon's listening socket, bound before anything starts: a port someone else
+    holds is one clear error, not uvicorn's log line after the runtime started."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UnavailableError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what holds the port, or set [daemon] port"
+        ) from None
+    return sock
+
+
+async def serve_forever(config: Config, endpoints: Endpoints, sock: socket.socket, *, auto_migrate: bool) -> None:
     raise_fd_limit()  # thousands of connections, slow ones included, need as many fds
+    host, port = sock.getsockname()[:2]
     rt = Runtime(config, endpoints, auto_migrate=auto_migrate)
     await rt.start()
-    host, port = bind_host(config), config.daemon.port
     server = uvicorn_server(config, rt, host, port)
 
     def on_signal() -> None:
@@ -106,7 +124,7 @@ async def serve_forever(config: Config, endpoints: Endpoints, *, auto_migrate: b
             config.profile.name,
             replies,
         )
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -115,5 +133,6 @@ async def serve_forever(config: Config, endpoints: Endpoints, *, auto_migrate: b
 
 
 def serve(config: Config) -> None:
-    with services(config) as endpoints:
-        run_fast(serve_forever(config, endpoints, auto_migrate=not config.database.url))
+    # The port first: taken, nothing else is started (the embedded servers take seconds).
+    with listen(bind_host(config), config.daemon.port) as sock, services(config) as endpoints:
+        run_fast(serve_forever(config, endpoints, sock, auto_migrate=not config.database.url))

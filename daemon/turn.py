@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -78,12 +77,12 @@ class TurnRunner:
         self.clock = clock  # dates the turn: its reply is what follow-ups are planned from
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
 
-    async def run(self, phone: str, only: int | None, on_handoff: Callable[[], Awaitable[None]]) -> bool | None:
+    async def run(self, phone: str, only: int | None) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
         when another turn holds the lead (it hands the lead back when done), None when
         nothing was pending or the reply was overtaken by a newer message (thrown away: the
         newer message's own window answers the whole burst), True after a turn."""
-        async with self.locks.held(phone, on_handoff) as got:
+        async with self.locks.held(phone) as got:
             if not got:
                 return False
             self.metrics.turns_in_flight.inc()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from typing import Any
 
 import asyncpg
@@ -197,3 +198,28 @@ async def test_a_cancelled_turn_leaves_no_task_running(clean: Endpoints) -> None
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_serve_on_a_port_in_use_says_so_in_one_line(clean: Endpoints) -> None:
+    """The port is bound before anything starts: one line naming it, exit 1, nothing
+    started (not uvicorn's log line after the runtime and the embedded servers started)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, out, err = await sdrctl(
+            "serve",
+            "--profile",
+            "tests/fast.toml",
+            env={
+                "SDR_DATABASE_URL": clean.database_url,
+                "SDR_REDIS_URL": clean.redis_url,
+                "SDR_DAEMON_PORT": str(port),
+            },
+        )
+    assert code == 1, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; stop what holds the port, or set [daemon] port"
+    ]
+    assert "applied migration" not in out + err and "serving on" not in out + err

@@ -14,13 +14,14 @@ from daemon.locks import LeadLocks, again_key, lock_key
 PHONE = "5511966665555"
 
 
-async def nothing() -> None:
-    """No hand-off expected."""
+def locks_on(r: aioredis.Redis, ttl: float, attempts: int, backoff: float) -> tuple[LeadLocks, MessageBuffer]:
+    buffer = MessageBuffer(r, quiet_window=0.05, cap=1, claim_batch=10)
+    return LeadLocks(r, ttl=ttl, attempts=attempts, backoff=backoff, buffer=buffer), buffer
 
 
 async def test_a_lock_is_exclusive_and_only_its_owner_releases_it(clean: Endpoints) -> None:
     r = aioredis.Redis.from_url(clean.redis_url)
-    locks = LeadLocks(r, ttl=5, attempts=3, backoff=0.01)
+    locks, _ = locks_on(r, ttl=5, attempts=3, backoff=0.01)
     try:
         mine = await locks.try_acquire(PHONE)
         theirs = await locks.try_acquire(PHONE)
@@ -36,33 +37,32 @@ async def test_a_lock_is_exclusive_and_only_its_owner_releases_it(clean: Endpoin
 
 
 async def test_a_busy_lead_is_handed_back_by_its_holder(clean: Endpoints) -> None:
+    """A daemon that finds the lead held leaves a flag; the holder, on release, re-arms
+    the lead in the buffer (due at once), and only the holder does."""
     r = aioredis.Redis.from_url(clean.redis_url)
-    locks = LeadLocks(r, ttl=5, attempts=2, backoff=0.01)
-    handed: list[str] = []
-
-    async def handoff() -> None:
-        handed.append(PHONE)
-
+    locks, buffer = locks_on(r, ttl=5, attempts=2, backoff=0.01)
     try:
-        async with locks.held(PHONE, handoff) as first:
-            async with locks.held(PHONE, handoff) as second:  # another daemon, same lead
+        async with locks.held(PHONE) as first:
+            async with locks.held(PHONE) as second:  # another daemon, same lead
                 pass
-            assert handed == []  # the loser does not hand off; the holder will
+            during = await buffer.claim_due()  # the loser does not hand off; the holder will
+        handed = await buffer.claim_due()
         flag_left = await r.exists(again_key(PHONE))
-        async with locks.held(PHONE, handoff) as third:
+        async with locks.held(PHONE) as third:
             pass
+        again = await buffer.claim_due()
     finally:
         await r.aclose()
     assert first and not second and third
-    assert handed == [PHONE]  # once, by the holder, after its release
-    assert flag_left == 0
+    assert during == [] and handed == [PHONE]  # once, by the holder, after its release
+    assert flag_left == 0 and again == []
 
 
 async def test_a_held_lock_is_renewed_past_its_ttl_and_freed_after(clean: Endpoints) -> None:
     r = aioredis.Redis.from_url(clean.redis_url)
-    locks = LeadLocks(r, ttl=0.3, attempts=1, backoff=0.01)
+    locks, _ = locks_on(r, ttl=0.3, attempts=1, backoff=0.01)
     try:
-        async with locks.held(PHONE, nothing) as got:
+        async with locks.held(PHONE) as got:
             await asyncio.sleep(0.8)  # well past the TTL: only renewal keeps it
             during = await locks.try_acquire(PHONE)
         after = await r.exists(lock_key(PHONE))
@@ -76,7 +76,7 @@ async def test_a_turn_ends_even_if_its_lock_renewal_swallows_the_cancel(clean: E
     not end, the turn waited for it forever with the lock still renewed, and the lead was
     never answered again. The turn now ends, frees the lock, and the renewal stops."""
     r = aioredis.Redis.from_url(clean.redis_url)
-    locks = LeadLocks(r, ttl=0.3, attempts=1, backoff=0.01)
+    locks, _ = locks_on(r, ttl=0.3, attempts=1, backoff=0.01)
     renew = locks._renew
     inside = asyncio.Event()
 
@@ -92,7 +92,7 @@ async def test_a_turn_ends_even_if_its_lock_renewal_swallows_the_cancel(clean: E
     locks._renew = swallows_one_cancel  # type: ignore[assignment]
     try:
         async with asyncio.timeout(5):
-            async with locks.held(PHONE, nothing) as got:
+            async with locks.held(PHONE) as got:
                 await inside.wait()
             after = await r.exists(lock_key(PHONE))
             while locks._stragglers:  # it stops on its own at its next step
@@ -104,7 +104,7 @@ async def test_a_turn_ends_even_if_its_lock_renewal_swallows_the_cancel(clean: E
 
 async def test_acquisition_backs_off_and_succeeds_when_the_holder_lets_go(clean: Endpoints) -> None:
     r = aioredis.Redis.from_url(clean.redis_url)
-    locks = LeadLocks(r, ttl=5, attempts=6, backoff=0.02)
+    locks, _ = locks_on(r, ttl=5, attempts=6, backoff=0.02)
     try:
         token = await locks.try_acquire(PHONE)
         assert token is not None

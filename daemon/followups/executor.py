@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,7 +36,6 @@ class FollowUpExecutor:
         store: FollowUpStore,
         outbox: Outbox,
         metrics: Metrics,
-        on_handoff: Callable[[str], Awaitable[None]],
         clock: Clock = utc_now,
     ) -> None:
         self.settings = config.followups
@@ -45,7 +43,6 @@ class FollowUpExecutor:
         self.store = store
         self.outbox = outbox  # sends like a turn's reply, under the lead's lock like a turn
         self.metrics = metrics
-        self.on_handoff = on_handoff  # messages arrived while we held the lead: answer them
         self.clock = clock
         self.planner = Planner(config.followups)
         self.hours = BusinessHours.from_settings(config.followups)
@@ -86,7 +83,7 @@ class FollowUpExecutor:
         if not self.hours.is_open(now):
             await self.store.retry_at(f, self.hours.next_opening(now), now, None, attempt=False)
             return "deferred"
-        async with self.outbox.locks.held(f.phone, lambda: self.on_handoff(f.phone)) as got:
+        async with self.outbox.locks.held(f.phone) as got:
             if not got:  # a live turn holds the lead: its reply may change everything
                 await self.store.retry_at(f, now + timedelta(seconds=self.knobs.busy_delay), now, None, attempt=False)
                 return "busy"
