@@ -14,21 +14,11 @@ from rich.table import Table
 from daemon.config import Config
 from daemon.errors import ConfigError
 from daemon.tasks import run_fast
-from daemon.tools.bench import (
-    CapacityStep,
-    ProfileResult,
-    Tally,
-    Workload,
-    capacity,
-    compare,
-    find_capacity,
-    load_scenario,
-    run_bench,
-    run_intake,
-)
+from daemon.tools.bench import CapacityStep, ProfileResult, capacity, compare, find_capacity, run_bench, run_intake
 from daemon.tools.bench_followups import run_followups
 from daemon.tools.bursts import percentile
 from daemon.tools.soak import Sample, SoakResult, run_soak, soak_seconds
+from daemon.tools.workload import Tally, Workload, load_scenario
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out
 from sdrctl.workload import (
     DurationOpt,

@@ -13,7 +13,6 @@ from rich.table import Table
 from rich.text import Text
 
 from daemon.errors import ConfigError
-from daemon.tools.bench import Tally, Workload
 from daemon.tools.profiling import (
     Breakdown,
     call_tree,
@@ -23,6 +22,7 @@ from daemon.tools.profiling import (
     profile_config,
     run_profile,
 )
+from daemon.tools.workload import Tally, Workload
 from sdrctl.common import ConfigOpt, ProfileOpt, err, friendly_errors, load, out, setup_logging
 from sdrctl.workload import DurationOpt, LatencyOpt, LeadsOpt, RampOpt, ScaleOpt, SeedOpt, given
 

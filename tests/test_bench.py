@@ -18,18 +18,11 @@ from starlette.routing import Route
 from daemon.config import load_profile
 from daemon.errors import ConfigError
 from daemon.testing.servers import background_server, quiet_server
-from daemon.tools.bench import (
-    BurstPlan,
-    LeadSimulator,
-    Tally,
-    Workload,
-    load_scenario,
-    named_scenarios,
-    run_bench,
-    scaled_overrides,
-)
+from daemon.tools.bench import run_bench
 from daemon.tools.bursts import SentBurst, account, classify, percentile
+from daemon.tools.daemons import scaled_overrides
 from daemon.tools.loadgen import RawClient
+from daemon.tools.workload import BurstPlan, LeadSimulator, Tally, Workload, load_scenario, named_scenarios
 from tests.helpers import sdrctl
 
 

@@ -31,9 +31,11 @@ from daemon.config import Config, Profile, load_config
 from daemon.errors import SdrError
 from daemon.store import init_connection
 from daemon.testing.fake_evolution import run_fake_evolution
-from daemon.tools.bench import ProfileResult, Progress, Workload, drive, scaled_overrides, scaled_spec
+from daemon.tools.bench import ProfileResult, Progress, drive
 from daemon.tools.bursts import percentile
+from daemon.tools.daemons import scaled_overrides, scaled_spec
 from daemon.tools.inprocess import InProcessDaemon, inprocess_daemon
+from daemon.tools.workload import Workload
 
 # The order rows are shown in: a turn's life from the buffer to the reply.
 ORDER = ("buffer wait", "context", "knowledge", "agent", "store + send", "store", "send")

@@ -39,7 +39,9 @@ from daemon.durations import parse_duration
 from daemon.errors import ConfigError, SdrError, UnavailableError
 from daemon.tasks import cancel_and_wait
 from daemon.testing.fake_evolution import run_fake_evolution
-from daemon.tools.bench import ProfileResult, Tally, Workload, drive, start_daemon
+from daemon.tools.bench import ProfileResult, drive
+from daemon.tools.daemons import start_daemon
+from daemon.tools.workload import Tally, Workload
 
 SERIES = {"rss_bytes": "sdr_process_rss_bytes", "tasks": "sdr_asyncio_tasks", "fds": "sdr_open_fds"}
 RSS_LIMIT = 0.10  # relative growth allowed after the warm-up
