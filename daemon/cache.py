@@ -169,6 +169,11 @@ class TwoTierCache(Generic[T]):
         self._local_put(key, data)
         await self._redis_set(key, data)
 
+    async def replace(self, key: str, value: T) -> None:
+        """The source changed: other daemons drop their copy; here and Redis hold the new one."""
+        await self.invalidate(key)
+        await self.set(key, value)
+
     async def invalidate(self, key: str) -> None:
         """Drops the key here, in Redis and in the local tiers of every other daemon."""
         self.drop_local(key)

@@ -92,8 +92,7 @@ class IngestBatcher:
             assert got is not None
             message_id, _, unanswered, lead = got
             if lead is not None:
-                await self.leads.invalidate(m.phone)
-                await self.leads.set(m.phone, lead)
+                await self.leads.replace(m.phone, lead)
             if unanswered:  # also for a retried delivery: the first may have missed the buffer
                 arms.append(
                     (member(m.phone, message_id, self.settings.coalesce), window_for(m.kind, m.body, self.settings))

@@ -222,6 +222,11 @@ class Outbox:
         self.metrics = metrics
         self.uncertain = UncertainSends(config, sender, self.rows, metrics) if sender is not None else None
 
+    @property
+    def local(self) -> bool:
+        """No Evolution API configured: rows are kept for `sdrctl chat`, never sent."""
+        return self.sender is None
+
     async def attempt(self, outbox_id: int, phone: str, text: str, *, each_try: bool = False) -> str | None:
         """Sends one row (the client retries what certainly did not arrive). The first try
         is on record already (the row was opened or claimed as 'sending'); with

@@ -69,7 +69,7 @@ class Runtime:
     knowledge: TwoTierCache[list[KbEntry]]
     identities: Identities
     intake: IngestBatcher
-    outbox: Outbox | None  # None without an Evolution API: replies stay in the table
+    outbox: Outbox  # local without an Evolution API: replies stay in the table
     agent: Agent
     media: MediaProcessor
     followup_store: FollowUpStore
@@ -144,7 +144,7 @@ class Runtime:
         sender = EvolutionClient(cfg) if cfg.evolution.base_url else None
         if sender is not None:
             stack.push_async_callback(sender.close)
-        self.outbox = Outbox(cfg, self.pool, sender, self.locks, self.metrics) if sender is not None else None
+        self.outbox = Outbox(cfg, self.pool, sender, self.locks, self.metrics)
         self.agent = make_agent(cfg)
         stack.push_async_callback(self.agent.close)
         media_cache = self._cache("media", dict[str, Any], p.media.result_ttl, p.media.result_size)
@@ -169,7 +169,8 @@ class Runtime:
         self.followups = FollowUpExecutor(
             cfg,
             self.followup_store,
-            self.outbox or Outbox(cfg, self.pool, None, self.locks, self.metrics),
+            self.outbox,
+            self.locks,
             self.metrics,
         )
         self.jobs = self._schedule(stack)
@@ -295,7 +296,7 @@ class Runtime:
             "knowledge-refresh", f.kb_refresh_interval, KnowledgeRefresh(self.pool, self.knowledge.invalidate_all)
         )
         jobs.every("unanswered-sweep", p.buffer.sweep_interval, self._sweep)
-        if self.outbox is not None:
+        if not self.outbox.local:
             jobs.every("outbox-redelivery", p.limits.redeliver_interval, self.outbox.redeliver)
         if cfg.followups.crm_url:
             crm = CrmPush(

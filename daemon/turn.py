@@ -12,7 +12,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 from daemon.agents import Agent, AgentReply, TurnInput
 from daemon.buffer import MessageBuffer, window_for
@@ -34,7 +34,6 @@ from daemon.store import Store, tsquery_any
 from daemon.tasks import Children, cancel_and_wait
 
 log = logging.getLogger("sdr.turn")
-T = TypeVar("T")
 
 FALLBACK = "Oi! Recebi sua mensagem 😊 Estou verificando algumas informações e já te respondo por aqui."
 
@@ -46,7 +45,7 @@ class TurnRunner:
         store: Store,
         locks: LeadLocks,
         agent: Agent,
-        outbox: Outbox | None,
+        outbox: Outbox,
         metrics: Metrics,
         profile: Profile,
         leads: TwoTierCache[dict[str, Any]],
@@ -64,8 +63,8 @@ class TurnRunner:
         self._stragglers: set[asyncio.Task[Any]] = set()  # children that outlived their cancel
         self.locks = locks
         self.agent = agent
-        self.outbox = outbox  # None: replies stay in the outbox table (`sdrctl chat`)
-        self.sender = outbox.sender if outbox is not None else None  # for "typing..."
+        self.outbox = outbox  # local (no Evolution API): replies stay in the table (`sdrctl chat`)
+        self.sender = outbox.sender  # for "typing..."
         self.metrics = metrics
         self.profile = profile
         self.leads = leads
@@ -151,7 +150,7 @@ class TurnRunner:
             await self._discard(phone, burst, clock, presence, children)
             return None
 
-        local = self.outbox is None
+        local = self.outbox.local
         finished = self.clock()
         record = TurnRecord(
             lead_id=first.lead_id,
@@ -188,12 +187,11 @@ class TurnRunner:
             except Exception as exc:  # the reply matters more; the next turn plans them again
                 log.warning("could not plan follow-ups: %s: %s", exc.__class__.__name__, exc)
         if updates:  # write through, and drop stale copies in other daemons
-            await self.leads.invalidate(phone)
-            await self.leads.set(phone, done.lead)
+            await self.leads.replace(phone, done.lead)
         self.metrics.turns.labels(outcome).inc()
         if presence is not None:  # never "typing..." after the reply
             await children.stop(presence)
-        if self.outbox is None:
+        if local:
             self.metrics.sends.labels("local").inc(len(record.parts))
             self.metrics.response_time.observe((finished - last.received_at).total_seconds())
         else:

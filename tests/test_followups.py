@@ -39,7 +39,7 @@ FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 
 def executor(rt: Runtime, clock: FixedClock) -> FollowUpExecutor:
     """A daemon's follow-up executor on a fake clock (the scheduler's own job is off)."""
-    return FollowUpExecutor(rt.config, rt.followup_store, rt.followups.outbox, rt.metrics, clock)
+    return FollowUpExecutor(rt.config, rt.followup_store, rt.outbox, rt.locks, rt.metrics, clock)
 
 
 async def post(url: str, *events: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.followups.planner import QUALIFYING, SILENCE_KINDS, Planner
 from daemon.followups.store import Claimed, FollowUpStore
 from daemon.followups.templates import render, values_for
+from daemon.locks import LeadLocks
 from daemon.metrics import Metrics
 from daemon.outbox import Outbox, Status
 
@@ -35,13 +36,15 @@ class FollowUpExecutor:
         config: Config,
         store: FollowUpStore,
         outbox: Outbox,
+        locks: LeadLocks,
         metrics: Metrics,
         clock: Clock = utc_now,
     ) -> None:
         self.settings = config.followups
         self.knobs = config.profile.followups
         self.store = store
-        self.outbox = outbox  # sends like a turn's reply, under the lead's lock like a turn
+        self.outbox = outbox  # sends like a turn's reply...
+        self.locks = locks  # ...under the lead's lock, like a turn
         self.metrics = metrics
         self.clock = clock
         self.planner = Planner(config.followups)
@@ -83,7 +86,7 @@ class FollowUpExecutor:
         if not self.hours.is_open(now):
             await self.store.retry_at(f, self.hours.next_opening(now), now, None, attempt=False)
             return "deferred"
-        async with self.outbox.locks.held(f.phone) as got:
+        async with self.locks.held(f.phone) as got:
             if not got:  # a live turn holds the lead: its reply may change everything
                 await self.store.retry_at(f, now + timedelta(seconds=self.knobs.busy_delay), now, None, attempt=False)
                 return "busy"
@@ -114,7 +117,7 @@ class FollowUpExecutor:
             await self.store.finish(f, "cancelled", now, "the template left nothing to say")
             return "cancelled"
         outbox, rows = self.outbox, self.outbox.rows
-        local = outbox.sender is None
+        local = outbox.local
         outbox_id = await rows.open_follow_up(f.id, f.lead_id, f.phone, text, now, local=local)
         provider_id = None
         if not local:

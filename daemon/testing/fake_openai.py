@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon.testing.servers import background_server
+from daemon.testing.servers import background_server, quiet_server
 
 _ids = itertools.count(1)
 
@@ -134,16 +133,6 @@ async def _wait_or_disconnect(request: Request, seconds: float) -> None:
 @contextlib.asynccontextmanager
 async def run_fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
-    config = uvicorn.Config(
-        fake.app(),
-        host="127.0.0.1",
-        port=0,
-        loop="none",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        ws="none",
-    )
-    async with background_server(uvicorn.Server(config)) as url:
+    async with background_server(quiet_server(fake.app())) as url:
         fake.url = f"{url}/v1"
         yield fake
