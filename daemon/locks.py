@@ -5,7 +5,15 @@ taken by another daemon is never freed by us.
 Hand-off instead of waiting: a daemon that finds a lead's lock taken leaves a flag; the
 holder, on release, takes the flag and re-queues the lead at once. So messages that arrive
 during a turn are answered right after it, with no backoff overshoot, and no daemon sits
-waiting on a lock."""
+waiting on a lock.
+
+The lock is not the only guard: a process paused past its TTL (GC, a stalled VM, SIGSTOP)
+still believes it holds it. So each acquisition also yields a fencing token, newer than
+every earlier one of the lead, that PostgreSQL checks where a turn writes (sql/0010), and a
+turn checks its `Lease` before it writes: a lapsed lease stops it before anything is
+written or sent. The token is Redis's clock in microseconds, kept above the lead's last
+token: it survives Redis losing its data (a plain INCR would start again at 1, below the
+tokens PostgreSQL already holds, and fence the lead out for good)."""
 
 from __future__ import annotations
 
@@ -14,13 +22,24 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from daemon import unguarded
 from daemon.buffer import MessageBuffer
 from daemon.connections import Redis
 from daemon.tasks import cancel_and_wait
 
 log = logging.getLogger("sdr.locks")
 
+_NEXT_FENCE = """
+local now = redis.call('TIME')
+local fence = math.max(now[1] * 1000000 + now[2], (tonumber(redis.call('GET', KEYS[2])) or 0) + 1)
+fence = string.format('%d', fence)
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[3])
+return fence
+"""
+_ACQUIRE = "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end" + _NEXT_FENCE
+FENCE_TTL_MS = 86_400_000  # past a day the clock alone keeps tokens increasing
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return redis.call('GETDEL', KEYS[2])
@@ -40,6 +59,26 @@ def again_key(phone: str) -> str:
     return f"sdr:again:{{{phone}}}"
 
 
+def fence_key(phone: str) -> str:
+    return f"sdr:fence:{{{phone}}}"
+
+
+@dataclass
+class Lease:
+    """A held lock: until `expires_at` (the event loop's clock), unless a renewal found it
+    gone. A process paused past its TTL wakes up with a lapsed lease (the monotonic clock
+    ran on), before any renewal could tell it."""
+
+    token: str  # the owner's, in the lock key
+    fence: int  # the fencing token: PostgreSQL refuses a write with an older one
+    expires_at: float
+    lost: bool = False
+
+    @property
+    def lapsed(self) -> bool:
+        return self.lost or asyncio.get_running_loop().time() >= self.expires_at
+
+
 class LeadLocks:
     def __init__(self, redis: Redis, ttl: float, attempts: int, backoff: float, buffer: MessageBuffer) -> None:
         self.redis = redis
@@ -47,17 +86,24 @@ class LeadLocks:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.attempts = attempts
         self.backoff = backoff
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._next_fence = redis.register_script(_NEXT_FENCE)
         self._release = redis.register_script(_RELEASE)
         self._stragglers: set[asyncio.Task[None]] = set()
         self._renew = redis.register_script(_RENEW)
 
-    async def try_acquire(self, phone: str) -> str | None:
-        """Returns the owner token, or None when the lock stayed taken through every try."""
+    async def _take(self, phone: str) -> Lease | None:
+        asked = asyncio.get_running_loop().time()
         token = secrets.token_hex(8)
+        fence = await self._acquire(keys=[lock_key(phone), fence_key(phone)], args=[token, self.ttl_ms, FENCE_TTL_MS])
+        return None if fence is None else Lease(token, int(fence), asked + self.ttl_ms / 1000)
+
+    async def try_acquire(self, phone: str) -> Lease | None:
+        """The lease, or None when the lock stayed taken through every try."""
         delay = self.backoff
         for attempt in range(self.attempts):
-            if await self.redis.set(lock_key(phone), token, nx=True, px=self.ttl_ms):
-                return token
+            if lease := await self._take(phone):
+                return lease
             if attempt + 1 < self.attempts:
                 await asyncio.sleep(delay)
                 delay *= 2
@@ -68,27 +114,32 @@ class LeadLocks:
         flag = await self._release(keys=[lock_key(phone), again_key(phone)], args=[token])
         return flag is not None
 
-    async def acquire_or_flag(self, phone: str) -> str | None:
+    async def acquire_or_flag(self, phone: str) -> Lease | None:
         """Takes the lock, or leaves the hand-off flag for its holder and tries again (the
         holder may have released it between our try and the flag)."""
-        if await self.redis.set(lock_key(phone), token := secrets.token_hex(8), nx=True, px=self.ttl_ms):
-            return token
+        if lease := await self._take(phone):
+            return lease
         await self.redis.set(again_key(phone), "1", px=self.ttl_ms * 2)
         return await self.try_acquire(phone)
 
     @contextlib.asynccontextmanager
-    async def held(self, phone: str) -> AsyncIterator[bool]:
-        """Yields whether the lock was taken; while held, it is renewed at a third of its
-        TTL. After release, if another daemon asked for the lead (messages arrived while
-        we held it), the lead is re-armed in the buffer to be answered at once."""
-        token = await self.acquire_or_flag(phone)
-        if token is None:
-            yield False
+    async def held(self, phone: str) -> AsyncIterator[Lease | None]:
+        """Yields the lease, or None when the lock stayed taken; while held, it is renewed
+        at a third of its TTL. After release, if another daemon asked for the lead
+        (messages arrived while we held it), the lead is re-armed in the buffer to be
+        answered at once."""
+        if unguarded.off("lock"):  # test-only: every caller gets the lead (with a token)
+            fence = await self._next_fence(keys=[lock_key(phone), fence_key(phone)], args=[0, 0, FENCE_TTL_MS])
+            yield Lease("unguarded", int(fence), float("inf"))
+            return
+        lease = await self.acquire_or_flag(phone)
+        if lease is None:
+            yield None
             return
         stop = asyncio.Event()
-        renewer = asyncio.create_task(self._keep(phone, token, stop), name=f"lock-renew:{phone}")
+        renewer = asyncio.create_task(self._keep(phone, lease, stop), name=f"lock-renew:{phone}")
         try:
-            yield True
+            yield lease
         finally:
             # Bounded: a renewal cancelled inside the Redis client may not end at once
             # (seen in benches: the turn, and with it the lead, waited forever). It stops
@@ -99,7 +150,7 @@ class LeadLocks:
                 self._stragglers.add(renewer)
                 renewer.add_done_callback(self._stragglers.discard)
             try:
-                handoff = await self.release(phone, token)
+                handoff = await self.release(phone, lease.token)
             except Exception as exc:  # it expires by its TTL anyway
                 log.warning("could not release the lock of a lead: %s", exc)
                 handoff = False
@@ -111,17 +162,24 @@ class LeadLocks:
         for task in list(self._stragglers):
             await cancel_and_wait(task, timeout)
 
-    async def _keep(self, phone: str, token: str, stop: asyncio.Event) -> None:
+    async def _keep(self, phone: str, lease: Lease, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             await asyncio.sleep(self.ttl_ms / 3000)
             if stop.is_set():
                 return
+            asked = loop.time()
+            if asked >= lease.expires_at:  # paused past the TTL: the lock may be another's now
+                lease.lost = True
             try:
-                renewed = await self._renew(keys=[lock_key(phone)], args=[token, self.ttl_ms])
+                renewed = await self._renew(keys=[lock_key(phone)], args=[lease.token, self.ttl_ms])
             except Exception as exc:
                 log.warning("could not renew the lock of a lead: %s", exc)
                 continue
-            if not renewed:
+            if renewed and not lease.lost:
+                lease.expires_at = asked + self.ttl_ms / 1000
+            else:
+                lease.lost = True
                 if not stop.is_set():
                     log.warning("lost the lock of a lead mid-turn (it expired)")
                 return

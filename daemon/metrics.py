@@ -43,7 +43,15 @@ class Metrics:
         self.turns = Counter("sdr_turns_total", "Turns by outcome", ["outcome"], registry=r)
         self.discarded = Counter(
             "sdr_replies_discarded_total",
-            "Agent replies thrown away because a newer message of the lead overtook them (each an agent call)",
+            "Agent replies thrown away: overtaken by a newer message of the lead, or written by a turn that"
+            " lost the lead (lapsed, fenced); each an agent call",
+            ["reason"],
+            registry=r,
+        )
+        self.fenced = Counter(
+            "sdr_turns_fenced_total",
+            "Turns and follow-up sends stopped because their lock lapsed (lapsed) or a newer lock holder's"
+            " fencing token refused their write (fenced)",
             ["reason"],
             registry=r,
         )

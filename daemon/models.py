@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 # The kinds of media message the intake stores (besides 'text' and 'edit'), and the ones
 # the media processor reads (photos, voice notes); the rest are answered by their caption.
@@ -73,6 +73,12 @@ class TurnRecord:
     lead_updates: dict[str, Any]
     cache_hits: int
     cache_misses: int
+
+
+# Why a turn's write was refused: its fencing token is not the lead's newest, or another
+# turn answered its messages ('fenced'); a newer message of the lead is waiting and the
+# reply was speculative ('newer_message').
+Refused = Literal["fenced", "newer_message"]
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,13 @@ from enum import StrEnum
 import asyncpg
 import httpx
 
+from daemon import unguarded
 from daemon.config import Config, Profile
 from daemon.connections import pg_boundary
 from daemon.errors import SendFailed, StageFailed
 from daemon.evolution import EvolutionClient
 from daemon.identity import jid
-from daemon.locks import LeadLocks
+from daemon.locks import LeadLocks, Lease
 from daemon.metrics import Metrics
 from daemon.stages import StageClock
 
@@ -47,6 +48,10 @@ class Status(StrEnum):
 OPEN = (Status.PENDING, Status.SENDING, Status.UNDELIVERED, Status.UNCERTAIN)  # may still go out
 RETRIED = (Status.UNDELIVERED, Status.SENDING, Status.UNCERTAIN)  # what re-delivery looks at
 
+# A lock holder's fencing token becomes the lead's newest, unless a newer one got there
+# first (its lock lapsed before it began): NULL no such lead, false fenced out.
+TAKE_FENCE = "UPDATE leads SET fence = greatest(fence, $2) WHERE phone_number = $1 RETURNING fence = $2"
+
 
 @pg_boundary
 class OutboxStore:
@@ -58,31 +63,38 @@ class OutboxStore:
         self.timeout = timeout
 
     async def open_follow_up(
-        self, follow_up_id: int, lead_id: int, phone: str, text: str, now: datetime, *, local: bool
-    ) -> int:
+        self, follow_up_id: int, lead_id: int, phone: str, text: str, now: datetime, fence: int | None, *, local: bool
+    ) -> int | None:
         """A follow-up's row (and the conversation's message) before its send is tried,
-        so a daemon dying mid-send leaves a trace, never a second message."""
+        so a daemon dying mid-send leaves a trace, never a second message. Nothing (None)
+        unless `fence` is the lead's newest token (None: unguarded, tests only)."""
         status = Status.LOCAL if local else Status.SENDING
-        return int(
-            await self.pool.fetchval(
-                """WITH msg AS (
+        value = await self.pool.fetchval(
+            """WITH fenced AS (
+                   SELECT id FROM leads WHERE id = $1 AND ($9::bigint IS NULL OR fence = $9) FOR UPDATE
+               ), msg AS (
                    INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
-                   SELECT c.id, $1, 'out', $3, $5 FROM conversations c
+                   SELECT c.id, $1, 'out', $3, $5 FROM conversations c, fenced
                     WHERE c.lead_id = $1 AND c.status = 'open')
                INSERT INTO outbox (lead_id, phone_number, body, status, attempts, follow_up_id, sent_at)
-               VALUES ($1, $2, $3, $4, $7, $6, CASE WHEN $4 = $8 THEN $5 END)
+               SELECT $1, $2, $3, $4, $7, $6, CASE WHEN $4 = $8 THEN $5 END FROM fenced
                RETURNING id""",
-                lead_id,
-                phone,
-                text,
-                status,
-                now,
-                follow_up_id,
-                0 if local else 1,
-                Status.LOCAL,
-                timeout=self.timeout,
-            )
+            lead_id,
+            phone,
+            text,
+            status,
+            now,
+            follow_up_id,
+            0 if local else 1,
+            Status.LOCAL,
+            fence,
+            timeout=self.timeout,
         )
+        return None if value is None else int(value)
+
+    async def take_fence(self, phone: str, fence: int) -> bool:
+        """Makes `fence` the lead's newest token; False when a newer one holds the lead."""
+        return bool(await self.pool.fetchval(TAKE_FENCE, phone, fence, timeout=self.timeout))
 
     async def record_attempt(self, outbox_id: int) -> None:
         """Written before each try, so a crash mid-send leaves a trace, not a guess."""
@@ -259,11 +271,26 @@ class Outbox:
             await self.rows.postpone(outbox_id, str(exc), self.limits.redeliver_backoff, uncertain=exc.uncertain)
 
     async def send_reply(
-        self, phone: str, parts: list[tuple[int, str]], turn_id: int, since: datetime, clock: StageClock
+        self,
+        phone: str,
+        parts: list[tuple[int, str]],
+        turn_id: int,
+        since: datetime,
+        clock: StageClock,
+        lease: Lease | None = None,
     ) -> None:
         """A turn's reply, its parts in order (the first row was marked 'sending' with the
-        turn). A part that fails stops the rest: they go with it, failed or postponed."""
+        turn). A part that fails stops the rest: they go with it, failed or postponed.
+        Each part goes only while the turn's `lease` holds: past it, the re-delivery job
+        (under the lock of whoever holds the lead then) sends what is left, so a paused
+        process that wakes up does not send a part that job already sent."""
         for i, (outbox_id, text) in enumerate(parts):
+            if lease is not None and lease.lapsed and not unguarded.off("fence"):
+                for later, _ in parts[i:]:
+                    await self.rows.postpone(later, "the turn's lock lapsed before its send", 0)
+                self.metrics.fenced.labels("lapsed").inc()
+                log.warning("a reply to ...%s left to re-delivery: its turn's lock lapsed", phone[-4:])
+                return
             try:  # the client has its own timeouts, per attempt
                 provider_id = await clock.run("send", self._part(outbox_id, phone, text, first=i == 0), None)
             except StageFailed as exc:

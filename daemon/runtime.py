@@ -176,19 +176,30 @@ class Runtime:
         self.jobs = self._schedule(stack)
 
         # Bursts a previous run accepted but never answered are answered now.
-        # Only those without a buffer entry: with several daemons, a burst still being
-        # written has one (another daemon's intake armed it), and flushing it now would
-        # split it in two turns.
-        recovered = await _step("cannot re-queue unanswered messages", self.store.unanswered())
-        for phone, message_id in recovered:
-            await self.buffer.add_if_absent(member(phone, message_id, b.coalesce), 0)
-        if recovered:
-            log.info("re-queued %d unanswered message(s)", len(recovered))
+        await _step("cannot re-queue unanswered messages", self._requeue_unanswered())
         invalidations = CacheInvalidations(self.redis, [self.leads, self.knowledge], retry_delay=p.timeouts.redis)
         self._own(stack, invalidations.run(), "cache-invalidations")
         self._flusher = self._own(stack, self._flush_loop(), "buffer-flush")
         self.jobs.start()
         stack.push_async_callback(self.jobs.stop)
+
+    async def _requeue_unanswered(self) -> None:
+        """Re-arms every unanswered message (at start, and when Redis is back after an
+        outage that may have lost buffer entries: without this their leads waited for the
+        sweep, longer than a lead waits). Only those without a buffer entry: with several
+        daemons, a burst still being written has one, and flushing it now would split it."""
+        coalesce = self.config.profile.buffer.coalesce
+        recovered = await self.store.unanswered()
+        for phone, message_id in recovered:
+            await self.buffer.add_if_absent(member(phone, message_id, coalesce), 0)
+        if recovered:
+            log.info("re-queued %d unanswered message(s)", len(recovered))
+
+    async def _requeue_after_outage(self) -> None:
+        try:
+            await self._requeue_unanswered()
+        except Exception as exc:  # the sweep does it later
+            log.warning("could not re-queue unanswered messages after the outage: %s: %s", type(exc).__name__, exc)
 
     def _cache(self, name: str, kind: Any, ttl: float, size: int) -> TwoTierCache[Any]:
         c = self.config.profile.cache
@@ -281,6 +292,7 @@ class Runtime:
                 if failures:
                     log.info("claiming due bursts again after %d failed polls", failures)
                     failures, logged_at = 0, -math.inf
+                    self._spawn(self._requeue_after_outage(), name="requeue-unanswered")
             for value in due:
                 self._spawn(self._answer(value), name=f"turn:{value[-4:]}")
             if len(due) < self.buffer.claim_batch:

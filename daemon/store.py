@@ -7,15 +7,15 @@ Timeouts come from the profile."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import msgspec
 
 from daemon.config import Profile
 from daemon.connections import pg_boundary, pg_options
-from daemon.models import FinishedTurn, Inbound, KbEntry, PendingMessage, TurnRecord
-from daemon.outbox import Status
+from daemon.models import FinishedTurn, Inbound, KbEntry, PendingMessage, Refused, TurnRecord
+from daemon.outbox import TAKE_FENCE, Status
 
 _encoder = msgspec.json.Encoder(enc_hook=str)  # Decimal and the like as PostgreSQL reads them
 
@@ -87,22 +87,31 @@ _LEAD_SETS = ",\n".join(
     f"{col} = CASE WHEN $19::jsonb ? '{col}' THEN ($19::jsonb ->> '{col}')::{kind} ELSE {col} END"
     for col, kind in LEAD_COLUMNS.items()
 )
+# Refused unless $24 is the lead's newest fencing token (NULL only with the test-only
+# `SDRCTL_TEST_UNGUARDED=fence`): the row lock orders this write after any other of the lead's,
+# and re-reads the token if another turn changed it meanwhile.
+_FENCED = "SELECT id FROM leads WHERE id = $1 AND ($24::bigint IS NULL OR fence = $24) FOR UPDATE"
+_ANSWERED = "SELECT 1 FROM messages a WHERE a.id = ANY($17::bigint[]) AND a.turn_id IS NOT NULL"
+_NEWER = """SELECT 1 FROM messages n
+            WHERE n.lead_id = $1 AND n.direction = 'in' AND n.turn_id IS NULL
+              AND n.id <> ALL($17::bigint[])"""
 FINISH_TURN = f"""
-WITH t AS (
+WITH fenced AS ({_FENCED}
+), t AS (
     -- $23: a speculative reply is written only if no newer message of the lead is waiting
     -- (the last check before it is sent; nothing at all is written otherwise).
     INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
         last_message_at, started_at, finished_at, buffer_wait_ms, stages, timeouts, failures,
-        agent_backend, outcome, response_ms, cache_hits, cache_misses, window_ms)
+        agent_backend, outcome, response_ms, cache_hits, cache_misses, window_ms, fence)
     SELECT $1, $2, cardinality($17::bigint[]), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-           $14, $15, $22
-     WHERE NOT ($23::boolean AND EXISTS (
-           SELECT 1 FROM messages n
-            WHERE n.lead_id = $1 AND n.direction = 'in' AND n.turn_id IS NULL
-              AND n.id <> ALL($17::bigint[])))
+           $14, $15, $22, $24
+      FROM fenced
+     WHERE NOT ($23::boolean AND EXISTS ({_NEWER}))
+       AND ($24::bigint IS NULL OR NOT EXISTS ({_ANSWERED}))
     RETURNING id
 ), answered AS (
-    UPDATE messages SET turn_id = t.id FROM t WHERE messages.id = ANY($17::bigint[])
+    UPDATE messages SET turn_id = t.id FROM t
+     WHERE messages.id = ANY($17::bigint[]) AND ($24::bigint IS NULL OR messages.turn_id IS NULL)
 ), reply AS (
     INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
     SELECT $2, $1, 'out', $18, clock_timestamp() FROM t
@@ -124,7 +133,9 @@ WITH t AS (
 )
 SELECT (SELECT id FROM t) AS turn_id,
        (SELECT array_agg(id ORDER BY id) FROM outbox_rows) AS outbox_ids,
-       (SELECT row FROM lead) AS lead
+       (SELECT row FROM lead) AS lead,
+       CASE WHEN NOT EXISTS (SELECT 1 FROM fenced) OR ($24::bigint IS NOT NULL AND EXISTS ({_ANSWERED}))
+            THEN 'fenced' ELSE 'newer_message' END AS refused
 """
 _WORD = re.compile(r"[0-9a-zà-öø-ÿ]+")
 
@@ -211,6 +222,20 @@ class Store:
                 else ("duplicate", row["phone_number"], row["id"])
             )
 
+    async def begin_turn(self, phone: str, fence: int | None, only: int | None) -> list[PendingMessage] | None:
+        """Makes `fence` the lead's newest token, then reads its unanswered messages; None
+        when a newer token holds the lead. Two statements, in this order: the token's
+        UPDATE waits for a turn writing the lead right now, and the read after it (a
+        snapshot of its own) sees what that turn answered. `fence` None: unguarded."""
+        if fence is not None and await self.take_fence(phone, fence) is False:
+            return None
+        return await self.pending_messages(phone, only)
+
+    async def take_fence(self, phone: str, fence: int) -> bool | None:
+        """Whether `fence` is now the lead's newest token (None: no such lead)."""
+        value = await self.pool.fetchval(TAKE_FENCE, phone, fence, timeout=self.timeout)
+        return None if value is None else bool(value)
+
     async def pending_messages(self, phone: str, only: int | None = None) -> list[PendingMessage]:
         """The lead's unanswered messages (or just message `only`), in the order the lead
         wrote them."""
@@ -263,10 +288,14 @@ class Store:
         )
         return [KbEntry(**dict(r)) for r in rows]
 
-    async def finish_turn(self, t: TurnRecord, *, unless_newer: bool = False) -> FinishedTurn | None:
+    async def finish_turn(
+        self, t: TurnRecord, fence: int | None, *, unless_newer: bool = False
+    ) -> FinishedTurn | Refused:
         """The turn, the answered messages, the reply, the lead's updates and the outbox
-        rows, in one statement (one round trip, one transaction). With `unless_newer`,
-        nothing is written (None) when a newer message of the lead is waiting."""
+        rows, in one statement (one round trip, one transaction). Nothing is written when
+        `fence` is not the lead's newest token or a message was answered by another turn
+        ('fenced'), or with `unless_newer` when a newer message of the lead is waiting
+        ('newer_message')."""
         updates = {k: v for k, v in t.lead_updates.items() if k in LEAD_COLUMNS}
         row = await self.pool.fetchrow(
             FINISH_TURN,
@@ -293,11 +322,12 @@ class Store:
             t.parts,
             t.window_ms,
             unless_newer,
+            fence,
             timeout=self.timeout,
         )
         assert row is not None
         if row["turn_id"] is None:
-            return None
+            return cast(Refused, row["refused"])
         return FinishedTurn(row["turn_id"], list(row["outbox_ids"]), row["lead"])
 
     async def newer_message(self, lead_id: int, last_id: int) -> bool:

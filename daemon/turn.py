@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from daemon import unguarded
 from daemon.agents import Agent, AgentReply, TurnInput
 from daemon.buffer import MessageBuffer, window_for
 from daemon.cache import TwoTierCache
@@ -23,7 +24,7 @@ from daemon.evolution import PRESENCE_MAX_MS, split_message
 from daemon.followups.calendar import Clock, utc_now
 from daemon.followups.planner import Planner
 from daemon.followups.store import FollowUpStore
-from daemon.locks import LeadLocks
+from daemon.locks import LeadLocks, Lease
 from daemon.media.processor import MediaProcessor
 from daemon.media.result import MediaResult
 from daemon.metrics import Metrics
@@ -81,26 +82,35 @@ class TurnRunner:
         when another turn holds the lead (it hands the lead back when done), None when
         nothing was pending or the reply was overtaken by a newer message (thrown away: the
         newer message's own window answers the whole burst), True after a turn."""
-        async with self.locks.held(phone) as got:
-            if not got:
+        async with self.locks.held(phone) as lease:
+            if lease is None:
                 return False
             self.metrics.turns_in_flight.inc()
             try:
-                return await self._turn(phone, only)
+                return await self._turn(phone, only, lease)
             finally:
                 self.metrics.turns_in_flight.dec()
 
-    async def _turn(self, phone: str, only: int | None) -> bool | None:
-        burst = await self.store.pending_messages(phone, only)
+    async def _turn(self, phone: str, only: int | None, lease: Lease) -> bool | None:
+        fence = None if unguarded.off("fence") else lease.fence
+        if lease.lapsed and fence is not None:
+            await self._fenced(phone, "lapsed")
+            return None
+        burst = await self.store.begin_turn(phone, fence, only)
+        if burst is None:
+            await self._fenced(phone, "fenced")
+            return None
         if not burst:  # another daemon answered it already
             return None
         if not self.profile.buffer.coalesce:
             burst = burst[:1]
         # The turn's children ("typing...", the knowledge search) end with it, on any path.
         async with Children(self.profile.timeouts.evolution_send, self._stragglers) as children:
-            return await self._answer(phone, burst, children)
+            return await self._answer(phone, burst, children, lease, fence)
 
-    async def _answer(self, phone: str, burst: list[PendingMessage], children: Children) -> bool | None:
+    async def _answer(
+        self, phone: str, burst: list[PendingMessage], children: Children, lease: Lease, fence: int | None
+    ) -> bool | None:
         p = self.profile
         t = p.timeouts
         started = self.clock()
@@ -147,7 +157,7 @@ class TurnRunner:
             await children.stop(kb_task)  # unused if the agent did not need it
 
         if speculative and await clock.run("hold", self._overtaken(phone, burst), None):
-            await self._discard(phone, burst, clock, presence, children)
+            await self._discard(phone, burst, clock, presence, children, "newer_message")
             return None
 
         local = self.outbox.local
@@ -176,9 +186,17 @@ class TurnRunner:
             cache_hits=clock.cache_hits,
             cache_misses=clock.cache_misses,
         )
-        done = await clock.run("store", self.store.finish_turn(record, unless_newer=speculative), t.database)
-        if done is None:  # a newer message was stored after the last look: it is answered with the rest
-            await self._discard(phone, burst, clock, presence, children)
+        if fence is not None and lease.lapsed:  # paused past the lock's TTL: another turn may answer
+            await self._discard(phone, burst, clock, presence, children, "lapsed")
+            await self._fenced(phone, "lapsed")
+            return None
+        done = await clock.run("store", self.store.finish_turn(record, fence, unless_newer=speculative), t.database)
+        if done == "fenced":  # a newer turn holds the lead, or answered these messages
+            await self._discard(phone, burst, clock, presence, children, "fenced")
+            await self._fenced(phone, "fenced")
+            return None
+        if done == "newer_message":  # stored after the last look: it is answered with the rest
+            await self._discard(phone, burst, clock, presence, children, done)
             return None
         if self.planner is not None and self.followup_store is not None:
             planned = self.planner.after_turn(done.lead, finished, meeting_changed="meeting_at" in updates)
@@ -196,7 +214,7 @@ class TurnRunner:
             self.metrics.response_time.observe((finished - last.received_at).total_seconds())
         else:
             parts = list(zip(done.outbox_ids, record.parts, strict=True))
-            await self.outbox.send_reply(phone, parts, done.turn_id, last.received_at, clock)
+            await self.outbox.send_reply(phone, parts, done.turn_id, last.received_at, clock, lease)
         return True
 
     async def _overtaken(self, phone: str, burst: list[PendingMessage]) -> bool:
@@ -232,18 +250,29 @@ class TurnRunner:
         clock: StageClock,
         presence: asyncio.Task[None] | None,
         children: Children,
+        reason: str,
     ) -> None:
-        """A reply overtaken by a newer message: thrown away, and counted (an agent call paid
-        for). The newer message armed the lead's buffer; if that entry was lost (or already
-        claimed by a turn that found us holding the lead), the lead is armed again."""
-        assert self.buffer is not None
+        """A reply not sent: overtaken by a newer message ('newer_message'), or written by a
+        turn that no longer holds the lead ('lapsed', 'fenced'). Thrown away, and counted
+        (an agent call paid for). The newer message armed the lead's buffer; if that entry
+        was lost (or already claimed by a turn that found us holding the lead), the lead is
+        armed again."""
         if presence is not None:
             await children.stop(presence)
-        reason = "newer_message"
         self.metrics.discarded.labels(reason).inc()
         await self.store.discard_reply(burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"))
-        await self.buffer.add_if_absent(phone, self.profile.buffer.quiet_window)
-        log.info("reply for ...%s thrown away: the lead wrote again", phone[-4:])
+        if self.buffer is not None:
+            await self.buffer.add_if_absent(phone, self.profile.buffer.quiet_window)
+        log.info("reply for ...%s thrown away: %s", phone[-4:], reason)
+
+    async def _fenced(self, phone: str, reason: str) -> None:
+        """A turn that lost the lead to another (its lock lapsed: a pause past the TTL): it
+        stopped before writing or sending anything, and is counted. Whoever holds the lead
+        now answers its messages; if nobody does, the buffer's entry brings them back."""
+        self.metrics.fenced.labels(reason).inc()
+        log.warning("a turn of ...%s stopped: %s (its lock lapsed; another turn answers)", phone[-4:], reason)
+        if self.buffer is not None:
+            await self.buffer.add_if_absent(phone, self.profile.buffer.quiet_window)
 
     async def _media(self, burst: list[PendingMessage], clock: StageClock) -> list[MediaResult]:
         """Every photo and voice note of the burst, concurrently, within the multimodal

@@ -382,9 +382,10 @@ def _soak(profile: str, workload: Workload, seconds: float, config_path: str | N
         json_file.write_text(json.dumps({"workload": workload.__dict__, **result.summary()}, indent=2))
         err.print(f"wrote {json_file}")
     if result.flat:
-        out.print(f"[green]flat: RSS and tasks held steady after the {result.warmup:g}s warm-up[/]")
+        out.print(f"[green]flat: RSS, tasks and fds held steady after the {result.warmup:g}s warm-up[/]")
     else:
-        grew = [label for name, label in (("rss_bytes", "RSS"), ("tasks", "tasks")) if not result.trends[name].flat]
+        labels = (("rss_bytes", "RSS"), ("tasks", "tasks"), ("fds", "fds"))
+        grew = [label for name, label in labels if not result.trends[name].flat]
         out.print(f"[red]NOT flat: {' and '.join(grew)} kept growing after the warm-up (a leak?)[/]")
         raise typer.Exit(1)
 
@@ -393,7 +394,7 @@ def soak_table(result: SoakResult) -> Table:
     table = Table(
         title=f"daemon over {result.seconds:g}s (warm-up {result.warmup:g}s, a sample every {result.every:g}s)"
     )
-    for col in ("", "start", "after warm-up", "end", "growth", "per minute", "allowed", "verdict"):
+    for col in ("", "start", "after warm-up", "end", "growth", "per minute", "noise (sd)", "allowed", "verdict"):
         table.add_column(col, justify="right")
     for name, label in (("rss_bytes", "RSS"), ("tasks", "tasks"), ("fds", "fds")):
         t = result.trends[name]
@@ -406,6 +407,7 @@ def soak_table(result: SoakResult) -> Table:
             fmt(t.end),
             f"{t.growth_pct:+.1f} %",
             f"{'+' if t.per_minute >= 0 else '-'}{fmt(abs(t.per_minute))}",
+            fmt(t.noise),
             fmt(t.allowance),
             verdict,
         )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
+from daemon import unguarded
+from daemon.errors import ConfigError
 from daemon.server import serve as run_server
 from sdrctl.common import ConfigOpt, ProfileOpt, friendly_errors, load, setup_logging
 
@@ -16,4 +20,13 @@ def serve(ctx: typer.Context, config: ConfigOpt = None, profile: ProfileOpt = No
     [daemon] data_dir, migrates and seeds them."""
     cfg = load(ctx, config, profile)
     setup_logging(cfg.daemon.log_level, log_phones=cfg.daemon.log_phones)
+    if off := unguarded.switched_off():
+        if unknown := off - set(unguarded.GUARDS):
+            allowed = ", ".join(unguarded.GUARDS)
+            raise ConfigError(
+                f"{unguarded.VARIABLE}: unknown guard(s) {', '.join(sorted(unknown))} (allowed: {allowed})"
+            )
+        logging.getLogger("sdr").warning(
+            "%s=%s: guards switched off, for tests only", unguarded.VARIABLE, ",".join(sorted(off))
+        )
     run_server(cfg)

@@ -87,10 +87,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
     if not SUMMARY:
         return
-    keys = [k for k in SUMMARY[0] if k != "scenario"]
+    keys = [k for k in dict.fromkeys(k for r in SUMMARY for k in r) if k != "scenario"]
     terminalreporter.section("fault suite summary")
     width = max(len(r["scenario"]) for r in SUMMARY)
     terminalreporter.line(f"{'scenario':<{width}}  " + "  ".join(keys))
     for row in SUMMARY:
-        cells = "  ".join(f"{row[k]:>{len(k)}}" for k in keys)
+        cells = "  ".join(f"{row.get(k, '-')!s:>{len(k)}}" for k in keys)
         terminalreporter.line(f"{row['scenario']:<{width}}  {cells}")

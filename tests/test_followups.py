@@ -366,11 +366,11 @@ async def test_a_follow_up_waits_while_a_live_turn_holds_the_lead(clean: Endpoin
             await a_silent_lead(d, clean, fake)
             now = datetime(2026, 11, 25, 10, 0, tzinfo=SP)
             await _set_due(clean, now)
-            token = await d.runtime.locks.try_acquire(PHONE)  # a turn is running
-            assert token is not None
+            lease = await d.runtime.locks.try_acquire(PHONE)  # a turn is running
+            assert lease is not None
             await executor(d.runtime, FixedClock(now)).run_due()
             [waiting] = await follow_ups(clean)
-            await d.runtime.locks.release(PHONE, token)
+            await d.runtime.locks.release(PHONE, lease.token)
             await executor(d.runtime, FixedClock(now + timedelta(seconds=31))).run_due()
             [row, *_] = await follow_ups(clean)
     assert waiting["status"] == "pending" and waiting["attempts"] == 0

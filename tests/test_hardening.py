@@ -13,6 +13,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +23,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -42,8 +44,10 @@ LIMIT = 128 * 1024  # [webhook] max_body_bytes while fuzzing: oversized bodies s
 FUZZ = settings(
     max_examples=500,
     deadline=None,
-    database=None,  # no .hypothesis/ folder in the checkout...
-    print_blob=True,  # ...a failure prints @reproduce_failure(...), which replays it exactly
+    # A failing example is saved here (git-ignored) and replayed first on the next run; on
+    # a fresh machine (CI) the failure prints @reproduce_failure(...), which replays it exactly.
+    database=DirectoryBasedExampleDatabase(Path(__file__).parent.parent / ".hypothesis" / "examples"),
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
 _phones = itertools.count(5511900000000)

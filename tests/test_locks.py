@@ -27,13 +27,13 @@ async def test_a_lock_is_exclusive_and_only_its_owner_releases_it(clean: Endpoin
         theirs = await locks.try_acquire(PHONE)
         await locks.release(PHONE, "not-the-owner")
         still_held = await r.get(lock_key(PHONE))
-        await locks.release(PHONE, mine or "")
+        await locks.release(PHONE, mine.token if mine else "")
         again = await locks.try_acquire(PHONE)
     finally:
         await r.aclose()
     assert mine is not None and theirs is None
-    assert still_held == mine.encode()  # a wrong token frees nothing
-    assert again is not None
+    assert still_held == mine.token.encode()  # a wrong token frees nothing
+    assert again is not None and again.fence > mine.fence  # each acquisition: a newer token
 
 
 async def test_a_busy_lead_is_handed_back_by_its_holder(clean: Endpoints) -> None:
@@ -106,15 +106,15 @@ async def test_acquisition_backs_off_and_succeeds_when_the_holder_lets_go(clean:
     r = aioredis.Redis.from_url(clean.redis_url)
     locks, _ = locks_on(r, ttl=5, attempts=6, backoff=0.02)
     try:
-        token = await locks.try_acquire(PHONE)
-        assert token is not None
+        first = await locks.try_acquire(PHONE)
+        assert first is not None
         waiter = asyncio.create_task(locks.try_acquire(PHONE))
         await asyncio.sleep(0.1)
-        await locks.release(PHONE, token)
+        await locks.release(PHONE, first.token)
         second = await waiter
     finally:
         await r.aclose()
-    assert second is not None and second != token
+    assert second is not None and second.token != first.token and second.fence > first.fence
 
 
 async def test_concurrent_claims_hand_each_due_lead_to_one_claimer(clean: Endpoints) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from daemon.errors import ConfigError, SdrError
 from daemon.metrics import Metrics
-from daemon.tools.soak import Sample, judge, soak_seconds, trends
+from daemon.tools.soak import FLOORS, Sample, judge, soak_seconds, trends
 from tests.helpers import metric, sdrctl
 
 MB = 2**20
@@ -43,7 +43,7 @@ async def test_a_two_minute_soak_reports_the_figures_and_stays_flat(tmp_path: Pa
         t = data["trends"][name]
         assert t["start"] > 0 and t["warm"] > 0 and t["end"] > 0
         assert {"growth_pct", "per_minute", "allowance", "climbing", "flat"} <= set(t)
-    assert data["trends"]["rss_bytes"]["flat"] and data["trends"]["tasks"]["flat"] and data["flat"]
+    assert all(data["trends"][k]["flat"] for k in ("rss_bytes", "tasks", "fds")) and data["flat"]
     assert data["idle_after"]["tasks"] <= data["trends"]["tasks"]["start"] + 5  # the turns' tasks ended
     b = data["bench"]
     assert b["bursts"] > 500 and b["webhook_errors"] == 0 and b["missing_replies"] <= 0.01 * b["bursts"]
@@ -73,7 +73,7 @@ def _series(values: list[float], every: float = 2.0, field: str = "rss_bytes") -
 
 
 def _rss(series: list[float]) -> bool:
-    return judge(_series(series), "rss_bytes", 30, lambda warm: 0.10 * warm).flat
+    return judge(_series(series), "rss_bytes", 30, FLOORS["rss_bytes"]).flat
 
 
 def test_flatness_criterion_on_made_up_series() -> None:
@@ -84,21 +84,27 @@ def test_flatness_criterion_on_made_up_series() -> None:
     assert _rss([(60 + 40 * min(1, i / 15)) * MB + noise[i] for i in range(n)])
     # A leak: +0.5 MB a sample after the warm-up (+22 % by the end).
     assert not _rss([100 * MB + max(0, i - 15) * 0.5 * MB + noise[i] for i in range(n)])
-    # A steady climb that stays within 10 % still is a leak (~7 %, every quarter higher).
+    # A leak of 4 MB over the run, well inside the old fixed 10 % (~10 MB), now fails: the
+    # noise is +-1 MB, the allowance (~1.6 MB) a few standard errors of a quarter's median.
+    assert not _rss([100 * MB + max(0, i - 15) * 4 * MB / 45 + noise[i] for i in range(n)])
+    # A steady climb, however small, is a leak (every quarter higher).
     assert not _rss([100 * MB + max(0, i - 15) * 0.2 * MB for i in range(n)])
     # One spike near the end is not (the last quarter's median ignores it).
     assert _rss([100 * MB + (30 * MB if i == n - 2 else 0) + noise[i] for i in range(n)])
-    t = judge(_series([100 * MB + max(0, i - 15) * 0.5 * MB for i in range(n)]), "rss_bytes", 30, lambda w: 0.1 * w)
+    t = judge(_series([100 * MB + max(0, i - 15) * 0.5 * MB for i in range(n)]), "rss_bytes", 30, MB)
     assert t.climbing and not t.flat and t.per_minute == pytest.approx(15 * MB)  # 0.5 MB every 2 s
     assert t.growth_pct == pytest.approx(100 * (t.end - t.warm) / t.warm) and t.growth_pct > 10
 
     # Tasks go up and down with the turns in flight; a leak keeps adding to them.
     busy = [rng.randint(12, 44) for _ in range(n)]
-    assert trends(_series(busy, field="tasks"), 30, leads=40)["tasks"].flat
+    assert trends(_series(busy, field="tasks"), 30)["tasks"].flat
     leaking = [b + max(0, i - 15) for i, b in enumerate(busy)]
-    assert not trends(_series(leaking, field="tasks"), 30, leads=40)["tasks"].flat
+    assert not trends(_series(leaking, field="tasks"), 30)["tasks"].flat
+    # An fd leak fails the verdict as well (it was reported but not judged).
+    fds = _series([40 + max(0, i - 15) // 4 for i in range(n)], field="fds")
+    assert not trends(fds, 30)["fds"].flat
     with pytest.raises(SdrError, match="samples after the warm-up"):
-        judge(_series([1.0] * 20), "rss_bytes", 30, lambda w: w)
+        judge(_series([1.0] * 20), "rss_bytes", 30, 1.0)
 
 
 async def test_metrics_show_rss_tasks_and_fds_read_at_scrape_time() -> None:

@@ -17,6 +17,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
+from daemon import unguarded
 from daemon.config import Config
 from daemon.errors import SendFailed
 from daemon.followups.calendar import BusinessHours, Clock, utc_now
@@ -86,11 +87,19 @@ class FollowUpExecutor:
         if not self.hours.is_open(now):
             await self.store.retry_at(f, self.hours.next_opening(now), now, None, attempt=False)
             return "deferred"
-        async with self.locks.held(f.phone) as got:
-            if not got:  # a live turn holds the lead: its reply may change everything
-                await self.store.retry_at(f, now + timedelta(seconds=self.knobs.busy_delay), now, None, attempt=False)
-                return "busy"
-            return await self._send(f, lead)
+        async with self.locks.held(f.phone) as lease:
+            if lease is None:  # a live turn holds the lead: its reply may change everything
+                return await self._busy(f, now)
+            fence = None if unguarded.off("fence") else lease.fence
+            # The lead's newest token, or a turn that took the lead meanwhile wins.
+            if fence is not None and (lease.lapsed or not await self.outbox.rows.take_fence(f.phone, fence)):
+                self.metrics.fenced.labels("lapsed" if lease.lapsed else "fenced").inc()
+                return await self._busy(f, now)
+            return await self._send(f, lead, fence)
+
+    async def _busy(self, f: Claimed, now: datetime) -> str:
+        await self.store.retry_at(f, now + timedelta(seconds=self.knobs.busy_delay), now, None, attempt=False)
+        return "busy"
 
     def _irrelevant(self, f: Claimed, lead: dict[str, Any], wrote_at: datetime | None) -> str | None:
         if f.kind in SILENCE_KINDS:
@@ -107,7 +116,7 @@ class FollowUpExecutor:
                 return "the meeting is past"
         return None
 
-    async def _send(self, f: Claimed, lead: dict[str, Any]) -> str:
+    async def _send(self, f: Claimed, lead: dict[str, Any], fence: int | None) -> str:
         now = self.clock()
         meeting = lead.get("meeting_at")
         text = render(
@@ -118,7 +127,10 @@ class FollowUpExecutor:
             return "cancelled"
         outbox, rows = self.outbox, self.outbox.rows
         local = outbox.local
-        outbox_id = await rows.open_follow_up(f.id, f.lead_id, f.phone, text, now, local=local)
+        outbox_id = await rows.open_follow_up(f.id, f.lead_id, f.phone, text, now, fence, local=local)
+        if outbox_id is None:  # a newer lock holder's token: its turn may change everything
+            self.metrics.fenced.labels("fenced").inc()
+            return await self._busy(f, now)
         provider_id = None
         if not local:
             try:

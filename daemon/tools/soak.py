@@ -13,10 +13,15 @@ into four quarters:
 - `climbing` = the four quarter medians rise strictly, one after the other;
 - flat = `end - warm` within the allowance, and not (climbing and more than half the
   allowance used) — a steady climb is a leak even when the run was too short to pass the
-  allowance. Allowances: RSS 10 % of `warm`; tasks and fds max(20, a quarter of the
-  leads), absolute, since both rise and fall with the turns in flight (at 200 leads: ~110
-  tasks, sd 16 from one scrape to the next; the quarter medians move by ~8).
-Tasks also go back to the level before the load once the leads stop (`idle_after`)."""
+  allowance.
+- The allowance comes from the run's own noise, not a guess: sigma = 1.4826 x the median
+  absolute deviation of each sample from its quarter's median; a quarter median's standard
+  error is 1.2533 x sigma / sqrt(n); the allowance is NOISE_SIGMAS standard errors of the
+  difference of two such medians, and at least a floor (RSS 1 MiB, the allocator's
+  granularity; tasks and fds 2). Tasks and fds rise and fall with the turns in flight, so
+  their noise is large under load and small when idle; RSS moves little.
+All three series are in the verdict. Tasks also go back to the level before the load once
+the leads stop (`idle_after`)."""
 
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ from daemon.tools.daemons import start_daemon
 from daemon.tools.workload import Tally, Workload
 
 SERIES = {"rss_bytes": "sdr_process_rss_bytes", "tasks": "sdr_asyncio_tasks", "fds": "sdr_open_fds"}
-RSS_LIMIT = 0.10  # relative growth allowed after the warm-up
+NOISE_SIGMAS = 5.0  # standard errors of the warm-to-end difference a series may move by
+FLOORS = {"rss_bytes": float(2**20), "tasks": 2.0, "fds": 2.0}
 MIN_SOAK, MAX_SOAK = 60.0, 24 * 3600.0
 
 
@@ -87,21 +93,25 @@ class Trend:
     end: float  # median of the last quarter
     growth_pct: float
     per_minute: float
+    noise: float  # sigma of one sample around its quarter's median
     allowance: float
     climbing: bool
     flat: bool
 
 
-def judge(samples: list[Sample], name: str, warmup: float, allowance: Callable[[float], float]) -> Trend:
+def judge(samples: list[Sample], name: str, warmup: float, floor: float) -> Trend:
     post = [s for s in samples if s.t >= warmup]
     if len(post) < 8:
         raise SdrError(f"soak: only {len(post)} samples after the warm-up; need 8 (a longer run)")
     n = len(post)
-    quarters = [post[i * n // 4 : (i + 1) * n // 4] for i in range(4)]
-    medians = [statistics.median(getattr(s, name) for s in q) for q in quarters]
+    quarters = [[getattr(s, name) for s in post[i * n // 4 : (i + 1) * n // 4]] for i in range(4)]
+    times = [[s.t for s in post[i * n // 4 : (i + 1) * n // 4]] for i in range(4)]
+    medians = [statistics.median(q) for q in quarters]
     warm, end = medians[0], medians[3]
-    minutes = (statistics.median(s.t for s in quarters[3]) - statistics.median(s.t for s in quarters[0])) / 60
-    allowed = allowance(warm)
+    minutes = (statistics.median(times[3]) - statistics.median(times[0])) / 60
+    sigma = 1.4826 * statistics.median(abs(v - m) for q, m in zip(quarters, medians, strict=True) for v in q)
+    standard_error = 1.2533 * sigma / math.sqrt(min(len(q) for q in quarters))
+    allowed = max(floor, NOISE_SIGMAS * math.sqrt(2) * standard_error)
     climbing = all(a < b for a, b in itertools.pairwise(medians))
     growth = end - warm
     flat = growth <= allowed and not (climbing and growth > allowed / 2)
@@ -111,19 +121,15 @@ def judge(samples: list[Sample], name: str, warmup: float, allowance: Callable[[
         end=end,
         growth_pct=100 * growth / warm if warm else 0.0,
         per_minute=growth / minutes if minutes > 0 else 0.0,
+        noise=sigma,
         allowance=allowed,
         climbing=climbing,
         flat=flat,
     )
 
 
-def trends(samples: list[Sample], warmup: float, leads: int) -> dict[str, Trend]:
-    slack = max(20.0, 0.25 * leads)  # tasks and fds follow the turns in flight
-    return {
-        "rss_bytes": judge(samples, "rss_bytes", warmup, lambda warm: RSS_LIMIT * warm),
-        "tasks": judge(samples, "tasks", warmup, lambda _: slack),
-        "fds": judge(samples, "fds", warmup, lambda _: slack),
-    }
+def trends(samples: list[Sample], warmup: float) -> dict[str, Trend]:
+    return {name: judge(samples, name, warmup, FLOORS[name]) for name in SERIES}
 
 
 @dataclass
@@ -138,8 +144,8 @@ class SoakResult:
 
     @property
     def flat(self) -> bool:
-        """The verdict: RSS and tasks (fds are reported, and judged, alongside)."""
-        return self.trends["rss_bytes"].flat and self.trends["tasks"].flat
+        """The verdict: RSS, tasks and fds all flat."""
+        return all(t.flat for t in self.trends.values())
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -216,4 +222,4 @@ async def run_soak(
                 with contextlib.suppress(asyncio.CancelledError):
                     sampler.result()
                 idle = await scrape(http, time.monotonic() - start)
-    return SoakResult(seconds, warmup, every, samples, idle, result, trends(samples, warmup, w.leads))
+    return SoakResult(seconds, warmup, every, samples, idle, result, trends(samples, warmup))
