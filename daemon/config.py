@@ -18,6 +18,7 @@ from typing import Any
 from daemon.durations import parse_duration
 from daemon.errors import ConfigError
 from daemon.latency import SPEC_HELP, parse_latency
+from daemon.text import phrase
 
 ENV_PREFIX = "SDR_"
 
@@ -259,6 +260,50 @@ class FollowUpSettings:
         "meeting reminder ({meeting} too)",
     )
     crm_url: str = knob("", "POST lead changes as JSON batches here; empty = no CRM push")
+
+
+def parse_phones(text: str) -> list[str]:
+    """ "5511999990000, 5511988887777" -> the numbers, digits only (10 to 15 of them)."""
+    phones = [p.strip().lstrip("+") for p in text.split(",") if p.strip()]
+    for p in phones:
+        if not (p.isdigit() and 10 <= len(p) <= 15):
+            raise ValueError(p)
+    return phones
+
+
+def parse_phrases(text: str) -> list[str]:
+    """ "parar, sair" -> the phrases, as matched (daemon.text.phrase)."""
+    phrases = [phrase(p) for p in text.split(",") if phrase(p)]
+    if not phrases:
+        raise ValueError(text)
+    return phrases
+
+
+@dataclass(frozen=True)
+class HandoverSettings:
+    """[handover] in sdr.toml: people beside the bot (a consultant who takes over a chat, a
+    lead who asks for one), who the bot never answers, and what it says when it steps back."""
+
+    notify_url: str = knob("", "POST a JSON notice here when the bot hands a lead to a person; empty = none")
+    ignore: str = knob(
+        "",
+        "numbers the bot never answers (staff, partners, test phones); `sdrctl leads ignore` adds more",
+        check=parse_phones,
+        describe="comma-separated phone numbers, digits only (10 to 15), such as 5511999990000",
+    )
+    handoff_reply: str = knob(
+        "Claro! Vou chamar um consultor da nossa equipe para falar com você por aqui. Ele te responde em breve 😊",
+        "what the bot says when it hands the lead to a person",
+    )
+    opt_out_reply: str = knob(
+        "Tudo bem! Você não vai mais receber mensagens automáticas nossas. Se quiser voltar a "
+        "conversar, é só mandar uma mensagem por aqui.",
+        "the one confirmation of an opt-out",
+    )
+    opt_in_reply: str = knob(
+        "Que bom te ver de volta! Voltamos a te mandar novidades por aqui. Como posso te ajudar?",
+        "the confirmation when a lead who opted out asks to receive messages again",
+    )
 
 
 # --- profiles/NAME.toml: the tuning knobs ---------------------------------------------
@@ -530,6 +575,71 @@ class FollowUpKnobs:
     crm_backoff: float = knob(1.0, "first retry delay of a CRM push request (doubles)", unit="s", min=0, max=3600)
 
 
+# The shipped opt-out phrases (profiles/*.toml repeat them, for operators to edit).
+OPT_OUT = (
+    "parar",
+    "pare",
+    "sair",
+    "stop",
+    "cancelar",
+    "descadastrar",
+    "remover",
+    "nao quero mais",
+    "nao quero mais receber",
+    "nao quero mais receber mensagens",
+    "nao quero receber mais mensagens",
+    "nao quero mais mensagens",
+    "nao me mande mais mensagens",
+    "para de me mandar mensagem",
+    "pare de me mandar mensagens",
+    "para de mandar mensagem",
+    "parar de receber",
+    "parar de receber mensagem",
+    "parar de mandar mensagem",
+    "chega de mensagem",
+    "remover meu numero",
+    "remova meu numero",
+    "tira meu numero",
+    "descadastrar meu numero",
+    "me tira da lista",
+    "me remove da lista",
+)
+
+
+@dataclass(frozen=True)
+class HandoverKnobs:
+    """[handover] in a profile: how long the bot steps back, how a hand-off notice is sent,
+    and the phrases (pt-BR, accents and case ignored) that are a whole-message intent."""
+
+    pause: float = knob(
+        43200.0, "the bot's silence after a person writes to the lead (a working day)", unit="s", min=60, max=30 * 86400
+    )
+    notify_timeout: float = knob(5.0, "one hand-off notice request", unit="s", min=0.1, max=120)
+    notify_attempts: int = knob(5, "tries of one hand-off notice", min=1, max=50)
+    notify_backoff: float = knob(2.0, "first retry delay of a notice (doubles)", unit="s", min=0, max=3600)
+    notify_queue: int = knob(1000, "notices waiting at most (more are dropped, and counted)", min=1, max=10**6)
+    opt_out_phrases: str = knob(
+        ", ".join(OPT_OUT),
+        "a lead's whole message that means 'stop messaging me'",
+        check=parse_phrases,
+        describe="comma-separated phrases",
+    )
+    opt_in_phrases: str = knob(
+        "voltar, quero voltar, quero voltar a receber, pode voltar a mandar, quero receber de novo",
+        "a whole message that undoes an opt-out",
+        check=parse_phrases,
+        describe="comma-separated phrases",
+    )
+    handoff_phrases: str = knob(
+        "atendente, humano, pessoa, falar com atendente, falar com um atendente, falar com uma pessoa, "
+        "falar com humano, falar com um humano, quero falar com uma pessoa, quero falar com um atendente, "
+        "quero um atendente, tem alguem ai, isso e um robo, voce e um robo, e um robo",
+        "a whole message that asks for a person",
+        check=parse_phrases,
+        describe="comma-separated phrases",
+    )
+
+
 PROFILE_SECTIONS: dict[str, type] = {
     "timeouts": Timeouts,
     "buffer": Buffer,
@@ -539,6 +649,7 @@ PROFILE_SECTIONS: dict[str, type] = {
     "cache": Cache,
     "media": Media,
     "followups": FollowUpKnobs,
+    "handover": HandoverKnobs,
 }
 SETTINGS_SECTIONS: dict[str, type] = {
     "daemon": DaemonSettings,
@@ -549,6 +660,7 @@ SETTINGS_SECTIONS: dict[str, type] = {
     "agent": AgentSettings,
     "slo": SloSettings,
     "followups": FollowUpSettings,
+    "handover": HandoverSettings,
 }
 
 
@@ -564,6 +676,7 @@ class Profile:
     cache: Cache = field(default_factory=Cache)
     media: Media = field(default_factory=Media)
     followups: FollowUpKnobs = field(default_factory=FollowUpKnobs)
+    handover: HandoverKnobs = field(default_factory=HandoverKnobs)
 
 
 @dataclass(frozen=True)
@@ -578,6 +691,7 @@ class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
     slo: SloSettings = field(default_factory=SloSettings)
     followups: FollowUpSettings = field(default_factory=FollowUpSettings)
+    handover: HandoverSettings = field(default_factory=HandoverSettings)
     # Secrets are read from the variables the file names; never printed.
     webhook_token: str | None = field(default=None, repr=False)
     evolution_api_key: str | None = field(default=None, repr=False)

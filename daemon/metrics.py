@@ -48,6 +48,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.handover = Counter(
+            "sdr_handover_total",
+            "People beside the bot: takeover (a person wrote from the business phone), handoff (the bot"
+            " asked for one), opt_out, opt_in, suppressed (a reply not sent: the lead is paused or ignored)",
+            ["kind"],
+            registry=r,
+        )
+        self.handover_notices = Counter(
+            "sdr_handover_notices_total",
+            "Hand-off notices to [handover] notify_url, by outcome",
+            ["outcome"],
+            registry=r,
+        )
         self.fenced = Counter(
             "sdr_turns_fenced_total",
             "Turns and follow-up sends stopped because their lock lapsed (lapsed) or a newer lock holder's"
