@@ -21,6 +21,7 @@ from starlette.routing import Route
 from daemon.connections import OUTAGE
 from daemon.errors import BadPayload, TooLarge
 from daemon.evolution import Edit, Ignored, Typing, parse_envelope, parse_event
+from daemon.models import Takeover
 from daemon.openapi import openapi
 from daemon.ratelimit import LeadRateLimiter, retry_after
 from daemon.runtime import Runtime
@@ -154,7 +155,7 @@ def create_app(rt: Runtime) -> Starlette:
             rt.metrics.ignored.labels(event.reason).inc()
             return JSONResponse({"status": "ignored", "reason": event.reason})
         # After parsing: the limit is per lead, so only a lead's messages and typing count.
-        wait = 0.0 if isinstance(event, Edit) else limiter.wait(event.phone)
+        wait = 0.0 if isinstance(event, Edit | Takeover) else limiter.wait(event.phone)
         if wait:
             count.labels("rate_limited").inc()
             return JSONResponse(
@@ -175,6 +176,10 @@ def create_app(rt: Runtime) -> Starlette:
                     outcome = await rt.edit(event)
                     count.labels(f"edit_{outcome}").inc()
                     return JSONResponse({"status": "edit", "edit": outcome})
+                if isinstance(event, Takeover):  # 'takeover', 'echo' or 'duplicate'
+                    outcome = await rt.takeover(event)
+                    count.labels(outcome).inc()
+                    return JSONResponse({"status": outcome})
                 outcome = await rt.ingest(event)
         except OUTAGE as exc:
             # Not stored durably: 503 so that Evolution retries; never 200.

@@ -18,13 +18,14 @@ import msgspec
 
 from daemon.config import Config
 from daemon.errors import BadPayload, MediaUnavailable, SendFailed
-from daemon.models import Inbound
+from daemon.models import Inbound, Takeover
 
 log = logging.getLogger("sdr.evolution")
 
 UPSERT = "messages.upsert"
 PRESENCE = "presence.update"
 EDITED = "messages.edited"  # a lead edited a message: the raw protocolMessage
+SENT = "send.message"  # our own sends through the API (Evolution runs Baileys with emitOwnEvents off)
 TYPING = frozenset({"composing", "recording"})
 STOPPED = frozenset({"paused", "available", "unavailable"})  # Baileys' WAPresence, the rest
 MEDIA_FIELDS = {  # Baileys' message field -> our kind (daemon.models.MEDIA_KINDS)
@@ -88,7 +89,7 @@ _edit = msgspec.json.Decoder(EditData)
 
 @dataclass(frozen=True)
 class Ignored:
-    reason: str  # from_me | group | broadcast | event | no_content | not_a_phone | presence | edit
+    reason: str  # own_send | group | broadcast | event | no_content | not_a_phone | presence | edit
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,14 @@ def parse_envelope(body: bytes) -> Envelope:
         raise BadPayload(400, "body nests too deeply to be an event") from None
 
 
-def parse_event(body: bytes | Envelope, path_event: str | None = None) -> Inbound | Typing | Edit | Ignored:
+def parse_event(body: bytes | Envelope, path_event: str | None = None) -> Inbound | Takeover | Typing | Edit | Ignored:
     env = body if isinstance(body, Envelope) else parse_envelope(body)
     name = env.event or path_event
     if not name:
         raise BadPayload(422, "invalid event: Object missing required field `event`")
     event = normalise_event(name)
+    if event == SENT:
+        return Ignored("own_send")
     if event not in (UPSERT, PRESENCE, EDITED):
         return Ignored("event")
     if bytes(env.data) in (b"", b"null"):
@@ -218,10 +221,8 @@ def _to_typing(data: PresenceData) -> Typing | Ignored:
     return Ignored("presence")
 
 
-def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Ignored:
+def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Takeover | Ignored:
     jid = data.key.remoteJid
-    if data.key.fromMe:
-        return Ignored("from_me")
     if jid.endswith("@g.us"):
         return Ignored("group")
     if jid.endswith("@broadcast") or jid.endswith("@newsletter"):
@@ -233,6 +234,10 @@ def _to_inbound(data: MessageData, instance: str | None) -> Inbound | Ignored:
     if len(data.key.id) > MAX_ID_CHARS or "\x00" in data.key.id:
         raise BadPayload(422, f"invalid event: `key.id` must be at most {MAX_ID_CHARS} characters, without NUL")
     kind, body, media = _content(data.message or {})
+    if data.key.fromMe:  # a person wrote from the business's number (any content counts)
+        return Takeover(
+            phone, lid, data.key.id, _no_nul(body or f"[{kind or 'message'}]"), _timestamp(data.messageTimestamp)
+        )
     if kind is None:
         return Ignored("no_content")
     if media is not None:  # what fetching the bytes later needs, when the event has none

@@ -29,6 +29,20 @@ class Inbound:
 
 
 @dataclass(frozen=True)
+class Takeover:
+    """A message to the lead from the business's own number that the API did not send: a
+    person (a consultant on the phone or WhatsApp Web) wrote to the lead. Evolution's
+    Baileys runs with emitOwnEvents off, so our API sends come back as `send.message`, not
+    as `messages.upsert`; the id is still checked against our sends (daemon.runtime)."""
+
+    phone: str
+    lid: str | None
+    provider_id: str
+    body: str
+    provider_ts: datetime
+
+
+@dataclass(frozen=True)
 class PendingMessage:
     id: int
     lead_id: int
@@ -77,8 +91,9 @@ class TurnRecord:
 
 # Why a turn's write was refused: its fencing token is not the lead's newest, or another
 # turn answered its messages ('fenced'); a newer message of the lead is waiting and the
-# reply was speculative ('newer_message').
-Refused = Literal["fenced", "newer_message"]
+# reply was speculative ('newer_message'); a person took over the lead, or it is ignored
+# ('paused').
+Refused = Literal["fenced", "newer_message", "paused"]
 
 
 @dataclass(frozen=True)

@@ -164,14 +164,16 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "status": {
                 "type": "string",
-                "enum": ["stored", "duplicate", "ignored", "presence", "edit"],
+                "enum": ["stored", "duplicate", "ignored", "presence", "edit", "takeover", "echo"],
                 "description": "stored: kept durably, a reply follows; duplicate: already stored "
                 "(a retried delivery); ignored: not a lead's message; presence: a typing event; "
-                "edit: a lead's edit of one of its messages",
+                "edit: a lead's edit of one of its messages; takeover: a person wrote to the lead "
+                "from the business's number, the bot is paused for that lead; echo: one of our own "
+                "sends",
             },
             "reason": {
                 "type": "string",
-                "enum": ["from_me", "group", "broadcast", "event", "no_content", "not_a_phone", "presence", "edit"],
+                "enum": ["own_send", "group", "broadcast", "event", "no_content", "not_a_phone", "presence", "edit"],
                 "description": "why it was ignored (status ignored)",
             },
             "buffer": {

@@ -43,6 +43,7 @@ class Status(StrEnum):
     UNCERTAIN = "uncertain"  # may have arrived: looked up before any re-send
     FAILED = "failed"  # final: no try can deliver it (or we gave up)
     LOCAL = "local"  # no Evolution API configured: kept for `sdrctl chat`
+    SUPPRESSED = "suppressed"  # not sent: a person took over the lead (or it was ignored) first
 
 
 OPEN = (Status.PENDING, Status.SENDING, Status.UNDELIVERED, Status.UNCERTAIN)  # may still go out
@@ -91,6 +92,31 @@ class OutboxStore:
             timeout=self.timeout,
         )
         return None if value is None else int(value)
+
+    async def silenced(self, phone: str) -> bool:
+        """Whether the bot must not send to the lead now: a person took it over (or an
+        operator paused it), or it is ignored. Read right before a reply's first part. (A
+        hand-off's pause is the reply's own: it says a consultant will answer.)"""
+        return bool(
+            await self.pool.fetchval(
+                """SELECT coalesce(paused_until > clock_timestamp() AND paused_by <> 'handoff', false) OR ignored
+                     FROM leads WHERE phone_number = $1""",
+                phone,
+                timeout=self.timeout,
+            )
+        )
+
+    async def suppress(self, outbox_ids: list[int]) -> None:
+        """A reply that will not go (the lead was paused before it did), recorded as such."""
+        await self.pool.execute(
+            """WITH gone AS (
+                   UPDATE outbox SET status = $2, last_error = 'a person took over the lead before it went'
+                    WHERE id = ANY($1::bigint[]) RETURNING lead_id)
+               INSERT INTO lead_events (lead_id, kind, actor) SELECT DISTINCT lead_id, 'suppressed', 'bot' FROM gone""",
+            outbox_ids,
+            Status.SUPPRESSED,
+            timeout=self.timeout,
+        )
 
     async def take_fence(self, phone: str, fence: int) -> bool:
         """Makes `fence` the lead's newest token; False when a newer one holds the lead."""
@@ -284,6 +310,12 @@ class Outbox:
         Each part goes only while the turn's `lease` holds: past it, the re-delivery job
         (under the lock of whoever holds the lead then) sends what is left, so a paused
         process that wakes up does not send a part that job already sent."""
+        # A person who wrote to the lead meanwhile has it now: the reply never goes.
+        if await self.rows.silenced(phone):
+            await self.rows.suppress([outbox_id for outbox_id, _ in parts])
+            self.metrics.handover.labels("suppressed").inc()
+            log.info("reply to ...%s not sent: a person took over the lead", phone[-4:])
+            return
         for i, (outbox_id, text) in enumerate(parts):
             if lease is not None and lease.lapsed and not unguarded.off("fence"):
                 for later, _ in parts[i:]:

@@ -28,12 +28,13 @@ from daemon.followups.executor import FollowUpExecutor
 from daemon.followups.jobs import CrmPush, Jobs, KnowledgeRefresh
 from daemon.followups.planner import Planner
 from daemon.followups.store import FollowUpStore
+from daemon.handover import Notifier
 from daemon.identity import Identities
 from daemon.intake import IngestBatcher
 from daemon.locks import LeadLocks
 from daemon.media.processor import MediaProcessor
 from daemon.metrics import Metrics
-from daemon.models import Inbound, KbEntry
+from daemon.models import Inbound, KbEntry, Takeover
 from daemon.outbox import Outbox
 from daemon.store import Store, connect
 from daemon.tasks import cancel_and_wait
@@ -56,7 +57,7 @@ async def _step(failure: str, work: Awaitable[T]) -> T:
 class Runtime:
     """The daemon: `start()` opens everything on one exit stack (any step that fails closes
     what was opened and raises one clear SdrError), the front door (`ingest`, `typing`,
-    `edit`, `readiness`), the buffer's flush loop that spawns turns, and `stop()`."""
+    `edit`, `takeover`, `readiness`), the buffer's flush loop that spawns turns, and `stop()`."""
 
     # Built by start(), in this order, each closed by stop() in the reverse order.
     pool: asyncpg.Pool  # the turns', jobs' and follow-ups' PostgreSQL connections
@@ -73,6 +74,7 @@ class Runtime:
     agent: Agent
     media: MediaProcessor
     followup_store: FollowUpStore
+    notifier: Notifier  # hand-off notices to [handover] notify_url, in the background
     runner: TurnRunner
     followups: FollowUpExecutor
     jobs: Jobs
@@ -151,6 +153,9 @@ class Runtime:
         self.media = MediaProcessor(cfg, sender, media_cache, self.metrics)
         stack.push_async_callback(self.media.close)
         self.followup_store = FollowUpStore(self.pool, p.timeouts.database)
+        self.notifier = Notifier(cfg.handover.notify_url, p.handover, self.metrics)
+        stack.push_async_callback(self.notifier.close)
+        self._own(stack, self.notifier.run(), "handover-notices")
         self.runner = TurnRunner(
             store=self.store,
             locks=self.locks,
@@ -164,6 +169,8 @@ class Runtime:
             planner=Planner(cfg.followups),
             followup_store=self.followup_store,
             buffer=self.buffer,
+            handover=cfg.handover,
+            notifier=self.notifier,
         )
         stack.push_async_callback(self.runner.close)
         self.followups = FollowUpExecutor(
@@ -400,6 +407,17 @@ class Runtime:
         if b.adaptive:
             await self.buffer.extend(phone, b.extended_window)
         return "extended"
+
+    async def takeover(self, event: Takeover) -> str:
+        """A person wrote to the lead from the business's number: the bot steps back for
+        `[handover] pause` (a turn in flight does not send), unless it is our own send."""
+        phone = await self.identities.of(event.phone, event.lid)
+        outcome = await self.intake.store.take_over(phone, event, self.config.profile.handover.pause)
+        if outcome == "takeover":
+            self.metrics.handover.labels("takeover").inc()
+            await self.leads.invalidate(phone)
+            log.info("a person took over ...%s: the bot is paused for it", phone[-4:])
+        return outcome
 
     async def edit(self, event: Edit) -> str:
         """A lead edited a message: in a burst still waiting, its text is replaced; already

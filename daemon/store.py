@@ -14,8 +14,8 @@ import msgspec
 
 from daemon.config import Profile
 from daemon.connections import pg_boundary, pg_options
-from daemon.models import FinishedTurn, Inbound, KbEntry, PendingMessage, Refused, TurnRecord
-from daemon.outbox import TAKE_FENCE, Status
+from daemon.models import FinishedTurn, Inbound, KbEntry, PendingMessage, Refused, Takeover, TurnRecord
+from daemon.outbox import Status
 
 _encoder = msgspec.json.Encoder(enc_hook=str)  # Decimal and the like as PostgreSQL reads them
 
@@ -83,20 +83,31 @@ LEAD_COLUMNS = {
     "property_type": "text",
     "decision_maker": "text",
 }
+# ...and those only the turn itself writes (a lead's opt-out, a hand-off's pause): never
+# taken from an agent's answer.
+HANDOVER_COLUMNS = {
+    "opted_out_at": "timestamptz",
+    "paused_until": "timestamptz",
+    "paused_by": "text",
+    "paused_at": "timestamptz",
+}
 _LEAD_SETS = ",\n".join(
     f"{col} = CASE WHEN $19::jsonb ? '{col}' THEN ($19::jsonb ->> '{col}')::{kind} ELSE {col} END"
-    for col, kind in LEAD_COLUMNS.items()
+    for col, kind in {**LEAD_COLUMNS, **HANDOVER_COLUMNS}.items()
 )
-# Refused unless $24 is the lead's newest fencing token (NULL only with the test-only
-# `SDRCTL_TEST_UNGUARDED=fence`): the row lock orders this write after any other of the lead's,
-# and re-reads the token if another turn changed it meanwhile.
-_FENCED = "SELECT id FROM leads WHERE id = $1 AND ($24::bigint IS NULL OR fence = $24) FOR UPDATE"
+# The lead's row, locked: the write is refused unless $24 is the lead's newest fencing
+# token (NULL only with the test-only `SDRCTL_TEST_UNGUARDED=fence`) and the lead is not
+# paused (a person took over) nor ignored. The row lock orders this write after any other of
+# the lead's, and returns the row as it is now, not as the statement's snapshot saw it.
+_LEAD_NOW = "SELECT id, fence, paused_until, ignored FROM leads WHERE id = $1 FOR UPDATE"
+_WRITABLE = """($24::bigint IS NULL OR l.fence = $24)
+       AND (l.paused_until IS NULL OR l.paused_until <= clock_timestamp()) AND NOT l.ignored"""
 _ANSWERED = "SELECT 1 FROM messages a WHERE a.id = ANY($17::bigint[]) AND a.turn_id IS NOT NULL"
 _NEWER = """SELECT 1 FROM messages n
             WHERE n.lead_id = $1 AND n.direction = 'in' AND n.turn_id IS NULL
               AND n.id <> ALL($17::bigint[])"""
 FINISH_TURN = f"""
-WITH fenced AS ({_FENCED}
+WITH l AS ({_LEAD_NOW}
 ), t AS (
     -- $23: a speculative reply is written only if no newer message of the lead is waiting
     -- (the last check before it is sent; nothing at all is written otherwise).
@@ -105,8 +116,9 @@ WITH fenced AS ({_FENCED}
         agent_backend, outcome, response_ms, cache_hits, cache_misses, window_ms, fence)
     SELECT $1, $2, cardinality($17::bigint[]), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
            $14, $15, $22, $24
-      FROM fenced
-     WHERE NOT ($23::boolean AND EXISTS ({_NEWER}))
+      FROM l
+     WHERE {_WRITABLE}
+       AND NOT ($23::boolean AND EXISTS ({_NEWER}))
        AND ($24::bigint IS NULL OR NOT EXISTS ({_ANSWERED}))
     RETURNING id
 ), answered AS (
@@ -120,6 +132,9 @@ WITH fenced AS ({_FENCED}
         updated_at = now()
     FROM t WHERE leads.id = $1
     RETURNING to_jsonb(leads.*) AS row
+), event AS (
+    -- $25: what the turn was about, for the report (an opt-out, a hand-off), by $26
+    INSERT INTO lead_events (lead_id, kind, actor) SELECT $1, $25, $26 FROM t WHERE $25::text IS NOT NULL
 ), outbox_rows AS (
     -- The first part's first send attempt is recorded here, before it is attempted.
     INSERT INTO outbox (lead_id, turn_id, phone_number, body, status, attempts, sent_at)
@@ -134,9 +149,35 @@ WITH fenced AS ({_FENCED}
 SELECT (SELECT id FROM t) AS turn_id,
        (SELECT array_agg(id ORDER BY id) FROM outbox_rows) AS outbox_ids,
        (SELECT row FROM lead) AS lead,
-       CASE WHEN NOT EXISTS (SELECT 1 FROM fenced) OR ($24::bigint IS NOT NULL AND EXISTS ({_ANSWERED}))
-            THEN 'fenced' ELSE 'newer_message' END AS refused
+       CASE WHEN NOT EXISTS (SELECT 1 FROM l WHERE $24::bigint IS NULL OR l.fence = $24)
+              OR ($24::bigint IS NOT NULL AND EXISTS ({_ANSWERED})) THEN 'fenced'
+            WHEN NOT EXISTS (SELECT 1 FROM l WHERE {_WRITABLE}) THEN 'paused'
+            ELSE 'newer_message' END AS refused
 """
+# A burst the bot does not answer (the lead is paused or ignored): a turn without a reply
+# marks it handled, so neither the sweep nor a restart brings it back. Fenced like a reply.
+SILENT_TURN = """
+WITH l AS (SELECT id, fence FROM leads WHERE id = $1 FOR UPDATE
+), t AS (
+    INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
+        last_message_at, started_at, finished_at, buffer_wait_ms, agent_backend, outcome, fence)
+    SELECT $1, $2, cardinality($3::bigint[]), $4, $5, $6, $7, 0, 'none', $8, $9 FROM l
+     WHERE ($9::bigint IS NULL OR l.fence = $9)
+       AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.id = ANY($3::bigint[]) AND a.turn_id IS NOT NULL)
+    RETURNING id
+), answered AS (
+    UPDATE messages SET turn_id = t.id FROM t WHERE messages.id = ANY($3::bigint[]) AND messages.turn_id IS NULL
+), event AS (
+    INSERT INTO lead_events (lead_id, kind, actor) SELECT $1, 'suppressed', 'bot' FROM t
+)
+SELECT id FROM t
+"""
+# The turn's first statement: its fencing token (see daemon.outbox.TAKE_FENCE) and whether
+# the bot may answer the lead at all (read from the row, not a cache: `sdrctl leads pause`
+# and a takeover reach every daemon at once).
+BEGIN_TURN = """
+UPDATE leads SET fence = greatest(fence, $2) WHERE phone_number = $1
+RETURNING fence = $2 AS newest, coalesce(paused_until > clock_timestamp(), false) AS paused, ignored"""
 _WORD = re.compile(r"[0-9a-zà-öø-ÿ]+")
 
 
@@ -222,19 +263,87 @@ class Store:
                 else ("duplicate", row["phone_number"], row["id"])
             )
 
-    async def begin_turn(self, phone: str, fence: int | None, only: int | None) -> list[PendingMessage] | None:
-        """Makes `fence` the lead's newest token, then reads its unanswered messages; None
-        when a newer token holds the lead. Two statements, in this order: the token's
-        UPDATE waits for a turn writing the lead right now, and the read after it (a
-        snapshot of its own) sees what that turn answered. `fence` None: unguarded."""
-        if fence is not None and await self.take_fence(phone, fence) is False:
+    async def begin_turn(
+        self, phone: str, fence: int | None, only: int | None
+    ) -> tuple[list[PendingMessage], str | None] | None:
+        """Makes `fence` the lead's newest token, then reads its unanswered messages, with
+        why the bot must not answer them ('paused', 'ignored', else None); None when a
+        newer token holds the lead. Two statements, in this order: the token's UPDATE waits
+        for a turn writing the lead right now, and the read after it (a snapshot of its
+        own) sees what that turn answered. `fence` None: unguarded (tests only)."""
+        row = await self.pool.fetchrow(BEGIN_TURN, phone, fence, timeout=self.timeout)
+        if row is not None and row["newest"] is False:
             return None
-        return await self.pending_messages(phone, only)
+        silenced = None if row is None else ("ignored" if row["ignored"] else "paused" if row["paused"] else None)
+        return await self.pending_messages(phone, only), silenced
 
-    async def take_fence(self, phone: str, fence: int) -> bool | None:
-        """Whether `fence` is now the lead's newest token (None: no such lead)."""
-        value = await self.pool.fetchval(TAKE_FENCE, phone, fence, timeout=self.timeout)
-        return None if value is None else bool(value)
+    async def silent_turn(self, t: TurnRecord, fence: int | None) -> bool:
+        """Marks a burst handled without a reply (outcome 'paused' or 'ignored'); False when
+        fenced out (another turn holds the lead)."""
+        turn_id = await self.pool.fetchval(
+            SILENT_TURN,
+            t.lead_id,
+            t.conversation_id,
+            t.message_ids,
+            t.first_message_at,
+            t.last_message_at,
+            t.started_at,
+            t.finished_at,
+            t.outcome,
+            fence,
+            timeout=self.timeout,
+        )
+        return turn_id is not None
+
+    async def take_over(self, phone: str, msg: Takeover, pause: float) -> str:
+        """A person wrote to the lead from the business's number: their message joins the
+        conversation (the agent reads it later), the bot pauses for `pause` seconds and the
+        lead's pending follow-ups are cancelled. 'echo' when it is one of our own sends,
+        'duplicate' when already seen, else 'takeover'."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            t = self.timeout
+            if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM outbox WHERE provider_id = $1)", msg.provider_id):
+                return "echo"
+            lead_id = await conn.fetchval(
+                """INSERT INTO leads (phone_number) VALUES ($1)
+                   ON CONFLICT (phone_number) DO UPDATE SET updated_at = now() RETURNING id""",
+                phone,
+                timeout=t,
+            )
+            conversation = await conn.fetchval(
+                """INSERT INTO conversations (lead_id, phone_number) VALUES ($1, $2)
+                   ON CONFLICT (lead_id) WHERE status = 'open' DO UPDATE SET last_message_at = now() RETURNING id""",
+                lead_id,
+                phone,
+                timeout=t,
+            )
+            stored = await conn.fetchval(
+                """INSERT INTO messages (conversation_id, lead_id, provider_id, direction, kind, body, provider_ts)
+                   VALUES ($1, $2, $3, 'out', 'operator', $4, $5) ON CONFLICT (provider_id) DO NOTHING RETURNING id""",
+                conversation,
+                lead_id,
+                msg.provider_id,
+                msg.body,
+                msg.provider_ts,
+                timeout=t,
+            )
+            if stored is None:
+                return "duplicate"
+            await conn.execute(
+                """WITH paused AS (
+                       UPDATE leads SET paused_until = greatest(paused_until, clock_timestamp() + make_interval(secs => $2)),
+                              paused_by = 'operator', paused_at = clock_timestamp(), updated_at = now()
+                        WHERE id = $1),
+                   cancelled AS (
+                       UPDATE follow_ups SET status = 'cancelled', last_error = 'a person took over the chat',
+                              updated_at = clock_timestamp()
+                        WHERE lead_id = $1 AND status = 'pending')
+                   INSERT INTO lead_events (lead_id, kind, actor) VALUES ($1, 'takeover', 'operator')""",
+                lead_id,
+                pause,
+                timeout=t,
+            )
+            return "takeover"
 
     async def pending_messages(self, phone: str, only: int | None = None) -> list[PendingMessage]:
         """The lead's unanswered messages (or just message `only`), in the order the lead
@@ -289,14 +398,15 @@ class Store:
         return [KbEntry(**dict(r)) for r in rows]
 
     async def finish_turn(
-        self, t: TurnRecord, fence: int | None, *, unless_newer: bool = False
+        self, t: TurnRecord, fence: int | None, *, unless_newer: bool = False, event: tuple[str, str] | None = None
     ) -> FinishedTurn | Refused:
         """The turn, the answered messages, the reply, the lead's updates and the outbox
         rows, in one statement (one round trip, one transaction). Nothing is written when
         `fence` is not the lead's newest token or a message was answered by another turn
-        ('fenced'), or with `unless_newer` when a newer message of the lead is waiting
-        ('newer_message')."""
-        updates = {k: v for k, v in t.lead_updates.items() if k in LEAD_COLUMNS}
+        ('fenced'), when the lead was paused or ignored meanwhile ('paused'), or with
+        `unless_newer` when a newer message of the lead is waiting ('newer_message').
+        `event`: (kind, actor) of a lead_events row written with the turn."""
+        updates = {k: v for k, v in t.lead_updates.items() if k in LEAD_COLUMNS or k in HANDOVER_COLUMNS}
         row = await self.pool.fetchrow(
             FINISH_TURN,
             t.lead_id,
@@ -323,6 +433,8 @@ class Store:
             t.window_ms,
             unless_newer,
             fence,
+            event[0] if event else None,
+            event[1] if event else None,
             timeout=self.timeout,
         )
         assert row is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -18,12 +18,13 @@ from daemon import unguarded
 from daemon.agents import Agent, AgentReply, TurnInput
 from daemon.buffer import MessageBuffer, window_for
 from daemon.cache import TwoTierCache
-from daemon.config import Profile
+from daemon.config import HandoverSettings, Profile, parse_phones
 from daemon.errors import StageFailed
 from daemon.evolution import PRESENCE_MAX_MS, split_message
 from daemon.followups.calendar import Clock, utc_now
 from daemon.followups.planner import Planner
 from daemon.followups.store import FollowUpStore
+from daemon.handover import Intent, Intents, Notifier
 from daemon.locks import LeadLocks, Lease
 from daemon.media.processor import MediaProcessor
 from daemon.media.result import MediaResult
@@ -31,7 +32,7 @@ from daemon.metrics import Metrics
 from daemon.models import ANALYSED_KINDS, KbEntry, PendingMessage, TurnRecord
 from daemon.outbox import Outbox, Status
 from daemon.stages import StageClock
-from daemon.store import Store, tsquery_any
+from daemon.store import LEAD_COLUMNS, Store, tsquery_any
 from daemon.tasks import Children, cancel_and_wait
 
 log = logging.getLogger("sdr.turn")
@@ -56,6 +57,8 @@ class TurnRunner:
         followup_store: FollowUpStore | None = None,
         clock: Clock = utc_now,
         buffer: MessageBuffer | None = None,
+        handover: HandoverSettings | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.store = store
         # With [buffer] speculate, where a finished reply learns whether the lead wrote again
@@ -76,6 +79,10 @@ class TurnRunner:
         self.followup_store = followup_store
         self.clock = clock  # dates the turn: its reply is what follow-ups are planned from
         self.agent_slots = asyncio.Semaphore(profile.pools.agent_pool_size)
+        self.handover = handover or HandoverSettings()  # what the bot says when it steps back
+        self.ignored = frozenset(parse_phones(self.handover.ignore))  # sdr.toml's; the table has the rest
+        self.intents = Intents.from_knobs(profile.handover)
+        self.notifier = notifier  # hand-off notices, sent in the background
 
     async def run(self, phone: str, only: int | None) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
@@ -96,14 +103,19 @@ class TurnRunner:
         if lease.lapsed and fence is not None:
             await self._fenced(phone, "lapsed")
             return None
-        burst = await self.store.begin_turn(phone, fence, only)
-        if burst is None:
+        begun = await self.store.begin_turn(phone, fence, only)
+        if begun is None:
             await self._fenced(phone, "fenced")
             return None
+        burst, silenced = begun
         if not burst:  # another daemon answered it already
             return None
         if not self.profile.buffer.coalesce:
             burst = burst[:1]
+        if phone in self.ignored:
+            silenced = "ignored"
+        if silenced is not None:  # a person has the lead, or the bot never answers it
+            return await self._silent(phone, burst, silenced, fence)
         # The turn's children ("typing...", the knowledge search) end with it, on any path.
         async with Children(self.profile.timeouts.evolution_send, self._stragglers) as children:
             return await self._answer(phone, burst, children, lease, fence)
@@ -129,8 +141,9 @@ class TurnRunner:
         quiet = (datetime.now(UTC) - max(m.received_at for m in burst)).total_seconds()
         presence = self._show_typing(phone, p.buffer.settle_window - quiet if speculative else 0.0, children)
         kb_task: asyncio.Task[list[KbEntry]] | None = None
-        query = self.agent.knowledge_query(texts)
-        if not p.features.parallel_context:  # legacy: always the search first, then the rest
+        intent = self.intents.of(texts)  # opt-out, opt-in, asking for a person: no agent
+        query = None if intent else self.agent.knowledge_query(texts)
+        if not p.features.parallel_context and not intent:  # legacy: always the search first, then the rest
             kb_task = children.start(self._search(query or " ".join(texts), clock), f"kb:{phone[-4:]}")
             await asyncio.wait({kb_task})
         elif query:  # started now, awaited only when needed
@@ -139,18 +152,26 @@ class TurnRunner:
         async def knowledge() -> list[KbEntry]:
             return [] if kb_task is None else await kb_task
 
-        outcome, updates = "ok", {}
+        outcome, event = "ok", None
+        updates: dict[str, Any] = {}
         try:
             lead, history = await clock.run("context", self._context(phone, first, clock), t.personalization)
-            async with self.agent_slots:
-                reply: AgentReply = await clock.run(
-                    "agent", self.agent.respond(TurnInput(lead, texts, history, knowledge, media)), t.agent
-                )
-            # What a bill photo showed goes on the lead, unless the agent learnt better.
-            text, updates = reply.text, {**bill_updates(media), **reply.lead_updates}
-            if not text.strip():
-                clock.failures.append("agent")
-                raise StageFailed("agent")
+            if intent == "opt_in" and not lead.get("opted_out_at"):
+                intent = None  # "voltar" from a lead who never left: a normal message
+            if intent is not None:
+                text, updates, event = self._step_back(intent, started)
+            else:
+                async with self.agent_slots:
+                    reply: AgentReply = await clock.run(
+                        "agent", self.agent.respond(TurnInput(lead, texts, history, knowledge, media)), t.agent
+                    )
+                # What a bill photo showed goes on the lead, unless the agent learnt better.
+                # Only the qualification fields: an agent never pauses or opts out a lead.
+                agent_updates = {k: v for k, v in reply.lead_updates.items() if k in LEAD_COLUMNS}
+                text, updates = reply.text, {**bill_updates(media), **agent_updates}
+                if not text.strip():
+                    clock.failures.append("agent")
+                    raise StageFailed("agent")
         except StageFailed:
             text, outcome = FALLBACK, "fallback"
         if kb_task is not None:
@@ -190,7 +211,13 @@ class TurnRunner:
             await self._discard(phone, burst, clock, presence, children, "lapsed")
             await self._fenced(phone, "lapsed")
             return None
-        done = await clock.run("store", self.store.finish_turn(record, fence, unless_newer=speculative), t.database)
+        done = await clock.run(
+            "store", self.store.finish_turn(record, fence, unless_newer=speculative, event=event), t.database
+        )
+        if done == "paused":  # a person wrote to the lead meanwhile: they have it now
+            if presence is not None:
+                await children.stop(presence)
+            return await self._silent(phone, burst, "paused", fence)
         if done == "fenced":  # a newer turn holds the lead, or answered these messages
             await self._discard(phone, burst, clock, presence, children, "fenced")
             await self._fenced(phone, "fenced")
@@ -199,11 +226,18 @@ class TurnRunner:
             await self._discard(phone, burst, clock, presence, children, done)
             return None
         if self.planner is not None and self.followup_store is not None:
-            planned = self.planner.after_turn(done.lead, finished, meeting_changed="meeting_at" in updates)
             try:
-                await self.followup_store.plan(first.lead_id, planned, finished, "the lead wrote again")
+                if why := self.planner.silenced(done.lead, finished):  # opted out, paused: none at all
+                    await self.followup_store.cancel_all(first.lead_id, finished, why)
+                else:
+                    planned = self.planner.after_turn(done.lead, finished, meeting_changed="meeting_at" in updates)
+                    await self.followup_store.plan(first.lead_id, planned, finished, "the lead wrote again")
             except Exception as exc:  # the reply matters more; the next turn plans them again
                 log.warning("could not plan follow-ups: %s: %s", exc.__class__.__name__, exc)
+        if event is not None:
+            self.metrics.handover.labels(event[0]).inc()
+            if event[0] == "handoff" and self.notifier is not None:
+                self.notifier.notify(handoff_notice(done.lead, texts, finished))
         if updates:  # write through, and drop stale copies in other daemons
             await self.leads.replace(phone, done.lead)
         self.metrics.turns.labels(outcome).inc()
@@ -215,6 +249,54 @@ class TurnRunner:
         else:
             parts = list(zip(done.outbox_ids, record.parts, strict=True))
             await self.outbox.send_reply(phone, parts, done.turn_id, last.received_at, clock, lease)
+        return True
+
+    def _step_back(self, intent: Intent, now: datetime) -> tuple[str, dict[str, Any], tuple[str, str]]:
+        """The reply, lead updates and event of a whole-message intent: the lead's opt-out
+        (or opt-in), or its asking for a person (the bot pauses for the lead and says a
+        consultant will answer)."""
+        h = self.handover
+        if intent == "opt_out":
+            return h.opt_out_reply, {"opted_out_at": now}, ("opt_out", "lead")
+        if intent == "opt_in":
+            return h.opt_in_reply, {"opted_out_at": None}, ("opt_in", "lead")
+        until = now + timedelta(seconds=self.profile.handover.pause)
+        return h.handoff_reply, {"paused_until": until, "paused_by": "handoff", "paused_at": now}, ("handoff", "bot")
+
+    async def _silent(self, phone: str, burst: list[PendingMessage], why: str, fence: int | None) -> bool | None:
+        """A burst the bot does not answer (the lead is paused, or ignored): stored, shown
+        in `sdrctl leads show`, and marked handled by a turn without a reply."""
+        now, first, last = self.clock(), burst[0], burst[-1]
+        record = TurnRecord(
+            lead_id=first.lead_id,
+            conversation_id=first.conversation_id,
+            message_ids=[m.id for m in burst],
+            first_message_at=first.received_at,
+            last_message_at=last.received_at,
+            started_at=now,
+            finished_at=now,
+            buffer_wait_ms=0.0,
+            window_ms=0.0,
+            stages={},
+            timeouts=[],
+            failures=[],
+            agent_backend="none",
+            outcome=why,
+            reply="",
+            parts=[],
+            phone=phone,
+            outbox_status=Status.SUPPRESSED,
+            response_ms=None,
+            lead_updates={},
+            cache_hits=0,
+            cache_misses=0,
+        )
+        if not await self.store.silent_turn(record, fence):
+            await self._fenced(phone, "fenced")
+            return None
+        self.metrics.handover.labels("suppressed").inc()
+        self.metrics.turns.labels(why).inc()
+        log.info("a burst of ...%s not answered: the lead is %s", phone[-4:], why)
         return True
 
     async def _overtaken(self, phone: str, burst: list[PendingMessage]) -> bool:
@@ -369,6 +451,17 @@ def _texts(burst: list[PendingMessage], media: list[MediaResult]) -> list[str]:
         if m.id in transcripts:
             texts.append(transcripts[m.id] or "")
     return texts
+
+
+def handoff_notice(lead: dict[str, Any], texts: list[str], at: datetime) -> dict[str, Any]:
+    """What `[handover] notify_url` gets: who asked for a person, and what they wrote."""
+    return {
+        "event": "handoff",
+        "lead": {k: lead.get(k) for k in ("id", "phone_number", "name", "stage", "bill_value", "meeting_at")},
+        "messages": texts,
+        "paused_until": lead.get("paused_until"),
+        "at": at.isoformat(),
+    }
 
 
 def bill_updates(media: list[MediaResult]) -> dict[str, Any]:

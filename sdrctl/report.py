@@ -138,7 +138,17 @@ def print_report(r: Report) -> None:
     )
     out.print(f"outcomes: {outcomes}")
     out.print(burst_table(r))
+    out.print(handover_line(r))
     out.print(slowest_table(r))
+
+
+def handover_line(r: Report) -> str:
+    h = r.handover
+    return (
+        f"people beside the bot: {h.get('takeover', 0):,} takeover(s) by a person, {h.get('handoff', 0):,} "
+        f"hand-off(s) asked by leads, {h.get('opt_out', 0):,} opt-out(s) ({h.get('opt_in', 0):,} back), "
+        f"{h.get('suppressed', 0):,} repl(ies) not sent while a lead was paused or ignored"
+    )
 
 
 @friendly_errors
@@ -199,6 +209,8 @@ def report(
     # Follow-ups go out on their own schedule: shown even in a window without turns.
     if not as_json and r.followups_total.active:
         out.print(followup_table(r))
+    if not as_json and r.empty and any(r.handover.values()):  # a takeover needs no turn
+        out.print(handover_line(r))
     if r.empty or not check:
         return
     for k in r.missed:

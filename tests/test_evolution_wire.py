@@ -18,6 +18,7 @@ from daemon import migrations
 from daemon.embedded import Endpoints
 from daemon.evolution import Edit, Ignored, Inbound, Typing, classify, parse_event
 from daemon.identity import jid
+from daemon.models import Takeover
 from tests.helpers import fetch, make_config, metric, run_daemon, run_fake_evolution, wait_for
 
 FIXTURES = Path(__file__).with_name("fixtures") / "evolution"
@@ -74,10 +75,13 @@ def test_every_real_webhook_shape_is_read_as_the_source_means_it() -> None:
     assert image.media["fileLength"] > 0 and image.media["base64"]
     assert isinstance(parsed("messages_upsert_audio"), Inbound)
     assert isinstance(parsed("messages_upsert_extended_text"), Inbound)
-    assert parsed("messages_upsert_from_me") == Ignored("from_me")
+    # A person on the business's phone wrote to the lead: the bot steps back (issue #17).
+    from_me = parsed("messages_upsert_from_me")
+    assert isinstance(from_me, Takeover) and from_me.phone == "5511987650002"
+    assert from_me.body.startswith("Oi Mariana") and from_me.provider_id == "8D41F0A2B3C4D5E6F708192A3B4C5D6E"
     assert parsed("messages_upsert_group") == Ignored("group")
     assert parsed("messages_upsert_reaction") == Ignored("no_content")
-    assert parsed("send_message") == Ignored("event")
+    assert parsed("send_message") == Ignored("own_send")  # our own API send
     edit = parsed("messages_edited")
     assert isinstance(edit, Edit) and edit.text.startswith("Vocês aceitam")
     assert edit.provider_id == fixture("messages_edited")["data"]["key"]["id"]

@@ -59,8 +59,8 @@ async def test_only_the_newest_token_writes_and_only_unanswered_messages(clean: 
     store = Store(pool, profile)
     try:
         await store.ingest_many([Inbound(PHONE, None, "F1", "text", "oi", None, datetime.now(UTC))])
-        old = await store.begin_turn(PHONE, 100, None)  # a turn frozen later, past its lock
-        new = await store.begin_turn(PHONE, 200, None)  # the lock's next holder
+        old, _ = await store.begin_turn(PHONE, 100, None) or ([], None)  # a turn frozen later, past its lock
+        new, _ = await store.begin_turn(PHONE, 200, None) or ([], None)  # the lock's next holder
         assert old and new and [m.id for m in old] == [m.id for m in new]
         stale = await store.finish_turn(record(old, "resposta velha", name="Velho"), 100)
         after_stale = await fetch(clean.database_url, "SELECT count(*) AS n FROM outbox")
@@ -77,7 +77,7 @@ async def test_only_the_newest_token_writes_and_only_unanswered_messages(clean: 
     assert stale == "fenced" and after_stale[0]["n"] == 0  # nothing written, not even in part
     assert cannot_begin is None  # an older token cannot even start
     assert isinstance(fresh, FinishedTurn)
-    assert newest == [] and twice == "fenced"
+    assert newest == ([], None) and twice == "fenced"
     assert lead["name"] is None and lead["fence"] == 300  # the stale turn's lead update was refused
     assert [(t["fence"], t["messages_joined"]) for t in turns] == [(200, 1)] and turns[0]["written_at"] is not None
     assert [o["body"] for o in outbox] == ["resposta nova"]

@@ -54,11 +54,10 @@ async def test_reads_extended_text_and_every_event_spelling(config: Config, clea
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        (lambda e: e["data"]["key"].update(fromMe=True), "from_me"),
         (lambda e: e["data"]["key"].update(remoteJid="120363025@g.us"), "group"),
         (lambda e: e["data"]["key"].update(remoteJid="status@broadcast"), "broadcast"),
         (lambda e: e.update(event="connection.update"), "event"),
-        (lambda e: e.update(event="send.message"), "event"),
+        (lambda e: e.update(event="send.message"), "own_send"),
         (lambda e: e["data"].update(message={"reactionMessage": {"text": "👍"}}), "no_content"),
     ],
 )

@@ -102,6 +102,8 @@ class FollowUpExecutor:
         return "busy"
 
     def _irrelevant(self, f: Claimed, lead: dict[str, Any], wrote_at: datetime | None) -> str | None:
+        if why := self.planner.silenced(lead, self.clock()):  # opted out, paused, ignored
+            return why
         if f.kind in SILENCE_KINDS:
             if wrote_at is not None and wrote_at > f.created_at:
                 return "the lead wrote again"

@@ -45,6 +45,19 @@ class Planner:
     def _at(self, when: datetime) -> datetime:
         return self.hours.next_opening(when)
 
+    @staticmethod
+    def silenced(lead: dict[str, Any], at: datetime) -> str | None:
+        """Why no follow-up may go to the lead at `at` (None: they may): it opted out (until
+        it opts in again), a person has it (paused), or the bot never answers it."""
+        if lead.get("opted_out_at"):
+            return "the lead opted out"
+        if lead.get("ignored"):
+            return "the lead is ignored"
+        paused = lead.get("paused_until")
+        if paused and _as_datetime(paused) > at:
+            return "a person has the lead (paused)"
+        return None
+
     def after_turn(self, lead: dict[str, Any], replied_at: datetime, *, meeting_changed: bool) -> list[Planned]:
         """Follow-ups to (re)plan after we replied to the lead: they replace its pending
         silence follow-ups; meeting ones are planned when this turn set the meeting."""

@@ -79,6 +79,17 @@ class FollowUpStore:
             timeout=self.timeout,
         )
 
+    async def cancel_all(self, lead_id: int, now: datetime, reason: str) -> None:
+        """Every pending follow-up of the lead, meeting ones too (an opt-out, a pause)."""
+        await self.pool.execute(
+            """UPDATE follow_ups SET status = 'cancelled', last_error = $3, updated_at = $2
+                WHERE lead_id = $1 AND status = 'pending'""",
+            lead_id,
+            now,
+            reason,
+            timeout=self.timeout,
+        )
+
     async def claim(self, now: datetime, limit: int, stuck_after: float) -> list[Claimed]:
         rows = await self.pool.fetch(CLAIM, now, limit, stuck_after, timeout=self.timeout)
         return [

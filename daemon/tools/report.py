@@ -254,6 +254,9 @@ class Report:
     histogram: list[Bin] = field(default_factory=list)
     followups: list[FollowUpStats] = field(default_factory=list)  # per kind
     bursts: BurstStats = field(default_factory=BurstStats)
+    # People beside the bot (lead_events in the window): takeover, handoff, opt_out,
+    # opt_in, suppressed (a burst or reply not answered: the lead was paused or ignored)...
+    handover: dict[str, int] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -318,6 +321,7 @@ class Report:
                 "total": self.followups_total.to_dict(),
             },
             "bursts": self.bursts.to_dict(),
+            "handover": {k: self.handover.get(k, 0) for k in HANDOVER_KINDS},
         }
 
 
@@ -415,6 +419,8 @@ SELECT i.stage, count(*) FILTER (WHERE i.kind = 'timeout') AS timeouts,
  GROUP BY i.stage
 """
 
+HANDOVER_KINDS = ("takeover", "handoff", "opt_out", "opt_in", "suppressed", "paused", "resumed", "ignored", "forgotten")
+HANDOVER = "SELECT kind, count(*) AS n FROM lead_events WHERE at >= $1 AND at < $2 GROUP BY kind"
 OUTCOMES = f"SELECT outcome, count(*) AS n FROM turns WHERE {RANGE} GROUP BY outcome ORDER BY outcome"
 
 SLOWEST = f"""
@@ -563,6 +569,7 @@ async def build_report(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
         followups = await _followups(conn, args)
+        handover = {r["kind"]: r["n"] for r in await conn.fetch(HANDOVER, *args)}
         keys = sorted((r["k"] for r in await conn.fetch(STAGE_KEYS, *args)), key=stage_sort_key)
         columns = "".join(STAGE_COLUMNS.format(n=i + 3, i=i) for i in range(len(keys)))
         row = await conn.fetchrow(TOTALS.format(stages=columns), *args, *keys)
@@ -571,7 +578,7 @@ async def build_report(
         assert b is not None
         bursts = BurstStats(interrupt_window, row["turns"], b["replies"], b["interrupted"], b["discarded"])
         if row["turns"] == 0:
-            return Report(window, 0, kpis(slo), followups=followups, bursts=bursts)
+            return Report(window, 0, kpis(slo), followups=followups, bursts=bursts, handover=handover)
         p50, p95, p99 = row["response"] if row["responded"] else (None, None, None)
         peak = await conn.fetchval(PEAK, *args)
         stages = _stages(keys, row, await conn.fetch(INCIDENTS, *args))
@@ -620,6 +627,7 @@ async def build_report(
         histogram=histogram,
         followups=followups,
         bursts=bursts,
+        handover=handover,
     )
 
 
