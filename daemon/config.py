@@ -633,8 +633,12 @@ class HandoverKnobs:
     handoff_phrases: str = knob(
         "atendente, humano, pessoa, falar com atendente, falar com um atendente, falar com uma pessoa, "
         "falar com humano, falar com um humano, quero falar com uma pessoa, quero falar com um atendente, "
-        "quero um atendente, tem alguem ai, isso e um robo, voce e um robo, e um robo",
-        "a whole message that asks for a person",
+        "quero um atendente, tem alguem ai, isso e um robo, voce e um robo, e um robo, "
+        # Anger, as a whole message, wants a person too (inside a sentence it is often the
+        # bill: "minha conta de luz está um absurdo").
+        "que palhacada, palhacada, que absurdo, ridiculo, que ridiculo, voces sao pessimos, pessimo atendimento, "
+        "que lixo, robo burro",
+        "a whole message that asks for a person (or is angry)",
         check=parse_phrases,
         describe="comma-separated phrases",
     )

@@ -231,6 +231,8 @@ def test_asking_for_a_person_and_coming_back() -> None:
     assert intents.of(["Quero falar com um atendente"]) == "handoff"
     assert intents.of(["oi", "ATENDENTE!"]) == "handoff"  # one message of the burst, whole
     assert intents.of(["o atendente de ontem foi ótimo"]) is None
+    assert intents.of(["Que palhaçada!!"]) == "handoff"  # angry, as a whole message
+    assert intents.of(["minha conta de luz está um absurdo"]) is None  # the bill, not us
     assert intents.of(["voltar"]) == "opt_in"
     assert intents.of(["PARAR", "atendente"]) == "opt_out"  # the lead's right first
 

@@ -87,7 +87,7 @@ def test_flatness_criterion_on_made_up_series() -> None:
     # A leak: +0.5 MB a sample after the warm-up (+22 % by the end).
     assert not _rss([100 * MB + max(0, i - 15) * 0.5 * MB + noise[i] for i in range(n)])
     # A leak of 4 MB over the run (~3 MB between the quarter medians), well inside the old
-    # fixed 10 % (~10 MB), now fails: the allowance is 2 MiB (the floor; the noise gives ~1.6).
+    # fixed 10 % (~10 MB), now fails: the allowance is 2 MiB (the floor; 4 x its noise is less).
     assert not _rss([100 * MB + max(0, i - 15) * 4 * MB / 45 + noise[i] for i in range(n)])
     # A steady climb, however small, is a leak (every quarter higher).
     assert not _rss([100 * MB + max(0, i - 15) * 0.2 * MB for i in range(n)])

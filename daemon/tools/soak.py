@@ -6,20 +6,19 @@ memory, asyncio tasks alive, open file descriptors. After a warm-up (pools, cach
 allocator arenas fill), a leak shows as a level that keeps rising, so we compare the level
 right after the warm-up with the level at the end of the run.
 
-Flatness, per series, on the samples taken under load after the warm-up, split by count
-into four quarters:
-- `warm` = the median of the first quarter, `end` = the median of the last quarter (a
-  median, so one scrape during a burst of turns or a GC pause does not decide);
-- `climbing` = the four quarter medians rise strictly, one after the other;
-- flat = `end - warm` within the allowance, and not (climbing and more than half the
-  allowance used) — a steady climb is a leak even when the run was too short to pass the
-  allowance.
-- The allowance comes from the run's own noise, not a guess: sigma = 1.4826 x the median
-  absolute deviation of each sample from its quarter's median; a quarter median's standard
-  error is 1.2533 x sigma / sqrt(n); the allowance is NOISE_SIGMAS standard errors of the
-  difference of two such medians, and at least a floor (RSS 2 MiB: it moves in
-  allocator steps, with no noise within a quarter; tasks and fds 2). Tasks and fds rise and fall with the turns in flight, so
-  their noise is large under load and small when idle; RSS moves little.
+Flatness, per series, on the samples taken under load after the warm-up:
+- `warm` = the median of the first quarter of them, `end` = the median of the last quarter
+  (a median, so one scrape during a burst of turns or a GC pause does not decide);
+- the noise comes from the run itself, not a guess: the samples are cut into 8 blocks, and
+  `noise` is the standard deviation of a block's median, estimated from the differences
+  between consecutive blocks (so a trend does not count as noise, and load that swings for
+  tens of seconds does: samples a second apart are not independent);
+- the allowance is NOISE_SIGMAS x noise (the sd of the warm-to-end difference is about
+  one block's), and at least a floor: RSS 2 MiB (it moves in allocator steps, with no noise
+  at all between steps), tasks and fds 2;
+- `climbing` = every block's median above the one before: a steady climb is a leak even
+  when the run was too short to pass the allowance;
+- flat = `end - warm` within the allowance, and not (climbing and more than half of it).
 All three series are in the verdict. Tasks also go back to the level before the load once
 the leads stop (`idle_after`)."""
 
@@ -49,7 +48,8 @@ from daemon.tools.daemons import start_daemon
 from daemon.tools.workload import Tally, Workload
 
 SERIES = {"rss_bytes": "sdr_process_rss_bytes", "tasks": "sdr_asyncio_tasks", "fds": "sdr_open_fds"}
-NOISE_SIGMAS = 5.0  # standard errors of the warm-to-end difference a series may move by
+NOISE_SIGMAS = 4.0  # standard deviations of the warm-to-end difference a series may move by
+BLOCKS = 8
 # RSS moves in allocator steps, not noise (its sigma is 0 within a quarter): the 2-minute
 # runs measured +0.07 and +0.49 MB after the warm-up. 2 MiB there catches ~80 MB an hour.
 FLOORS = {"rss_bytes": float(2 * 2**20), "tasks": 2.0, "fds": 2.0}
@@ -95,7 +95,7 @@ class Trend:
     end: float  # median of the last quarter
     growth_pct: float
     per_minute: float
-    noise: float  # sigma of one sample around its quarter's median
+    noise: float  # the standard deviation of a block's median (see the module docstring)
     allowance: float
     climbing: bool
     flat: bool
@@ -103,18 +103,16 @@ class Trend:
 
 def judge(samples: list[Sample], name: str, warmup: float, floor: float) -> Trend:
     post = [s for s in samples if s.t >= warmup]
-    if len(post) < 8:
-        raise SdrError(f"soak: only {len(post)} samples after the warm-up; need 8 (a longer run)")
+    if len(post) < BLOCKS:
+        raise SdrError(f"soak: only {len(post)} samples after the warm-up; need {BLOCKS} (a longer run)")
     n = len(post)
-    quarters = [[getattr(s, name) for s in post[i * n // 4 : (i + 1) * n // 4]] for i in range(4)]
-    times = [[s.t for s in post[i * n // 4 : (i + 1) * n // 4]] for i in range(4)]
-    medians = [statistics.median(q) for q in quarters]
-    warm, end = medians[0], medians[3]
-    minutes = (statistics.median(times[3]) - statistics.median(times[0])) / 60
-    sigma = 1.4826 * statistics.median(abs(v - m) for q, m in zip(quarters, medians, strict=True) for v in q)
-    standard_error = 1.2533 * sigma / math.sqrt(min(len(q) for q in quarters))
-    allowed = max(floor, NOISE_SIGMAS * math.sqrt(2) * standard_error)
-    climbing = all(a < b for a, b in itertools.pairwise(medians))
+    values = [getattr(s, name) for s in post]
+    warm, end = statistics.median(values[: n // 4]), statistics.median(values[3 * n // 4 :])
+    blocks = [statistics.median(values[i * n // BLOCKS : (i + 1) * n // BLOCKS]) for i in range(BLOCKS)]
+    noise = statistics.pstdev(b - a for a, b in itertools.pairwise(blocks)) / math.sqrt(2)
+    minutes = (statistics.median(s.t for s in post[3 * n // 4 :]) - statistics.median(s.t for s in post[: n // 4])) / 60
+    allowed = max(floor, NOISE_SIGMAS * noise)
+    climbing = all(a < b for a, b in itertools.pairwise(blocks))
     growth = end - warm
     flat = growth <= allowed and not (climbing and growth > allowed / 2)
     return Trend(
@@ -123,7 +121,7 @@ def judge(samples: list[Sample], name: str, warmup: float, floor: float) -> Tren
         end=end,
         growth_pct=100 * growth / warm if warm else 0.0,
         per_minute=growth / minutes if minutes > 0 else 0.0,
-        noise=sigma,
+        noise=noise,
         allowance=allowed,
         climbing=climbing,
         flat=flat,
