@@ -26,7 +26,7 @@ from daemon.handover import Intents
 from daemon.models import Takeover
 from daemon.testing.servers import background_server, quiet_server
 from daemon.tools.report import Window, build_report
-from tests.helpers import event, fetch, make_config, metric, run_daemon, run_fake_evolution, wait_for
+from tests.helpers import event, fetch, make_config, metric, run_daemon, run_fake_evolution, sdrctl, wait_for
 
 PHONE = "5511944443333"
 FIXTURES = Path(__file__).parent / "fixtures" / "evolution"
@@ -277,3 +277,24 @@ async def test_a_lead_asking_for_a_person_is_handed_over_and_the_team_is_told(cl
     assert notices[1]["lead"]["phone_number"] == PHONE and notices[1]["messages"] == ["quero falar com um atendente"]
     assert metric(scraped, "sdr_handover_total", kind="handoff") == 1
     assert metric(scraped, "sdr_handover_notices_total", outcome="sent") == 1
+
+
+async def test_leads_resume_brings_the_bot_back_to_a_running_daemon(clean: Endpoints) -> None:
+    env = {"SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url}
+    async with run_fake_evolution() as evo, run_daemon(with_evolution(clean, evo.url)) as d:
+        await post(d.url, event(PHONE, "Oi"))
+        await wait_for(lambda: asyncio.sleep(0, len(evo.sent) == 1 or None))
+        assert await post(d.url, from_me("Oi! Aqui é a Júlia, vou te atender.")) == {"status": "takeover"}
+        await post(d.url, event(PHONE, "oi Júlia"))
+        await until_turns(clean, 2)
+        code, out, err = await sdrctl("leads", "resume", PHONE, env=env)
+        assert code == 0 and "it was paused by operator" in out, (out, err)
+        await post(d.url, event(PHONE, "voltou o robô?"))
+        await wait_for(lambda: asyncio.sleep(0, len(evo.sent) == 2 or None))
+    assert (await lead(clean))["paused_until"] is None
+    events = await fetch(clean.database_url, "SELECT kind, actor FROM lead_events ORDER BY id")
+    assert [(e["kind"], e["actor"]) for e in events] == [
+        ("takeover", "operator"),
+        ("suppressed", "bot"),
+        ("resumed", "cli"),
+    ]
