@@ -237,8 +237,14 @@ def test_asking_for_a_person_and_coming_back() -> None:
     assert intents.of(["PARAR", "atendente"]) == "opt_out"  # the lead's right first
 
 
-async def test_an_ignored_number_is_never_answered(clean: Endpoints) -> None:
-    async with run_fake_evolution() as evo, run_daemon(with_evolution(clean, evo.url, SDR_HANDOVER_IGNORE=PHONE)) as d:
+@pytest.mark.parametrize("how", ["sdr.toml", "sdrctl leads ignore"])
+async def test_an_ignored_number_is_never_answered(clean: Endpoints, how: str) -> None:
+    env = {"SDR_HANDOVER_IGNORE": PHONE} if how == "sdr.toml" else {}
+    if how.startswith("sdrctl"):  # a number that never wrote: its lead row is created
+        db = {"SDR_DATABASE_URL": clean.database_url, "SDR_REDIS_URL": clean.redis_url}
+        code, out, err = await sdrctl("leads", "ignore", PHONE, env=db)
+        assert code == 0, (out, err)
+    async with run_fake_evolution() as evo, run_daemon(with_evolution(clean, evo.url, **env)) as d:
         await post(d.url, event(PHONE, "Oi, é o João do estoque"))
         [turn] = await until_turns(clean, 1)
         await asyncio.sleep(0.5)
