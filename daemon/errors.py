@@ -87,3 +87,8 @@ class SendFailed(SdrError):
 
 class MediaUnavailable(SdrError):
     """The Evolution API could not give us a media file."""
+
+
+class LeaseLapsed(SdrError):
+    """The lead's lock a send was made under lapsed (the process was frozen past its TTL):
+    not sent; whoever holds the lead now (re-delivery, under its own lock) sends it."""

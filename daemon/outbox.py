@@ -23,7 +23,7 @@ import httpx
 from daemon import unguarded
 from daemon.config import Config, Profile
 from daemon.connections import pg_boundary
-from daemon.errors import SendFailed, StageFailed
+from daemon.errors import LeaseLapsed, SendFailed, StageFailed
 from daemon.evolution import EvolutionClient
 from daemon.identity import jid
 from daemon.locks import LeadLocks, Lease
@@ -265,18 +265,24 @@ class Outbox:
         """No Evolution API configured: rows are kept for `sdrctl chat`, never sent."""
         return self.sender is None
 
-    async def attempt(self, outbox_id: int, phone: str, text: str, *, each_try: bool = False) -> str | None:
+    async def attempt(
+        self, outbox_id: int, phone: str, text: str, *, each_try: bool = False, lease: Lease | None = None
+    ) -> str | None:
         """Sends one row (the client retries what certainly did not arrive). The first try
         is on record already (the row was opened or claimed as 'sending'); with
         `each_try`, so is every retry (a turn's reply: its attempts are its tries), else a
         pass of re-delivery or a follow-up counts as one attempt. Returns the provider's
-        id; raises SendFailed, counted by kind."""
+        id; raises SendFailed, counted by kind, or LeaseLapsed when `lease` (the lead's
+        lock it is sent under) lapsed before a try: checked right before each one."""
         assert self.sender is not None
         tries = 0
 
         async def before_attempt() -> None:
             nonlocal tries
             tries += 1
+            if lease is not None and lease.lapsed and not unguarded.off("fence"):
+                self.metrics.fenced.labels("lapsed").inc()
+                raise LeaseLapsed(f"the lock of ...{phone[-4:]} lapsed before try {tries} of a send")
             if each_try and tries > 1:
                 await self.rows.record_attempt(outbox_id)
 
@@ -317,14 +323,16 @@ class Outbox:
             log.info("reply to ...%s not sent: a person took over the lead", phone[-4:])
             return
         for i, (outbox_id, text) in enumerate(parts):
-            if lease is not None and lease.lapsed and not unguarded.off("fence"):
-                for later, _ in parts[i:]:
+            try:  # the client has its own timeouts, per attempt
+                provider_id = await self._part(outbox_id, phone, text, first=i == 0, clock=clock, lease=lease)
+            except LeaseLapsed:
+                # This part may have had a try before (looked up before any re-send); the
+                # ones after it certainly did not.
+                await self.rows.postpone(outbox_id, "the turn's lock lapsed before its send", 0, uncertain=True)
+                for later, _ in parts[i + 1 :]:
                     await self.rows.postpone(later, "the turn's lock lapsed before its send", 0)
-                self.metrics.fenced.labels("lapsed").inc()
                 log.warning("a reply to ...%s left to re-delivery: its turn's lock lapsed", phone[-4:])
                 return
-            try:  # the client has its own timeouts, per attempt
-                provider_id = await clock.run("send", self._part(outbox_id, phone, text, first=i == 0), None)
             except StageFailed as exc:
                 cause = exc.__cause__
                 if not isinstance(cause, SendFailed):  # not a send error the client knows: unknown
@@ -349,12 +357,23 @@ class Outbox:
             else:
                 await self.rows.delivered([outbox_id], Status.SENT, provider_id=provider_id)
 
-    async def _part(self, outbox_id: int, phone: str, text: str, *, first: bool) -> str | None:
+    async def _part(
+        self, outbox_id: int, phone: str, text: str, *, first: bool, clock: StageClock, lease: Lease | None
+    ) -> str | None:
         """A reply's part: the first is 'sending' since its turn was written; a later one
-        is put on record as it starts."""
+        is put on record as it starts. Timed as the turn's 'send' stage; a lapsed lease is
+        not a send failure and goes through as LeaseLapsed."""
+        if lease is not None and lease.lapsed and not unguarded.off("fence"):
+            self.metrics.fenced.labels("lapsed").inc()
+            raise LeaseLapsed(f"the lock of ...{phone[-4:]} lapsed before its send")
         if not first:
             await self.rows.record_attempt(outbox_id)
-        return await self.attempt(outbox_id, phone, text, each_try=True)
+        try:
+            return await clock.run("send", self.attempt(outbox_id, phone, text, each_try=True, lease=lease), None)
+        except StageFailed as exc:
+            if isinstance(exc.__cause__, LeaseLapsed):
+                raise exc.__cause__ from None
+            raise
 
     async def redeliver(self) -> None:
         """The re-delivery job: rows that did not go out are sent again, in order, under
@@ -368,15 +387,15 @@ class Outbox:
         for outbox_id, phone, body, status, created, lid in rows:
             by_lead.setdefault(phone, []).append((outbox_id, body, status, created, lid))
         for phone, replies in by_lead.items():
-            async with self.locks.held(phone) as got:
-                if not got:
+            async with self.locks.held(phone) as lease:
+                if lease is None:
                     continue  # a live turn is sending: next pass
                 for outbox_id, body, status, created, lid in replies:
-                    if not await self._resend(outbox_id, phone, body, status, created, lid):
+                    if not await self._resend(outbox_id, phone, body, status, created, lid, lease):
                         break  # keep the lead's replies in order
 
     async def _resend(
-        self, outbox_id: int, phone: str, body: str, status: Status, created: datetime, lid: str | None
+        self, outbox_id: int, phone: str, body: str, status: Status, created: datetime, lid: str | None, lease: Lease
     ) -> bool:
         """One row of re-delivery; False when it failed (the lead's later rows wait)."""
         assert self.uncertain is not None
@@ -392,7 +411,9 @@ class Outbox:
         if not await self.rows.claim_redelivery(outbox_id, status):
             return True  # another daemon's job got it first
         try:
-            provider_id = await self.attempt(outbox_id, phone, body)
+            provider_id = await self.attempt(outbox_id, phone, body, lease=lease)
+        except LeaseLapsed:  # frozen past the lock: left 'sending', looked up before a re-send
+            return False
         except SendFailed as exc:
             await self.file_failure(outbox_id, phone, exc)
             self.metrics.sends.labels("redelivery_failed").inc()

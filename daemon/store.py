@@ -7,6 +7,7 @@ Timeouts come from the profile."""
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any, cast
 
 import asyncpg
@@ -454,14 +455,18 @@ class Store:
             )
         )
 
-    async def discard_reply(self, lead_id: int, message_ids: list[int], reason: str, agent_ms: float | None) -> None:
+    async def discard_reply(
+        self, lead_id: int, message_ids: list[int], reason: str, agent_ms: float | None, started_at: datetime
+    ) -> None:
         """A reply the agent wrote, thrown away: an agent call paid for and unread."""
         await self.pool.execute(
-            "INSERT INTO discarded_replies (lead_id, message_ids, reason, agent_ms) VALUES ($1, $2, $3, $4)",
+            """INSERT INTO discarded_replies (lead_id, message_ids, reason, agent_ms, started_at)
+               VALUES ($1, $2, $3, $4, $5)""",
             lead_id,
             message_ids,
             reason,
             agent_ms,
+            started_at,
             timeout=self.timeout,
         )
 

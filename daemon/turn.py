@@ -178,7 +178,13 @@ class TurnRunner:
             await children.stop(kb_task)  # unused if the agent did not need it
 
         if speculative and await clock.run("hold", self._overtaken(phone, burst), None):
-            await self._discard(phone, burst, clock, presence, children, "newer_message")
+            # A turn that lost its lease meanwhile says so, whatever else stopped it.
+            lapsed = fence is not None and lease.lapsed
+            await self._discard(
+                phone, burst, clock, presence, children, "lapsed" if lapsed else "newer_message", started
+            )
+            if lapsed:
+                await self._fenced(phone, "lapsed")
             return None
 
         local = self.outbox.local
@@ -208,7 +214,7 @@ class TurnRunner:
             cache_misses=clock.cache_misses,
         )
         if fence is not None and lease.lapsed:  # paused past the lock's TTL: another turn may answer
-            await self._discard(phone, burst, clock, presence, children, "lapsed")
+            await self._discard(phone, burst, clock, presence, children, "lapsed", started)
             await self._fenced(phone, "lapsed")
             return None
         done = await clock.run(
@@ -219,11 +225,11 @@ class TurnRunner:
                 await children.stop(presence)
             return await self._silent(phone, burst, "paused", fence)
         if done == "fenced":  # a newer turn holds the lead, or answered these messages
-            await self._discard(phone, burst, clock, presence, children, "fenced")
+            await self._discard(phone, burst, clock, presence, children, "fenced", started)
             await self._fenced(phone, "fenced")
             return None
         if done == "newer_message":  # stored after the last look: it is answered with the rest
-            await self._discard(phone, burst, clock, presence, children, done)
+            await self._discard(phone, burst, clock, presence, children, done, started)
             return None
         if self.planner is not None and self.followup_store is not None:
             try:
@@ -333,6 +339,7 @@ class TurnRunner:
         presence: asyncio.Task[None] | None,
         children: Children,
         reason: str,
+        started: datetime,
     ) -> None:
         """A reply not sent: overtaken by a newer message ('newer_message'), or written by a
         turn that no longer holds the lead ('lapsed', 'fenced'). Thrown away, and counted
@@ -342,7 +349,9 @@ class TurnRunner:
         if presence is not None:
             await children.stop(presence)
         self.metrics.discarded.labels(reason).inc()
-        await self.store.discard_reply(burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"))
+        await self.store.discard_reply(
+            burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"), started
+        )
         if self.buffer is not None:
             await self.buffer.add_if_absent(phone, self.profile.buffer.quiet_window)
         log.info("reply for ...%s thrown away: %s", phone[-4:], reason)

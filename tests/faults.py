@@ -291,10 +291,17 @@ async def verify(c: Cluster, w: Workload, scenario: str) -> dict[str, Any]:
             """SELECT m.provider_id, m.received_at, m.turn_id, t.written_at FROM messages m
                  LEFT JOIN turns t ON t.id = m.turn_id WHERE m.direction = 'in' ORDER BY m.received_at"""
         )
+        # Every execution of a lead's turn: those written (start to write) and those whose
+        # reply was thrown away (start to discard). None may overlap another of its lead,
+        # except one that stopped on its own fence (its lease lapsed: a frozen process).
         overlaps = await conn.fetchval(
-            """SELECT count(*) FROM turns a JOIN turns b
-                 ON a.lead_id = b.lead_id AND a.id < b.id
-                AND a.started_at < b.finished_at AND b.started_at < a.finished_at"""
+            """WITH runs AS (
+                   SELECT lead_id, started_at AS a, coalesce(written_at, finished_at) AS b FROM turns
+                   UNION ALL
+                   SELECT lead_id, started_at, discarded_at FROM discarded_replies
+                    WHERE started_at IS NOT NULL AND reason NOT IN ('lapsed', 'fenced'))
+               SELECT count(*) FROM runs x JOIN runs y
+                 ON x.lead_id = y.lead_id AND (x.a, x.b) < (y.a, y.b) AND x.a < y.b AND y.a < x.b"""
         )
         stopped = dict(
             await conn.fetch(

@@ -37,7 +37,7 @@ PAUSED = 1  # the daemon frozen mid-run...
 FREEZES = 2  # ...twice
 # What each guard's absence must show (any one of them).
 BREAKS = {
-    "lock": ("turns of running daemons fenced",),
+    "lock": ("turns of running daemons fenced", "overlapping turns"),
     "fence": ("answered twice", "duplicates", "overlapping turns"),
 }
 SAFETY = (

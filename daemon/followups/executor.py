@@ -19,12 +19,12 @@ from typing import Any
 
 from daemon import unguarded
 from daemon.config import Config
-from daemon.errors import SendFailed
+from daemon.errors import LeaseLapsed, SendFailed
 from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.followups.planner import QUALIFYING, SILENCE_KINDS, Planner
 from daemon.followups.store import Claimed, FollowUpStore
 from daemon.followups.templates import render, values_for
-from daemon.locks import LeadLocks
+from daemon.locks import LeadLocks, Lease
 from daemon.metrics import Metrics
 from daemon.outbox import Outbox, Status
 
@@ -95,7 +95,7 @@ class FollowUpExecutor:
             if fence is not None and (lease.lapsed or not await self.outbox.rows.take_fence(f.phone, fence)):
                 self.metrics.fenced.labels("lapsed" if lease.lapsed else "fenced").inc()
                 return await self._busy(f, now)
-            return await self._send(f, lead, fence)
+            return await self._send(f, lead, fence, lease)
 
     async def _busy(self, f: Claimed, now: datetime) -> str:
         await self.store.retry_at(f, now + timedelta(seconds=self.knobs.busy_delay), now, None, attempt=False)
@@ -118,7 +118,7 @@ class FollowUpExecutor:
                 return "the meeting is past"
         return None
 
-    async def _send(self, f: Claimed, lead: dict[str, Any], fence: int | None) -> str:
+    async def _send(self, f: Claimed, lead: dict[str, Any], fence: int | None, lease: Lease) -> str:
         now = self.clock()
         meeting = lead.get("meeting_at")
         text = render(
@@ -136,7 +136,10 @@ class FollowUpExecutor:
         provider_id = None
         if not local:
             try:
-                provider_id = await outbox.attempt(outbox_id, f.phone, text)
+                provider_id = await outbox.attempt(outbox_id, f.phone, text, lease=lease)
+            except LeaseLapsed:  # frozen past the lock: this row did not go; the follow-up is retried
+                await rows.delivered([outbox_id], Status.FAILED, error="its lock lapsed before the send")
+                return await self._busy(f, now)
             except SendFailed as exc:
                 if exc.uncertain:
                     outcome, provider_id = await outbox.settle(f.phone, text, now)
