@@ -4,7 +4,7 @@ importing each other."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -65,6 +65,9 @@ class KbEntry:
 
 @dataclass(frozen=True)
 class TurnRecord:
+    """What a turn writes. `of(burst, ...)` fills in what the burst says; the rest defaults
+    to a turn without stages or reply (a silent one)."""
+
     lead_id: int
     conversation_id: int
     message_ids: list[int]
@@ -72,21 +75,39 @@ class TurnRecord:
     last_message_at: datetime
     started_at: datetime
     finished_at: datetime
-    buffer_wait_ms: float
-    window_ms: float
-    stages: dict[str, float]
-    timeouts: list[str]
-    failures: list[str]
-    agent_backend: str
-    outcome: str
-    reply: str
-    parts: list[str]  # the reply as WhatsApp messages (split on sentence boundaries)
     phone: str
-    outbox_status: str  # daemon.outbox.Status: PENDING (to be sent) or LOCAL (kept for `sdrctl chat`)
-    response_ms: float | None  # known now for local replies; set on delivery otherwise
-    lead_updates: dict[str, Any]
-    cache_hits: int
-    cache_misses: int
+    outbox_status: str  # daemon.outbox.Status: PENDING (to be sent), LOCAL (`sdrctl chat`), SUPPRESSED
+    buffer_wait_ms: float = 0.0
+    window_ms: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    timeouts: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    agent_backend: str = "none"
+    outcome: str = "ok"
+    reply: str = ""
+    parts: list[str] = field(default_factory=list)  # the reply as WhatsApp messages (split on sentence boundaries)
+    response_ms: float | None = None  # known now for local replies; set on delivery otherwise
+    lead_updates: dict[str, Any] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    @classmethod
+    def of(
+        cls, burst: list[PendingMessage], phone: str, started: datetime, finished: datetime, status: str, **rest: Any
+    ) -> TurnRecord:
+        first, last = burst[0], burst[-1]
+        return cls(
+            lead_id=first.lead_id,
+            conversation_id=first.conversation_id,
+            message_ids=[m.id for m in burst],
+            first_message_at=first.received_at,
+            last_message_at=last.received_at,
+            started_at=started,
+            finished_at=finished,
+            phone=phone,
+            outbox_status=status,
+            **rest,
+        )
 
 
 # Why a turn's write was refused: its fencing token is not the lead's newest, or another

@@ -189,14 +189,12 @@ class TurnRunner:
 
         local = self.outbox.local
         finished = self.clock()
-        record = TurnRecord(
-            lead_id=first.lead_id,
-            conversation_id=first.conversation_id,
-            message_ids=[m.id for m in burst],
-            first_message_at=first.received_at,
-            last_message_at=last.received_at,
-            started_at=started,
-            finished_at=finished,
+        record = TurnRecord.of(
+            burst,
+            phone,
+            started,
+            finished,
+            Status.LOCAL if local else Status.PENDING,
             buffer_wait_ms=(started - last.received_at).total_seconds() * 1000,
             window_ms=self._window(first, last) * 1000,
             stages=clock.times,
@@ -206,8 +204,6 @@ class TurnRunner:
             outcome=outcome,
             reply=text,
             parts=split_message(text, p.limits.max_message_length),
-            phone=phone,
-            outbox_status=Status.LOCAL if local else Status.PENDING,
             response_ms=(finished - last.received_at).total_seconds() * 1000 if local else None,
             lead_updates=updates,
             cache_hits=clock.cache_hits,
@@ -272,31 +268,8 @@ class TurnRunner:
     async def _silent(self, phone: str, burst: list[PendingMessage], why: str, fence: int | None) -> bool | None:
         """A burst the bot does not answer (the lead is paused, or ignored): stored, shown
         in `sdrctl leads show`, and marked handled by a turn without a reply."""
-        now, first, last = self.clock(), burst[0], burst[-1]
-        record = TurnRecord(
-            lead_id=first.lead_id,
-            conversation_id=first.conversation_id,
-            message_ids=[m.id for m in burst],
-            first_message_at=first.received_at,
-            last_message_at=last.received_at,
-            started_at=now,
-            finished_at=now,
-            buffer_wait_ms=0.0,
-            window_ms=0.0,
-            stages={},
-            timeouts=[],
-            failures=[],
-            agent_backend="none",
-            outcome=why,
-            reply="",
-            parts=[],
-            phone=phone,
-            outbox_status=Status.SUPPRESSED,
-            response_ms=None,
-            lead_updates={},
-            cache_hits=0,
-            cache_misses=0,
-        )
+        now = self.clock()
+        record = TurnRecord.of(burst, phone, now, now, Status.SUPPRESSED, outcome=why)
         if not await self.store.silent_turn(record, fence):
             await self._fenced(phone, "fenced")
             return None

@@ -26,31 +26,7 @@ PHONE = "5511955554444"
 
 def record(burst: list[Any], reply: str, **updates: Any) -> TurnRecord:
     now = datetime.now(UTC)
-    first, last = burst[0], burst[-1]
-    return TurnRecord(
-        lead_id=first.lead_id,
-        conversation_id=first.conversation_id,
-        message_ids=[m.id for m in burst],
-        first_message_at=first.received_at,
-        last_message_at=last.received_at,
-        started_at=now,
-        finished_at=now,
-        buffer_wait_ms=0.0,
-        window_ms=0.0,
-        stages={},
-        timeouts=[],
-        failures=[],
-        agent_backend="test",
-        outcome="ok",
-        reply=reply,
-        parts=[reply],
-        phone=PHONE,
-        outbox_status=Status.PENDING,
-        response_ms=None,
-        lead_updates=updates,
-        cache_hits=0,
-        cache_misses=0,
-    )
+    return TurnRecord.of(burst, PHONE, now, now, Status.PENDING, reply=reply, parts=[reply], lead_updates=updates)
 
 
 async def test_only_the_newest_token_writes_and_only_unanswered_messages(clean: Endpoints) -> None:
