@@ -139,6 +139,10 @@ class AgentSettings:
     model: str = knob("gpt-4o-mini", "openai backend: the model")
     api_key_env: str = knob("OPENAI_API_KEY", "openai backend: environment variable holding the key")
     temperature: float = knob(0.3, "openai backend: sampling temperature", min=0, max=2)
+    price_in: float = knob(
+        0.0, "a million prompt tokens, in the currency the provider bills; 0 = costs not computed", min=0, max=10**6
+    )
+    price_out: float = knob(0.0, "a million completion tokens, likewise", min=0, max=10**6)
     max_tokens: int = knob(400, "openai backend: longest reply", unit="tokens", min=16, max=8192)
     transcription_url: str = knob(
         "",

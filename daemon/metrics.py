@@ -48,6 +48,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.agent_tokens = Counter(
+            "sdr_agent_tokens_total",
+            "Tokens the agent's model billed, by kind (prompt, completion)",
+            ["kind"],
+            registry=r,
+        )
+        self.agent_cost = Counter(
+            "sdr_agent_cost_total", "What the agent's model billed, at [agent] price_in/price_out", registry=r
+        )
         self.handover = Counter(
             "sdr_handover_total",
             "People beside the bot: takeover (a person wrote from the business phone), handoff (the bot"

@@ -90,6 +90,9 @@ class TurnRecord:
     lead_updates: dict[str, Any] = field(default_factory=dict)
     cache_hits: int = 0
     cache_misses: int = 0
+    prompt_tokens: int | None = None  # what the agent's model billed (None: no model)
+    completion_tokens: int | None = None
+    cost: float | None = None  # at [agent] price_in/price_out; None when not priced
 
     @classmethod
     def of(

@@ -171,6 +171,7 @@ class Runtime:
             buffer=self.buffer,
             handover=cfg.handover,
             notifier=self.notifier,
+            prices=(cfg.agent.price_in, cfg.agent.price_out),
         )
         stack.push_async_callback(self.runner.close)
         self.followups = FollowUpExecutor(

@@ -114,9 +114,10 @@ WITH l AS ({_LEAD_NOW}
     -- (the last check before it is sent; nothing at all is written otherwise).
     INSERT INTO turns (lead_id, conversation_id, messages_joined, first_message_at,
         last_message_at, started_at, finished_at, buffer_wait_ms, stages, timeouts, failures,
-        agent_backend, outcome, response_ms, cache_hits, cache_misses, window_ms, fence)
+        agent_backend, outcome, response_ms, cache_hits, cache_misses, window_ms, fence,
+        prompt_tokens, completion_tokens, cost)
     SELECT $1, $2, cardinality($17::bigint[]), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-           $14, $15, $22, $24
+           $14, $15, $22, $24, $27::integer, $28::integer, $29::numeric
       FROM l
      WHERE {_WRITABLE}
        AND NOT ($23::boolean AND EXISTS ({_NEWER}))
@@ -436,6 +437,9 @@ class Store:
             fence,
             event[0] if event else None,
             event[1] if event else None,
+            t.prompt_tokens,
+            t.completion_tokens,
+            t.cost,
             timeout=self.timeout,
         )
         assert row is not None
@@ -456,17 +460,26 @@ class Store:
         )
 
     async def discard_reply(
-        self, lead_id: int, message_ids: list[int], reason: str, agent_ms: float | None, started_at: datetime
+        self,
+        lead_id: int,
+        message_ids: list[int],
+        reason: str,
+        agent_ms: float | None,
+        started_at: datetime,
+        tokens: tuple[int | None, int | None, float | None] = (None, None, None),
     ) -> None:
-        """A reply the agent wrote, thrown away: an agent call paid for and unread."""
+        """A reply the agent wrote, thrown away: an agent call paid for and unread
+        (`tokens`: prompt, completion and cost, as on a turn)."""
         await self.pool.execute(
-            """INSERT INTO discarded_replies (lead_id, message_ids, reason, agent_ms, started_at)
-               VALUES ($1, $2, $3, $4, $5)""",
+            """INSERT INTO discarded_replies (lead_id, message_ids, reason, agent_ms, started_at,
+                                              prompt_tokens, completion_tokens, cost)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
             lead_id,
             message_ids,
             reason,
             agent_ms,
             started_at,
+            *tokens,
             timeout=self.timeout,
         )
 

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from daemon import unguarded
-from daemon.agents import Agent, AgentReply, TurnInput
+from daemon.agents import Agent, AgentReply, TurnInput, Usage
 from daemon.buffer import MessageBuffer, window_for
 from daemon.cache import TwoTierCache
 from daemon.config import HandoverSettings, Profile, parse_phones
@@ -36,6 +36,7 @@ from daemon.store import LEAD_COLUMNS, Store, tsquery_any
 from daemon.tasks import Children, cancel_and_wait
 
 log = logging.getLogger("sdr.turn")
+Tokens = tuple[int | None, int | None, float | None]  # prompt, completion, cost
 
 FALLBACK = "Oi! Recebi sua mensagem 😊 Estou verificando algumas informações e já te respondo por aqui."
 
@@ -59,6 +60,7 @@ class TurnRunner:
         buffer: MessageBuffer | None = None,
         handover: HandoverSettings | None = None,
         notifier: Notifier | None = None,
+        prices: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         self.store = store
         # With [buffer] speculate, where a finished reply learns whether the lead wrote again
@@ -83,6 +85,7 @@ class TurnRunner:
         self.ignored = frozenset(parse_phones(self.handover.ignore))  # sdr.toml's; the table has the rest
         self.intents = Intents.from_knobs(profile.handover)
         self.notifier = notifier  # hand-off notices, sent in the background
+        self.prices = prices  # [agent] price_in, price_out: per million tokens
 
     async def run(self, phone: str, only: int | None) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
@@ -154,6 +157,7 @@ class TurnRunner:
 
         outcome, event = "ok", None
         updates: dict[str, Any] = {}
+        tokens: Tokens = (None, None, None)  # what the model billed, if one was asked
         try:
             lead, history = await clock.run("context", self._context(phone, first, clock), t.personalization)
             if intent == "opt_in" and not lead.get("opted_out_at"):
@@ -165,6 +169,7 @@ class TurnRunner:
                     reply: AgentReply = await clock.run(
                         "agent", self.agent.respond(TurnInput(lead, texts, history, knowledge, media)), t.agent
                     )
+                tokens = self._billed(reply.usage)
                 # What a bill photo showed goes on the lead, unless the agent learnt better.
                 # Only the qualification fields: an agent never pauses or opts out a lead.
                 agent_updates = {k: v for k, v in reply.lead_updates.items() if k in LEAD_COLUMNS}
@@ -208,9 +213,12 @@ class TurnRunner:
             lead_updates=updates,
             cache_hits=clock.cache_hits,
             cache_misses=clock.cache_misses,
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+            cost=tokens[2],
         )
         if fence is not None and lease.lapsed:  # paused past the lock's TTL: another turn may answer
-            await self._discard(phone, burst, clock, presence, children, "lapsed", started)
+            await self._discard(phone, burst, clock, presence, children, "lapsed", started, tokens)
             await self._fenced(phone, "lapsed")
             return None
         done = await clock.run(
@@ -221,11 +229,11 @@ class TurnRunner:
                 await children.stop(presence)
             return await self._silent(phone, burst, "paused", fence)
         if done == "fenced":  # a newer turn holds the lead, or answered these messages
-            await self._discard(phone, burst, clock, presence, children, "fenced", started)
+            await self._discard(phone, burst, clock, presence, children, "fenced", started, tokens)
             await self._fenced(phone, "fenced")
             return None
         if done == "newer_message":  # stored after the last look: it is answered with the rest
-            await self._discard(phone, burst, clock, presence, children, done, started)
+            await self._discard(phone, burst, clock, presence, children, done, started, tokens)
             return None
         if self.planner is not None and self.followup_store is not None:
             try:
@@ -252,6 +260,18 @@ class TurnRunner:
             parts = list(zip(done.outbox_ids, record.parts, strict=True))
             await self.outbox.send_reply(phone, parts, done.turn_id, last.received_at, clock, lease)
         return True
+
+    def _billed(self, usage: Usage | None) -> Tokens:
+        """An agent call's tokens and cost, counted in /metrics as it is paid for (whether
+        its reply is sent or thrown away)."""
+        if usage is None:
+            return (None, None, None)
+        cost = usage.cost(*self.prices)
+        self.metrics.agent_tokens.labels("prompt").inc(usage.prompt)
+        self.metrics.agent_tokens.labels("completion").inc(usage.completion)
+        if cost is not None:
+            self.metrics.agent_cost.inc(cost)
+        return (usage.prompt, usage.completion, cost)
 
     def _step_back(self, intent: Intent, now: datetime) -> tuple[str, dict[str, Any], tuple[str, str]]:
         """The reply, lead updates and event of a whole-message intent: the lead's opt-out
@@ -313,6 +333,7 @@ class TurnRunner:
         children: Children,
         reason: str,
         started: datetime,
+        tokens: Tokens = (None, None, None),
     ) -> None:
         """A reply not sent: overtaken by a newer message ('newer_message'), or written by a
         turn that no longer holds the lead ('lapsed', 'fenced'). Thrown away, and counted
@@ -323,7 +344,7 @@ class TurnRunner:
             await children.stop(presence)
         self.metrics.discarded.labels(reason).inc()
         await self.store.discard_reply(
-            burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"), started
+            burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"), started, tokens
         )
         if self.buffer is not None:
             await self.buffer.add_if_absent(phone, self.profile.buffer.quiet_window)

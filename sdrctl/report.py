@@ -139,7 +139,26 @@ def print_report(r: Report) -> None:
     out.print(f"outcomes: {outcomes}")
     out.print(burst_table(r))
     out.print(handover_line(r))
+    if r.agent.calls:
+        out.print(agent_line(r))
     out.print(slowest_table(r))
+
+
+def agent_line(r: Report) -> str:
+    a, d = r.agent, r.agent.to_dict()
+    per_turn = d["tokens_per_turn"]
+    line = (
+        f"agent model: {a.calls:,} call(s), {a.prompt_tokens:,} prompt + {a.completion_tokens:,} completion tokens"
+        + (f" ({per_turn:,.0f} per turn)" if per_turn is not None else "")
+    )
+    if a.cost is None:
+        return line + "; cost not computed (set [agent] price_in and price_out)"
+    per_lead = d["cost_per_qualified_lead"]
+    return (
+        line
+        + f"; cost {a.cost:,.4f} ({d['cost_per_turn']:,.5f} per turn"
+        + (f", {per_lead:,.4f} per qualified lead)" if per_lead is not None else ", no lead booked a meeting)")
+    )
 
 
 def handover_line(r: Report) -> str:

@@ -230,6 +230,29 @@ async def test_json_has_stable_keys_and_check_exits_1_only_on_a_miss(clean: Endp
         "histogram",
         "followups",
         "bursts",
+        "handover",
+        "agent",
+    }
+    assert set(doc["handover"]) == {
+        "takeover",
+        "handoff",
+        "opt_out",
+        "opt_in",
+        "suppressed",
+        "paused",
+        "resumed",
+        "ignored",
+        "forgotten",
+    }
+    assert set(doc["agent"]) == {
+        "calls",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+        "tokens_per_turn",
+        "cost_per_turn",
+        "qualified_leads",
+        "cost_per_qualified_lead",
     }
     assert set(doc["bursts"]) == {
         "interrupt_window_s",

@@ -30,6 +30,23 @@ class TurnInput:
 class AgentReply:
     text: str
     lead_updates: dict[str, Any] = field(default_factory=dict)
+    usage: Usage | None = None  # what the model billed for this reply (None: no model)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of one agent call: from the API's `usage`, or counted (about 4 characters a
+    token, `estimated`) when the answer has none."""
+
+    prompt: int
+    completion: int
+    estimated: bool = False
+
+    def cost(self, price_in: float, price_out: float) -> float | None:
+        """At [agent] price_in/price_out per million tokens; None when neither is set."""
+        if not (price_in or price_out):
+            return None
+        return (self.prompt * price_in + self.completion * price_out) / 1_000_000
 
 
 class Agent(Protocol):

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from daemon.agents import AgentReply, TurnInput
+from daemon.agents import AgentReply, TurnInput, Usage
 from daemon.agents.playbook import extract_money, extract_name
 from daemon.config import Config
 from daemon.errors import AgentError
@@ -84,13 +84,14 @@ class OpenAIAgent:
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
-        text = self._content(await self._post(body))
+        data = await self._post(body)
+        text = self._content(data)
         updates: dict[str, Any] = {}
         if not turn.lead.get("name") and (name := extract_name(burst, loose=False)):
             updates["name"] = name
         if value := extract_money(burst, loose=False):
             updates["bill_value"] = value
-        return AgentReply(text, updates)
+        return AgentReply(text, updates, usage_of(data, body, text))
 
     def messages(
         self, turn: TurnInput, burst: str, entries: list[KbEntry], photos: list[bytes] | None = None
@@ -143,6 +144,18 @@ class OpenAIAgent:
 
     def _one_line(self, what: object) -> str:
         return one_line(what, self._key)
+
+
+def usage_of(data: Any, body: dict[str, Any], text: str) -> Usage:
+    """The answer's `usage`; counted (about 4 characters a token) when it has none, as
+    some OpenAI-compatible servers omit it."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int) and prompt >= 0 and completion >= 0:
+            return Usage(prompt, completion)
+    sent = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
+    return Usage(-(-sent // 4), -(-len(text) // 4), estimated=True)
 
 
 def context(lead: dict[str, Any], entries: list[KbEntry]) -> str:

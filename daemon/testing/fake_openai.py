@@ -32,6 +32,7 @@ class FakeOpenAI:
 
     url: str = ""  # base URL, ending in /v1
     requests: list[dict[str, Any]] = field(default_factory=list)  # {"body", "authorization"}
+    usages: list[dict[str, int]] = field(default_factory=list)  # the `usage` of each completion answered
     status: int = 200
     delay: float = 0.0
     content: str | None = "Olá! Eu sou a Sol ☀️ Como posso te chamar?"
@@ -86,8 +87,10 @@ class FakeOpenAI:
         return None
 
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        # Words, not a tokenizer's tokens: enough to check that usage is read and priced.
         prompt = sum(len(str(m.get("content") or "").split()) for m in body.get("messages", []))
         answer = len((self.content or "").split())
+        self.usages.append({"prompt_tokens": prompt, "completion_tokens": answer})
         return {
             "id": f"chatcmpl-fake{next(_ids):08d}",
             "object": "chat.completion",

@@ -239,6 +239,36 @@ class BurstStats:
 
 
 @dataclass(frozen=True)
+class AgentSpend:
+    """What the agent's model billed in the window: the turns' calls and those whose reply
+    was thrown away (both paid for). `cost` is None when no price is set ([agent] price_in,
+    price_out); a qualified lead is one with a meeting booked."""
+
+    calls: int = 0  # agent calls that reported usage
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float | None = None
+    turns: int = 0
+    qualified_leads: int = 0
+
+    def per(self, n: int, value: float | None) -> float | None:
+        return None if value is None or n == 0 else value / n
+
+    def to_dict(self) -> dict[str, Any]:
+        tokens = self.prompt_tokens + self.completion_tokens
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost": self.cost,
+            "tokens_per_turn": self.per(self.turns, tokens),
+            "cost_per_turn": self.per(self.turns, self.cost),
+            "qualified_leads": self.qualified_leads,
+            "cost_per_qualified_lead": self.per(self.qualified_leads, self.cost),
+        }
+
+
+@dataclass(frozen=True)
 class Report:
     window: Window
     turns: int
@@ -257,6 +287,7 @@ class Report:
     # People beside the bot (lead_events in the window): takeover, handoff, opt_out,
     # opt_in, suppressed (a burst or reply not answered: the lead was paused or ignored)...
     handover: dict[str, int] = field(default_factory=dict)
+    agent: AgentSpend = field(default_factory=AgentSpend)
 
     @property
     def empty(self) -> bool:
@@ -322,6 +353,7 @@ class Report:
             },
             "bursts": self.bursts.to_dict(),
             "handover": {k: self.handover.get(k, 0) for k in HANDOVER_KINDS},
+            "agent": self.agent.to_dict(),
         }
 
 
@@ -420,6 +452,17 @@ SELECT i.stage, count(*) FILTER (WHERE i.kind = 'timeout') AS timeouts,
 """
 
 HANDOVER_KINDS = ("takeover", "handoff", "opt_out", "opt_in", "suppressed", "paused", "resumed", "ignored", "forgotten")
+AGENT_SPEND = f"""
+WITH calls AS (
+    SELECT prompt_tokens, completion_tokens, cost FROM turns WHERE {RANGE} AND prompt_tokens IS NOT NULL
+    UNION ALL
+    SELECT prompt_tokens, completion_tokens, cost FROM discarded_replies
+     WHERE discarded_at >= $1 AND discarded_at < $2 AND prompt_tokens IS NOT NULL)
+SELECT count(*) AS calls, coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion,
+       sum(cost)::float8 AS cost,
+       (SELECT count(DISTINCT t.lead_id) FROM turns t JOIN leads l ON l.id = t.lead_id
+         WHERE t.finished_at >= $1 AND t.finished_at < $2 AND l.meeting_at IS NOT NULL) AS qualified
+  FROM calls"""
 HANDOVER = "SELECT kind, count(*) AS n FROM lead_events WHERE at >= $1 AND at < $2 GROUP BY kind"
 OUTCOMES = f"SELECT outcome, count(*) AS n FROM turns WHERE {RANGE} GROUP BY outcome ORDER BY outcome"
 
@@ -570,6 +613,8 @@ async def build_report(
         await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
         followups = await _followups(conn, args)
         handover = {r["kind"]: r["n"] for r in await conn.fetch(HANDOVER, *args)}
+        spend = await conn.fetchrow(AGENT_SPEND, *args)
+        assert spend is not None
         keys = sorted((r["k"] for r in await conn.fetch(STAGE_KEYS, *args)), key=stage_sort_key)
         columns = "".join(STAGE_COLUMNS.format(n=i + 3, i=i) for i in range(len(keys)))
         row = await conn.fetchrow(TOTALS.format(stages=columns), *args, *keys)
@@ -579,6 +624,9 @@ async def build_report(
         bursts = BurstStats(interrupt_window, row["turns"], b["replies"], b["interrupted"], b["discarded"])
         if row["turns"] == 0:
             return Report(window, 0, kpis(slo), followups=followups, bursts=bursts, handover=handover)
+        agent = AgentSpend(
+            spend["calls"], spend["prompt"], spend["completion"], spend["cost"], row["turns"], spend["qualified"]
+        )
         p50, p95, p99 = row["response"] if row["responded"] else (None, None, None)
         peak = await conn.fetchval(PEAK, *args)
         stages = _stages(keys, row, await conn.fetch(INCIDENTS, *args))
@@ -628,6 +676,7 @@ async def build_report(
         followups=followups,
         bursts=bursts,
         handover=handover,
+        agent=agent,
     )
 
 
