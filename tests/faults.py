@@ -123,7 +123,8 @@ class Cluster:
 
     async def probe(self, i: int) -> int:
         """A webhook posted to daemon i (while a dependency is down: it must get 503)."""
-        body = event("5511900000000", "oi, tem alguém aí?", message_id=f"PROBE{len(self.probes)}")
+        # Lead 0's phone; not a phrase that asks for a person ("tem alguém aí?" would pause it).
+        body = event("5511900000000", "oi, tudo bem por aí?", message_id=f"PROBE{len(self.probes)}")
         self.probes.append(body["data"]["key"]["id"])
         self._probe_bodies.append(body)
         async with httpx.AsyncClient() as http:
@@ -287,6 +288,12 @@ async def verify(c: Cluster, w: Workload, scenario: str) -> dict[str, Any]:
         )
         outbox = await conn.fetch("SELECT phone_number, body, status FROM outbox")
         turns = await conn.fetchval("SELECT count(*) FROM turns")
+        # A turn that wrote no reply (only a paused or ignored lead's may: none here).
+        mute = await conn.fetchval(
+            """SELECT count(*) FROM turns t
+                WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.turn_id = t.id)
+                  AND t.outcome NOT IN ('paused', 'ignored')"""
+        )
         arrivals = await conn.fetch(
             """SELECT m.provider_id, m.received_at, m.turn_id, t.written_at FROM messages m
                  LEFT JOIN turns t ON t.id = m.turn_id WHERE m.direction = 'in' ORDER BY m.received_at"""
@@ -333,6 +340,7 @@ async def verify(c: Cluster, w: Workload, scenario: str) -> dict[str, Any]:
         "duplicates": sum(max(0, n - expected[k]) for k, n in delivered.items()),
         "answered twice": answered_twice,
         "unanswered": unanswered,
+        "turns without a reply": mute,
         "replies not delivered": sum(1 for r in outbox if r["status"] != "sent"),
         "overlapping turns": overlaps,
         "turns stopped by their fence": sum(stopped.values()),

@@ -36,6 +36,7 @@ async def run(
     assert row["unanswered"] == 0 and row["replies not delivered"] == 0, str(row)
     assert row["duplicates"] == 0 and row["answered twice"] == 0 and row["overlapping turns"] == 0, str(row)
     assert row["splits against the rules"] == 0 and row["splits"] == 0, str(row)
+    assert row["turns without a reply"] == 0, str(row)
     # Each lead waits up to 30 s for a reply before its next burst: one reply per burst
     # means none came late (a late one merges two bursts; a Redis restart did, until a
     # daemon re-queued unanswered messages when Redis came back).

@@ -76,16 +76,16 @@ async def test_a_flooding_lead_gets_429_while_another_is_served(clean: Endpoints
             http.post("/webhook/evolution", json=event(OTHER, "olá")),
         )
         typing = await http.post("/webhook/evolution", json=typing_event(FLOODER))
-        mine = event(FLOODER, "enviada por nós")
-        mine["data"]["key"]["fromMe"] = True  # not a lead's message: not limited
-        ignored = await http.post("/webhook/evolution", json=mine)
+        mine = event(FLOODER, "aqui é o Rafael, da loja")
+        mine["data"]["key"]["fromMe"] = True  # a person on the business's phone: not the lead's, not limited
+        person = await http.post("/webhook/evolution", json=mine)
         metrics = (await http.get("/metrics")).text
     assert [r.json() for r in burst] == [{"status": "stored"}] * 3
     assert over.status_code == 429 and typing.status_code == 429
     assert 1 <= int(over.headers["retry-after"]) <= 100  # 0.01/s: a token every 100 s
     assert "0.01/s" in over.json()["error"] and "bursts of 3" in over.json()["error"]
     assert other.status_code == 200 and other.json() == {"status": "stored"}
-    assert ignored.json() == {"status": "ignored", "reason": "from_me"}
+    assert person.json() == {"status": "takeover"}
     assert metric(metrics, "sdr_webhooks_total", outcome="rate_limited") == 2
     rows = await fetch(clean.database_url, "SELECT body FROM messages WHERE direction = 'in'")
     assert sorted(r["body"] for r in rows) == ["oi 0", "oi 1", "oi 2", "olá"]
