@@ -25,9 +25,10 @@ pytestmark = pytest.mark.faults
 TTL = 2.0  # the lead lock's TTL here (the recommended profile's is 10 s): a pause past it is short
 RACE = {
     "SDR_TIMEOUTS_REDIS_LOCK_TTL": str(TTL),
-    # A model's latency without a model: turns long enough to be caught mid-way.
+    # A model's latency without a model (a hosted LLM's 1-3 s): turns long enough to be
+    # caught mid-way, and for a lead's next burst to arrive while the agent still writes.
     "SDR_AGENT_BACKEND": "simulated",
-    "SDR_AGENT_SIMULATED_LATENCY": "uniform:min=0.3,max=1.2",
+    "SDR_AGENT_SIMULATED_LATENCY": "uniform:min=1.0,max=3.0",
     # A reply goes after 1.5 s of silence (5 s in the profile): with these leads' pauses
     # of 0.3-3 s, about half the bursts are answered before the next one, and half race it.
     "SDR_BUFFER_SETTLE_WINDOW": "1.5",
