@@ -80,7 +80,6 @@ _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return redis.call('DEL', KEYS[2])
 """
-FORGET_LOCK_MS = 60_000  # ours while forgetting; expires by itself if this process dies
 
 
 def parse_phone(text: str, *, lid: bool = False) -> str:
@@ -356,10 +355,12 @@ async def forget(
 
 
 async def _lock(redis: Redis, phone: str, wait: float, on_wait: Callable[[], None]) -> str:
+    # Held for the lock's TTL from the profile, like a turn's (`wait` is that TTL): it
+    # expires by itself if this process dies; the lead's row lock covers a longer erasure.
     token = f"sdrctl-forget-{secrets.token_hex(8)}"
     loop = asyncio.get_running_loop()
     deadline, told = loop.time() + wait, False
-    while not await redis.set(lock_key(phone), token, nx=True, px=FORGET_LOCK_MS):
+    while not await redis.set(lock_key(phone), token, nx=True, px=max(1, int(wait * 1000))):
         if loop.time() > deadline:
             raise UnavailableError(f"a turn or follow-up of {phone} still holds the lead after {wait:g}s; try again")
         if not told:

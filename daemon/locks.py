@@ -13,7 +13,8 @@ every earlier one of the lead, that PostgreSQL checks where a turn writes (sql/0
 turn checks its `Lease` before it writes: a lapsed lease stops it before anything is
 written or sent. The token is Redis's clock in microseconds, kept above the lead's last
 token: it survives Redis losing its data (a plain INCR would start again at 1, below the
-tokens PostgreSQL already holds, and fence the lead out for good)."""
+tokens PostgreSQL already holds, and fence the lead out for good). The lead's last token
+is kept for one lock TTL: past it, the clock alone keeps tokens increasing."""
 
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ redis.call('SET', KEYS[2], fence, 'PX', ARGV[3])
 return fence
 """
 _ACQUIRE = "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end" + _NEXT_FENCE
-FENCE_TTL_MS = 86_400_000  # past a day the clock alone keeps tokens increasing
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return redis.call('GETDEL', KEYS[2])
@@ -95,7 +95,7 @@ class LeadLocks:
     async def _take(self, phone: str) -> Lease | None:
         asked = asyncio.get_running_loop().time()
         token = secrets.token_hex(8)
-        fence = await self._acquire(keys=[lock_key(phone), fence_key(phone)], args=[token, self.ttl_ms, FENCE_TTL_MS])
+        fence = await self._acquire(keys=[lock_key(phone), fence_key(phone)], args=[token, self.ttl_ms, self.ttl_ms])
         return None if fence is None else Lease(token, int(fence), asked + self.ttl_ms / 1000)
 
     async def try_acquire(self, phone: str) -> Lease | None:
@@ -129,7 +129,7 @@ class LeadLocks:
         (messages arrived while we held it), the lead is re-armed in the buffer to be
         answered at once."""
         if unguarded.off("lock"):  # test-only: every caller gets the lead (with a token)
-            fence = await self._next_fence(keys=[lock_key(phone), fence_key(phone)], args=[0, 0, FENCE_TTL_MS])
+            fence = await self._next_fence(keys=[lock_key(phone), fence_key(phone)], args=[0, 0, self.ttl_ms])
             yield Lease("unguarded", int(fence), float("inf"))
             return
         lease = await self.acquire_or_flag(phone)
