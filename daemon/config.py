@@ -144,6 +144,13 @@ class AgentSettings:
     )
     price_out: float = knob(0.0, "a million completion tokens, likewise", min=0, max=10**6)
     max_tokens: int = knob(400, "openai backend: longest reply", unit="tokens", min=16, max=8192)
+    max_tool_rounds: int = knob(
+        3, "openai backend: rounds of tool calls a turn may make before the model must answer", min=0, max=10
+    )
+    stream: bool = knob(True, "openai backend: stream the reply and send each paragraph the moment it is complete")
+    stream_min_part: int = knob(
+        40, "streamed replies: a paragraph shorter than this waits for the next", unit="chars", min=1, max=4096
+    )
     transcription_url: str = knob(
         "",
         "voice notes: an OpenAI-compatible API base URL for /audio/transcriptions; empty = "
@@ -262,6 +269,29 @@ class FollowUpSettings:
     meeting_reminder_template: str = knob(
         "Oi{name_comma}! Lembrete: sua conversa com um consultor é {meeting}. Até lá! ☀️",
         "meeting reminder ({meeting} too)",
+    )
+    agent_followup_template: str = knob(
+        "Oi{name_comma}! Conforme combinamos, estou passando para retomar nossa conversa sobre energia "
+        "solar. Podemos continuar?",
+        "the follow-up the agent scheduled with the lead (schedule_followup; same placeholders)",
+    )
+    agent_followup_min: str = knob(
+        "1h",
+        "schedule_followup: the shortest delay the agent may ask for",
+        check=parse_durations,
+        describe="a duration",
+    )
+    agent_followup_max: str = knob(
+        "30d", "schedule_followup: the longest", check=parse_durations, describe="a duration such as 30d"
+    )
+    meeting_notice: str = knob(
+        "1h", "book_meeting: the earliest meeting, from now", check=parse_durations, describe="a duration"
+    )
+    meeting_horizon: str = knob(
+        "60d", "book_meeting: the latest meeting, from now", check=parse_durations, describe="a duration"
+    )
+    meeting_length: str = knob(
+        "20m", "book_meeting: a meeting ends inside business hours too", check=parse_durations, describe="a duration"
     )
     crm_url: str = knob("", "POST lead changes as JSON batches here; empty = no CRM push")
 
@@ -441,6 +471,13 @@ class Pools:
 @dataclass(frozen=True)
 class Limits:
     history_limit: int = knob(50, "messages of history given to the agent", min=1, max=1000)
+    history_tokens: int = knob(
+        3000,
+        "history given to the model, at most (about 4 characters a token; the oldest messages go first)",
+        unit="tokens",
+        min=100,
+        max=1_000_000,
+    )
     kb_results: int = knob(3, "knowledge-base entries per search", min=1, max=50)
     lock_attempts: int = knob(
         3, "tries to take a busy lead's lock (after asking its holder to hand it back)", min=1, max=100

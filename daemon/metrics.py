@@ -54,6 +54,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.agent_tools = Counter(
+            "sdr_agent_tool_calls_total",
+            "Tool calls of the agent's model, by tool and outcome (accepted, refused: outside its rules)",
+            ["tool", "outcome"],
+            registry=r,
+        )
         self.agent_cost = Counter(
             "sdr_agent_cost_total", "What the agent's model billed, at [agent] price_in/price_out", registry=r
         )

@@ -125,3 +125,4 @@ class FinishedTurn:
     turn_id: int
     outbox_ids: list[int]
     lead: dict[str, Any]  # the lead as stored after the turn's updates
+    reply_id: int | None = None  # the reply's row in messages (a streamed reply grows on it)

@@ -310,9 +310,12 @@ class Outbox:
         since: datetime,
         clock: StageClock,
         lease: Lease | None = None,
-    ) -> None:
+        *,
+        opening: bool = True,
+    ) -> bool:
         """A turn's reply, its parts in order (the first row was marked 'sending' with the
-        turn). A part that fails stops the rest: they go with it, failed or postponed.
+        turn; with `opening` False, these parts follow ones sent before: a streamed reply).
+        True when all went out. A part that fails stops the rest: they go with it, failed or postponed.
         Each part goes only while the turn's `lease` holds: past it, the re-delivery job
         (under the lock of whoever holds the lead then) sends what is left, so a paused
         process that wakes up does not send a part that job already sent."""
@@ -321,10 +324,11 @@ class Outbox:
             await self.rows.suppress([outbox_id for outbox_id, _ in parts])
             self.metrics.handover.labels("suppressed").inc()
             log.info("reply to ...%s not sent: a person took over the lead", phone[-4:])
-            return
+            return False
         for i, (outbox_id, text) in enumerate(parts):
+            first = i == 0 and opening
             try:  # the client has its own timeouts, per attempt
-                provider_id = await self._part(outbox_id, phone, text, first=i == 0, clock=clock, lease=lease)
+                provider_id = await self._part(outbox_id, phone, text, first=first, clock=clock, lease=lease)
             except LeaseLapsed:
                 # This part may have had a try before (looked up before any re-send); the
                 # ones after it certainly did not.
@@ -332,7 +336,7 @@ class Outbox:
                 for later, _ in parts[i + 1 :]:
                     await self.rows.postpone(later, "the turn's lock lapsed before its send", 0)
                 log.warning("a reply to ...%s left to re-delivery: its turn's lock lapsed", phone[-4:])
-                return
+                return False
             except StageFailed as exc:
                 cause = exc.__cause__
                 if not isinstance(cause, SendFailed):  # not a send error the client knows: unknown
@@ -346,9 +350,9 @@ class Outbox:
                     else:
                         await self.rows.postpone(later, "an earlier part did not go out", self.limits.redeliver_backoff)
                 self.metrics.sends.labels("failed").inc(len(parts) - i)
-                return
+                return False
             self.metrics.sends.labels("sent").inc()
-            if i == 0:  # the lead sees an answer from the first message on
+            if first:  # the lead sees an answer from the first message on
                 response = (datetime.now(UTC) - since).total_seconds()
                 await self.rows.delivered(
                     [outbox_id], Status.SENT, provider_id=provider_id, turn_id=turn_id, response_ms=response * 1000
@@ -356,6 +360,7 @@ class Outbox:
                 self.metrics.response_time.observe(response)
             else:
                 await self.rows.delivered([outbox_id], Status.SENT, provider_id=provider_id)
+        return True
 
     async def _part(
         self, outbox_id: int, phone: str, text: str, *, first: bool, clock: StageClock, lease: Lease | None

@@ -17,6 +17,7 @@ import asyncpg
 
 from daemon import migrations
 from daemon.agents import Agent, make_agent
+from daemon.agents.tools import ToolRules
 from daemon.buffer import MessageBuffer, member, parse_member, window_for
 from daemon.cache import CacheInvalidations, TwoTierCache
 from daemon.config import Config
@@ -37,6 +38,7 @@ from daemon.metrics import Metrics
 from daemon.models import Inbound, KbEntry, Takeover
 from daemon.outbox import Outbox
 from daemon.store import Store, connect
+from daemon.streaming import StreamRows
 from daemon.tasks import cancel_and_wait
 from daemon.turn import TurnRunner
 
@@ -172,6 +174,8 @@ class Runtime:
             handover=cfg.handover,
             notifier=self.notifier,
             prices=(cfg.agent.price_in, cfg.agent.price_out),
+            tools=ToolRules.from_settings(cfg.followups),
+            stream_rows=StreamRows(self.pool, p.timeouts.database),
         )
         stack.push_async_callback(self.runner.close)
         self.followups = FollowUpExecutor(

@@ -28,11 +28,17 @@ class StageClock:
     cache_hits: int = 0
     cache_misses: int = 0
 
-    async def run(self, stage: str, work: Awaitable[T], timeout: float | None) -> T:
+    async def run(
+        self, stage: str, work: Awaitable[T], timeout: float | None, passthrough: tuple[type[Exception], ...] = ()
+    ) -> T:
+        """`passthrough`: exceptions that are not the stage's failure (a streamed reply
+        stopped by its turn), raised as they are."""
         start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout or None):
                 return await work
+        except passthrough:
+            raise
         except TimeoutError:
             self.timeouts.append(stage)
             self.metrics.timeouts.labels(stage).inc()

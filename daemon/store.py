@@ -92,10 +92,17 @@ HANDOVER_COLUMNS = {
     "paused_by": "text",
     "paused_at": "timestamptz",
 }
-_LEAD_SETS = ",\n".join(
-    f"{col} = CASE WHEN $19::jsonb ? '{col}' THEN ($19::jsonb ->> '{col}')::{kind} ELSE {col} END"
-    for col, kind in {**LEAD_COLUMNS, **HANDOVER_COLUMNS}.items()
-)
+
+
+def lead_sets(param: int) -> str:
+    """SET clauses for the lead columns present in the jsonb parameter `$param`."""
+    return ",\n".join(
+        f"{col} = CASE WHEN ${param}::jsonb ? '{col}' THEN (${param}::jsonb ->> '{col}')::{kind} ELSE {col} END"
+        for col, kind in {**LEAD_COLUMNS, **HANDOVER_COLUMNS}.items()
+    )
+
+
+_LEAD_SETS = lead_sets(19)
 # The lead's row, locked: the write is refused unless $24 is the lead's newest fencing
 # token (NULL only with the test-only `SDRCTL_TEST_UNGUARDED=fence`) and the lead is not
 # paused (a person took over) nor ignored. The row lock orders this write after any other of
@@ -129,6 +136,7 @@ WITH l AS ({_LEAD_NOW}
 ), reply AS (
     INSERT INTO messages (conversation_id, lead_id, direction, body, provider_ts)
     SELECT $2, $1, 'out', $18, clock_timestamp() FROM t
+    RETURNING id
 ), lead AS (
     UPDATE leads SET {_LEAD_SETS},
         updated_at = now()
@@ -151,6 +159,7 @@ WITH l AS ({_LEAD_NOW}
 SELECT (SELECT id FROM t) AS turn_id,
        (SELECT array_agg(id ORDER BY id) FROM outbox_rows) AS outbox_ids,
        (SELECT row FROM lead) AS lead,
+       (SELECT id FROM reply) AS reply_id,
        CASE WHEN NOT EXISTS (SELECT 1 FROM l WHERE $24::bigint IS NULL OR l.fence = $24)
               OR ($24::bigint IS NOT NULL AND EXISTS ({_ANSWERED})) THEN 'fenced'
             WHEN NOT EXISTS (SELECT 1 FROM l WHERE {_WRITABLE}) THEN 'paused'
@@ -445,7 +454,7 @@ class Store:
         assert row is not None
         if row["turn_id"] is None:
             return cast(Refused, row["refused"])
-        return FinishedTurn(row["turn_id"], list(row["outbox_ids"]), row["lead"])
+        return FinishedTurn(row["turn_id"], list(row["outbox_ids"]), row["lead"], row["reply_id"])
 
     async def newer_message(self, lead_id: int, last_id: int) -> bool:
         """Whether the lead wrote a message after `last_id` that is still unanswered."""

@@ -10,29 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from daemon import unguarded
 from daemon.agents import Agent, AgentReply, TurnInput, Usage
+from daemon.agents.tools import Effects, ToolBox, ToolRules
 from daemon.buffer import MessageBuffer, window_for
 from daemon.cache import TwoTierCache
 from daemon.config import HandoverSettings, Profile, parse_phones
 from daemon.errors import StageFailed
 from daemon.evolution import PRESENCE_MAX_MS, split_message
 from daemon.followups.calendar import Clock, utc_now
-from daemon.followups.planner import Planner
+from daemon.followups.planner import Planned, Planner
 from daemon.followups.store import FollowUpStore
 from daemon.handover import Intent, Intents, Notifier
 from daemon.locks import LeadLocks, Lease
 from daemon.media.processor import MediaProcessor
 from daemon.media.result import MediaResult
 from daemon.metrics import Metrics
-from daemon.models import ANALYSED_KINDS, KbEntry, PendingMessage, TurnRecord
+from daemon.models import ANALYSED_KINDS, FinishedTurn, KbEntry, PendingMessage, TurnRecord
 from daemon.outbox import Outbox, Status
 from daemon.stages import StageClock
 from daemon.store import LEAD_COLUMNS, Store, tsquery_any
+from daemon.streaming import StreamedReply, StreamRows, StreamStopped
 from daemon.tasks import Children, cancel_and_wait
 
 log = logging.getLogger("sdr.turn")
@@ -61,6 +64,8 @@ class TurnRunner:
         handover: HandoverSettings | None = None,
         notifier: Notifier | None = None,
         prices: tuple[float, float] = (0.0, 0.0),
+        tools: ToolRules | None = None,
+        stream_rows: StreamRows | None = None,
     ) -> None:
         self.store = store
         # With [buffer] speculate, where a finished reply learns whether the lead wrote again
@@ -86,6 +91,8 @@ class TurnRunner:
         self.intents = Intents.from_knobs(profile.handover)
         self.notifier = notifier  # hand-off notices, sent in the background
         self.prices = prices  # [agent] price_in, price_out: per million tokens
+        self.tools = tools  # the agent's tools and their rules (None: an agent without tools)
+        self.stream_rows = stream_rows  # None: replies are never streamed
 
     async def run(self, phone: str, only: int | None) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
@@ -155,9 +162,12 @@ class TurnRunner:
         async def knowledge() -> list[KbEntry]:
             return [] if kb_task is None else await kb_task
 
-        outcome, event = "ok", None
+        outcome: str = "ok"
+        event: tuple[str, str] | None = None
         updates: dict[str, Any] = {}
         tokens: Tokens = (None, None, None)  # what the model billed, if one was asked
+        box = ToolBox(self.tools, started, lambda q: self._search(q, clock)) if self.tools else None
+        stream: StreamedReply | None = None
         try:
             lead, history = await clock.run("context", self._context(phone, first, clock), t.personalization)
             if intent == "opt_in" and not lead.get("opted_out_at"):
@@ -165,22 +175,35 @@ class TurnRunner:
             if intent is not None:
                 text, updates, event = self._step_back(intent, started)
             else:
+                stream = self._stream(phone, burst, started, clock, children, presence, lease, fence, speculative)
+                turn = TurnInput(lead, texts, history, knowledge, media, box, stream.put if stream else None)
                 async with self.agent_slots:
                     reply: AgentReply = await clock.run(
-                        "agent", self.agent.respond(TurnInput(lead, texts, history, knowledge, media)), t.agent
+                        "agent", self.agent.respond(turn), t.agent, passthrough=(StreamStopped,)
                     )
                 tokens = self._billed(reply.usage)
                 # What a bill photo showed goes on the lead, unless the agent learnt better.
                 # Only the qualification fields: an agent never pauses or opts out a lead.
                 agent_updates = {k: v for k, v in reply.lead_updates.items() if k in LEAD_COLUMNS}
                 text, updates = reply.text, {**bill_updates(media), **agent_updates}
+                if box is not None:
+                    updates, event = self._effects(box.effects, updates, started)
                 if not text.strip():
                     clock.failures.append("agent")
                     raise StageFailed("agent")
         except StageFailed:
             text, outcome = FALLBACK, "fallback"
+        except StreamStopped as stop:  # the reply may not be written (or go on): nothing was sent
+            if kb_task is not None:
+                await children.stop(kb_task)
+            return await self._stream_stopped(phone, burst, clock, presence, children, stop.reason, started, stream)
         if kb_task is not None:
             await children.stop(kb_task)  # unused if the agent did not need it
+        for name, accepted in box.effects.calls if box is not None else []:  # whatever came of the reply
+            self.metrics.agent_tools.labels(name, "accepted" if accepted else "refused").inc()
+        followup = box.effects.followup if box is not None and outcome == "ok" else None
+        if stream is not None and stream.started:
+            return await self._streamed(phone, stream, burst, clock, outcome, tokens, updates, event, texts, followup)
 
         if speculative and await clock.run("hold", self._overtaken(phone, burst), None):
             # A turn that lost its lease meanwhile says so, whatever else stopped it.
@@ -235,22 +258,7 @@ class TurnRunner:
         if done == "newer_message":  # stored after the last look: it is answered with the rest
             await self._discard(phone, burst, clock, presence, children, done, started, tokens)
             return None
-        if self.planner is not None and self.followup_store is not None:
-            try:
-                if why := self.planner.silenced(done.lead, finished):  # opted out, paused: none at all
-                    await self.followup_store.cancel_all(first.lead_id, finished, why)
-                else:
-                    planned = self.planner.after_turn(done.lead, finished, meeting_changed="meeting_at" in updates)
-                    await self.followup_store.plan(first.lead_id, planned, finished, "the lead wrote again")
-            except Exception as exc:  # the reply matters more; the next turn plans them again
-                log.warning("could not plan follow-ups: %s: %s", exc.__class__.__name__, exc)
-        if event is not None:
-            self.metrics.handover.labels(event[0]).inc()
-            if event[0] == "handoff" and self.notifier is not None:
-                self.notifier.notify(handoff_notice(done.lead, texts, finished))
-        if updates:  # write through, and drop stale copies in other daemons
-            await self.leads.replace(phone, done.lead)
-        self.metrics.turns.labels(outcome).inc()
+        await self._after(phone, done.lead, first.lead_id, finished, updates, event, texts, outcome, followup)
         if presence is not None:  # never "typing..." after the reply
             await children.stop(presence)
         if local:
@@ -260,6 +268,178 @@ class TurnRunner:
             parts = list(zip(done.outbox_ids, record.parts, strict=True))
             await self.outbox.send_reply(phone, parts, done.turn_id, last.received_at, clock, lease)
         return True
+
+    async def _after(
+        self,
+        phone: str,
+        lead: dict[str, Any],
+        lead_id: int,
+        finished: datetime,
+        updates: dict[str, Any],
+        event: tuple[str, str] | None,
+        texts: list[str],
+        outcome: str,
+        followup: Planned | None,
+    ) -> None:
+        """Once the reply is on record: the lead's next follow-ups, the hand-off notice,
+        the lead's cached copies, the counters."""
+        if self.planner is not None and self.followup_store is not None:
+            try:
+                if why := self.planner.silenced(lead, finished):  # opted out, paused: none at all
+                    await self.followup_store.cancel_all(lead_id, finished, why)
+                else:
+                    planned = self.planner.after_turn(lead, finished, meeting_changed="meeting_at" in updates)
+                    planned += [followup] if followup is not None else []  # the agent's schedule_followup
+                    await self.followup_store.plan(lead_id, planned, finished, "the lead wrote again")
+            except Exception as exc:  # the reply matters more; the next turn plans them again
+                log.warning("could not plan follow-ups: %s: %s", exc.__class__.__name__, exc)
+        if event is not None:
+            self.metrics.handover.labels(event[0]).inc()
+            if event[0] == "handoff" and self.notifier is not None:
+                self.notifier.notify(handoff_notice(lead, texts, finished))
+        if updates:  # write through, and drop stale copies in other daemons
+            await self.leads.replace(phone, lead)
+        self.metrics.turns.labels(outcome).inc()
+
+    def _effects(
+        self, effects: Effects, updates: dict[str, Any], now: datetime
+    ) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        """The lead updates and event of the agent's accepted tool calls (validated by the
+        tools): request_human pauses the bot for the lead, as a hand-off phrase does."""
+        updates = {**updates, **effects.updates}
+        if effects.handoff is None:
+            return updates, None
+        _, pause, event = self._step_back("handoff", now)
+        return {**updates, **pause}, event
+
+    def _stream(
+        self,
+        phone: str,
+        burst: list[PendingMessage],
+        started: datetime,
+        clock: StageClock,
+        children: Children,
+        presence: asyncio.Task[None] | None,
+        lease: Lease,
+        fence: int | None,
+        speculative: bool,
+    ) -> StreamedReply | None:
+        """Where a streamed reply's parts go (None: this runner never streams). The first
+        part writes the turn, as a whole reply would, after the same last look."""
+        if self.stream_rows is None:
+            return None
+        p = self.profile
+        status = Status.LOCAL if self.outbox.local else Status.PENDING
+        last = burst[-1]
+        base = TurnRecord.of(burst, phone, started, started, status, agent_backend=self.agent.name)
+
+        async def open_turn(text: str) -> FinishedTurn:
+            if speculative and await clock.run("hold", self._overtaken(phone, burst), None):
+                raise StreamStopped("newer_message")
+            if presence is not None:  # the parts show their own "typing..." from here on
+                await children.stop(presence)
+            now = self.clock()
+            record = replace(
+                base,
+                finished_at=now,
+                buffer_wait_ms=(started - last.received_at).total_seconds() * 1000,
+                window_ms=self._window(burst[0], last) * 1000,
+                stages=dict(clock.times),
+                reply=text,
+                parts=[text],
+                response_ms=(now - last.received_at).total_seconds() * 1000 if self.outbox.local else None,
+            )
+            done = await self.store.finish_turn(record, fence, unless_newer=speculative)
+            if isinstance(done, str):
+                raise StreamStopped(done)
+            return done
+
+        return StreamedReply(
+            rows=self.stream_rows,
+            outbox=self.outbox,
+            open_turn=open_turn,
+            phone=phone,
+            burst=burst,
+            record=base,
+            lease=lease,
+            fence=fence,
+            clock=clock,
+            children=children,
+            presence_ms=int(p.timeouts.agent * 1000),
+            presence_timeout=p.timeouts.evolution_send,
+        )
+
+    async def _streamed(
+        self,
+        phone: str,
+        stream: StreamedReply,
+        burst: list[PendingMessage],
+        clock: StageClock,
+        outcome: str,
+        tokens: Tokens,
+        updates: dict[str, Any],
+        event: tuple[str, str] | None,
+        texts: list[str],
+        followup: Planned | None,
+    ) -> bool | None:
+        """A streamed reply whose first part is on record: its last part (the fallback, when
+        the stream was cut or ran out of time) goes, then what the reply came to is written."""
+        if outcome == "fallback":
+            try:
+                await stream.put(FALLBACK)
+            except StreamStopped:
+                pass  # the lead has the parts on record; whoever holds the lead now goes on
+        await stream.end()
+        finished = self.clock()
+        record = replace(
+            stream.record,
+            finished_at=finished,
+            stages=clock.times,
+            timeouts=clock.timeouts,
+            failures=clock.failures,
+            outcome=outcome,
+            reply="\n\n".join(stream.texts),
+            lead_updates=updates,
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+            cost=tokens[2],
+        )
+        lead = await clock.run("store", stream.finish(record, event), self.profile.timeouts.database)
+        if lead is None:  # the lead went to another turn meanwhile: what was sent stands
+            await self._fenced(phone, "fenced")
+            return True
+        if self.outbox.local:
+            self.metrics.sends.labels("local").inc(len(stream.texts))
+            self.metrics.response_time.observe((finished - burst[-1].received_at).total_seconds())
+        await self._after(phone, lead, burst[0].lead_id, finished, updates, event, texts, outcome, followup)
+        return True
+
+    async def _stream_stopped(
+        self,
+        phone: str,
+        burst: list[PendingMessage],
+        clock: StageClock,
+        presence: asyncio.Task[None] | None,
+        children: Children,
+        reason: str,
+        started: datetime,
+        stream: StreamedReply | None,
+    ) -> bool | None:
+        """A streamed reply its turn may not write (or go on with): refused at its first
+        part, like a whole reply (paused, fenced, overtaken); or refused later (the turn
+        lost the lead), when the parts on record still go."""
+        if stream is not None and stream.started:
+            await stream.end()
+            await self._fenced(phone, reason)
+            return True
+        if reason == "paused":
+            if presence is not None:
+                await children.stop(presence)
+            return await self._silent(phone, burst, "paused", stream.fence if stream is not None else None)
+        await self._discard(phone, burst, clock, presence, children, reason, started)
+        if reason != "newer_message":
+            await self._fenced(phone, reason)
+        return None
 
     def _billed(self, usage: Usage | None) -> Tokens:
         """An agent call's tokens and cost, counted in /metrics as it is paid for (whether

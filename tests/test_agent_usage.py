@@ -13,11 +13,13 @@ import pytest
 
 from daemon.config import SloSettings
 from daemon.embedded import Endpoints
-from daemon.testing.fake_openai import run_fake_openai
+from daemon.testing.fake_openai import Step, run_fake_openai
 from daemon.tools.report import Window, build_report
 from tests.helpers import event, fetch, make_config, metric, run_daemon, wait_for
 
 PHONE = "5511933332222"
+# A streamed reply's turn is written with its first part; its tokens once the model is done.
+DONE = "SELECT * FROM turns WHERE stages ? 'agent'"
 
 
 async def one_turn(clean: Endpoints, **env: str) -> tuple[list[dict[str, int]], asyncpg.Record, str]:
@@ -30,7 +32,7 @@ async def one_turn(clean: Endpoints, **env: str) -> tuple[list[dict[str, int]], 
                 assert (
                     await http.post("/webhook/evolution", json=event(PHONE, "Oi, quanto custa?"))
                 ).status_code == 200
-                rows = await wait_for(lambda: fetch(clean.database_url, "SELECT * FROM turns"))
+                rows = await wait_for(lambda: fetch(clean.database_url, DONE))
                 scraped = (await http.get("/metrics")).text
         return llm.usages, rows[0], scraped
 
@@ -63,15 +65,27 @@ async def test_without_prices_tokens_are_kept_and_no_cost_is_made_up(clean: Endp
     assert metric(scraped, "sdr_agent_cost_total") == 0
 
 
-async def test_an_answer_without_usage_is_counted_from_its_text(clean: Endpoints) -> None:
-    """Some OpenAI-compatible servers omit `usage`: about 4 characters a token."""
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_answer_without_usage_is_counted_from_its_text(clean: Endpoints, stream: bool) -> None:
+    """Some OpenAI-compatible servers omit `usage` (and streams have it only when asked):
+    about 4 characters a token."""
     text = "Olá! Eu sou a Sol ☀️ Como posso te chamar?"
     answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
     async with run_fake_openai() as llm:
-        llm.raw = json.dumps(answer)
-        cfg = make_config(clean, SDR_AGENT_BACKEND="openai", SDR_AGENT_BASE_URL=llm.url, OPENAI_API_KEY="sk-test")
+        if stream:
+            llm.then(Step(content=text, usage=False))
+        else:
+            llm.raw = json.dumps(answer)
+        cfg = make_config(
+            clean,
+            SDR_AGENT_BACKEND="openai",
+            SDR_AGENT_BASE_URL=llm.url,
+            SDR_AGENT_STREAM=str(stream).lower(),
+            OPENAI_API_KEY="sk-test",
+        )
         async with run_daemon(cfg) as d:
             async with httpx.AsyncClient(base_url=d.url) as http:
                 assert (await http.post("/webhook/evolution", json=event(PHONE, "Oi"))).status_code == 200
-            [turn] = await wait_for(lambda: fetch(clean.database_url, "SELECT * FROM turns"))
+            [turn] = await wait_for(lambda: fetch(clean.database_url, DONE))
+    assert llm.requests[0]["body"].get("stream", False) is stream and llm.usages == []
     assert turn["completion_tokens"] == -(-len(text) // 4) and turn["prompt_tokens"] > 100

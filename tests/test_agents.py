@@ -156,7 +156,7 @@ async def test_openai_timeout_raises_agent_error(fake: FakeOpenAI) -> None:
     [
         ("<html>Bad Gateway</html>", None, "not JSON"),
         ('{"choices": []}', None, "no choices"),
-        ('{"choices": [{"index": 0, "message": {"role": "assistant"}}]}', None, "no choices"),
+        ('{"choices": [{"index": 0, "message": {"role": "assistant"}}]}', None, "content is empty"),
         ('["chat.completion"]', None, "no choices"),
         (None, None, "content is empty"),  # null content, as with a tool call
         (None, "  \n ", "content is empty"),

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.config import Config
 from daemon.errors import ConfigError
 from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.media.result import MediaResult
 from daemon.models import KbEntry
+
+if TYPE_CHECKING:
+    from daemon.agents.tools import ToolBox
+
+# A streamed reply's parts go here, each the moment it is complete (the turn sends it).
+PartSink = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,8 @@ class TurnInput:
     history: list[dict[str, Any]]
     knowledge: Callable[[], Awaitable[list[KbEntry]]]
     media: list[MediaResult] = field(default_factory=list)  # the burst's photos and voice notes
+    tools: ToolBox | None = None  # what the agent may do besides replying (None: nothing)
+    parts: PartSink | None = None  # given: the reply may be streamed, part by part, into it
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,9 @@ class Usage:
     prompt: int
     completion: int
     estimated: bool = False
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.prompt + other.prompt, self.completion + other.completion, self.estimated or other.estimated)
 
     def cost(self, price_in: float, price_out: float) -> float | None:
         """At [agent] price_in/price_out per million tokens; None when neither is set."""

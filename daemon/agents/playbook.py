@@ -1,15 +1,18 @@
 """The `playbook` backend: a deterministic pt-BR SDR qualification flow that runs offline.
 
-Stages: new -> ask_name -> ask_bill -> offer_meeting -> booked (or nurture). Questions at
-any stage are answered from the knowledge base first, then the flow goes on."""
+Stages: new -> ask_name -> ask_bill -> ask_property -> ask_decision -> offer_meeting ->
+booked (or nurture). Questions at any stage are answered from the knowledge base first,
+then the flow goes on."""
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from daemon.agents import AgentReply, TurnInput
+from daemon.agents.tools import Refused, ToolBox
 from daemon.config import AgentSettings
 from daemon.followups.calendar import BusinessHours, Clock, utc_now
 from daemon.followups.meeting import parse_meeting
@@ -81,16 +84,38 @@ YES = re.compile(
     r"\b(sim|pode|claro|bora|quero|vamos|ok|okay|combinado|fechado|perfeito|beleza|show|agenda|agendar|marca|marcar)\b"
 )
 NO = re.compile(r"\b(nao|agora nao|depois|sem interesse|nao quero|talvez depois)\b")
-WHEN = re.compile(
-    r"\b(hoje|amanha|segunda|terca|quarta|quinta|sexta|sabado|domingo|manha|tarde|noite"
-    r"|\d{1,2}\s*(?:h|hs|horas|:\d{2})|\d{1,2}/\d{1,2})\b"
+DAYS_HOURS = (
+    r"hoje|amanha|segunda|terca|quarta|quinta|sexta|sabado|domingo"
+    r"|\d{1,2}\s*(?:h\d{2}|h|hs|horas|:\d{2})|\d{1,2}/\d{1,2}"
+)
+WHEN = re.compile(rf"\b({DAYS_HOURS}|manha|tarde|noite)\b")
+# Said with another answer, only a day or an hour is a meeting time: in "boa tarde! sou eu",
+# "tarde" is a greeting.
+DAY_OR_HOUR = re.compile(rf"\b({DAYS_HOURS})\b")
+# Where a message's clauses end: "sou eu que decido, pode ser sexta às 15h" quotes the second.
+CLAUSES = re.compile(r"\n|[,;!?]|\.(?=\s|$)")
+# The words around a day and an hour when a lead offers them, "?" or not: "pode ser sexta
+# às 15h?" answers "Qual dia e horário?", it asks the knowledge base nothing.
+PROPOSAL_WORDS = frozenset(
+    "pode ser que tal o acha fica ficaria bom boa melhor seria serve da pra para voce vc voces sim ok "
+    "entao na no a as ao aos dia de do feira umas por volta das depois antes partir ou e mais menos "
+    "pela pelas meio proxima proximo essa esta nessa nesta semana".split()
 )
 
 
 def is_question(text: str) -> bool:
-    """A question for the knowledge base ("tudo bem?" is a greeting, not one)."""
+    """A question for the knowledge base ("tudo bem?" is a greeting, not one, and "pode ser
+    sexta às 15h?" a meeting time)."""
+    asked = "".join(c for c in re.split(r"(?<=[,;!?\n])", text) if not is_proposal(c)).strip()
+    f = fold(asked)
+    return bool(f) and ("?" in f or f.startswith(QUESTION_STARTS)) and not is_greeting(asked)
+
+
+def is_proposal(text: str) -> bool:
+    """A day or an hour offered, and nothing else: "pode ser sexta às 15h?", "que tal amanhã?"."""
     f = fold(text)
-    return ("?" in f or f.startswith(QUESTION_STARTS)) and not is_greeting(text)
+    rest = re.findall(r"[a-z]+", WHEN.sub(" ", f))
+    return bool(DAY_OR_HOUR.search(f)) and all(w in PROPOSAL_WORDS for w in rest)
 
 
 def questions_in(texts: list[str]) -> str | None:
@@ -170,17 +195,44 @@ PROPERTY_WORDS = (
     ),
     ("casa", ("casa", "residencia", "sobrado", "moradia")),
 )
-OTHERS = re.compile(
-    r"\b(esposa|marido|mulher|conjuge|socio|socia|socios|familia|pai|mae|filho|filha|sogr[oa]|"
-    r"irma|irmao|namorad[oa]|nos dois|a gente|junto|juntos|tambem)\b"
+WITH_OTHERS = (
+    r"esposa|marido|mulher|conjuge|socio|socia|socios|familia|pai|mae|filho|filha|sogr[oa]|"
+    r"irma|irmao|namorad[oa]|nos dois|a gente|junto|juntos"
 )
+OTHERS = re.compile(rf"\b({WITH_OTHERS}|tambem)\b")
 MYSELF = re.compile(r"\b(sou eu|so eu|eu mesm[oa]|eu decido|minha|sim|sou|eu)\b")
+# Who decides, when the lead says it unasked ("uns 600 reais, e eu que decido"): explicit
+# statements only, since no question frames them ("sou eu" alone is read in ask_decision;
+# "também" alone is not someone else: "eu decido, e também queria saber...").
+DECIDING = re.compile(r"\b(decid\w*|decisao|ver com|falar com|conversar com|consultar)\b")
+SHARED = re.compile(rf"\b({WITH_OTHERS})\b")
+WE_DECIDE = re.compile(r"\b(decidimos|decidem|nao (?:sou eu|e (?:so )?(?:eu|minha)|decido))\b")
+I_DECIDE = re.compile(
+    r"\b((?:sou |so )?eu (?:mesm[oa] |so )?(?:que |quem )?decid[oe]\w*"
+    r"|quem decide(?: aqui| em casa)? sou eu"
+    r"|decisao(?: aqui)? (?:e|eh|fica) (?:so )?minha"
+    r"|decido sozinh[oa])\b"
+)
 PROPERTY_LABEL = {
     "casa": "sua casa",
     "apartamento": "seu apartamento",
     "comercial": "sua empresa",
     "rural": "sua propriedade rural",
 }
+
+
+def stated_decision(text: str) -> str | None:
+    """Who decides ("lead" or "compartilhada") when the text says it, else None."""
+    f = fold(text)
+    if WE_DECIDE.search(f) or (DECIDING.search(f) and SHARED.search(f)):
+        return "compartilhada"
+    return "lead" if I_DECIDE.search(f) else None
+
+
+def preference(text: str) -> str:
+    """The clauses of the text that say when: what the booking repeats back."""
+    said = [c.strip() for c in CLAUSES.split(text) if WHEN.search(fold(c))]
+    return ", ".join(c for c in said if c)[:80] or text.strip()[:80]
 
 
 def extract_property(text: str) -> str | None:
@@ -194,9 +246,10 @@ def extract_property(text: str) -> str | None:
 class _Turn:
     """What one reply is being built from, and what it learns."""
 
-    def __init__(self, lead: dict[str, Any], text: str) -> None:
+    def __init__(self, lead: dict[str, Any], text: str, tools: ToolBox | None = None) -> None:
         self.lead = lead
         self.text = text
+        self.tools = tools  # the rules a meeting must keep, shared with the openai backend
         self.parts: list[str] = []
         self.updates: dict[str, Any] = {}
         self.answered = False  # a question was answered from the knowledge base
@@ -204,6 +257,10 @@ class _Turn:
     @property
     def name(self) -> str | None:
         return self.updates.get("name") or self.lead.get("name")
+
+    @property
+    def decision_maker(self) -> str | None:
+        return self.updates.get("decision_maker") or self.lead.get("decision_maker")
 
     def say(self, text: str) -> None:
         self.parts.append(text)
@@ -229,7 +286,7 @@ class Playbook:
         return questions_in(texts)
 
     async def respond(self, turn: TurnInput) -> AgentReply:
-        t = _Turn(turn.lead, "\n".join(x for x in turn.texts if x.strip()))
+        t = _Turn(turn.lead, "\n".join(x for x in turn.texts if x.strip()), turn.tools)
         if t.text and is_question(t.text):
             entries = await turn.knowledge()
             t.say(
@@ -241,6 +298,9 @@ class Playbook:
             )
             t.answered = True
         stage = turn.lead.get("stage") or "new"
+        decision = stated_decision(t.text)
+        if decision is not None:  # at any stage: the question is not asked again
+            t.updates["decision_maker"] = decision
         if self._media(t, turn.media, stage):
             return AgentReply("\n\n".join(t.parts), t.updates)
         handler = {
@@ -368,6 +428,9 @@ class Playbook:
                 t.say("E o imóvel é casa, apartamento, comércio ou propriedade rural?")
             return
         t.updates["property_type"] = kind
+        if t.decision_maker is not None:  # said earlier ("eu que decido"): not asked again
+            self._present(t)
+            return
         self._to(
             t,
             "ask_decision",
@@ -377,14 +440,33 @@ class Playbook:
 
     def _ask_decision(self, t: _Turn) -> None:
         f = fold(t.text)
-        if t.answered and not (OTHERS.search(f) or MYSELF.search(f)):
+        told = bool(OTHERS.search(f) or MYSELF.search(f))
+        when = self._says_when(t)
+        if t.answered and not told and not when:
             t.say("E a decisão sobre a energia é só sua, ou tem mais alguém envolvido?")
             return
-        shared = bool(OTHERS.search(f))
-        t.updates["decision_maker"] = "compartilhada" if shared else "lead"
-        self._present(t, shared)
+        # We just asked, so any answer is read as one ("sim", "só eu"), except a bare day
+        # and hour ("pode ser sexta às 15h"): that says when, not who decides.
+        if "decision_maker" not in t.updates and (told or not when):
+            t.updates["decision_maker"] = "compartilhada" if OTHERS.search(f) else "lead"
+        self._present(t)
 
-    def _present(self, t: _Turn, shared: bool) -> None:
+    def _present(self, t: _Turn) -> None:
+        """The solution, then the meeting: booked at once when the burst already says when
+        ("sou eu que decido" + "pode ser sexta às 15h"), else offered."""
+        self._solution(t)
+        if self._says_when(t):
+            self._book(t)
+            return
+        invite = " Se fizer sentido, chame também quem decide com você." if t.decision_maker == "compartilhada" else ""
+        self._to(
+            t,
+            "offer_meeting",
+            "Posso agendar uma conversa de 20 minutos com um dos nossos consultores para te mostrar "
+            f"a proposta? Qual dia e horário ficam melhores para você?{invite}",
+        )
+
+    def _solution(self, t: _Turn) -> None:
         value = Decimal(str(t.lead.get("bill_value") or t.updates.get("bill_value") or 0))
         kind = t.updates.get("property_type") or t.lead.get("property_type") or "casa"
         where = PROPERTY_LABEL.get(kind, "seu imóvel")
@@ -412,28 +494,11 @@ class Playbook:
                 f"ou {brl(monthly * 12)} por ano. E dá para financiar com parcelas que cabem no valor "
                 "que você já paga hoje."
             )
-        invite = " Se fizer sentido, chame também quem decide com você." if shared else ""
-        self._to(
-            t,
-            "offer_meeting",
-            "Posso agendar uma conversa de 20 minutos com um dos nossos consultores para te mostrar "
-            f"a proposta? Qual dia e horário ficam melhores para você?{invite}",
-        )
 
     def _offer_meeting(self, t: _Turn) -> None:
         f = fold(t.text)
         if WHEN.search(f) or (YES.search(f) and not NO.search(f)):
-            when = f" ({t.text.strip()[:80]})" if WHEN.search(f) else ""
-            meeting = parse_meeting(t.text, self.clock(), self.hours) if self.hours else None
-            if meeting is not None:  # a day and an hour: reminders can be planned for it
-                t.updates["meeting_at"] = meeting
-            self._to(
-                t,
-                "booked",
-                f"Combinado{', ' + t.name if t.name else ''}! Anotei sua preferência{when}. Um "
-                f"consultor da {self.company} vai te chamar aqui no WhatsApp para confirmar o "
-                "horário. Obrigada! ☀️",
-            )
+            self._book(t)
         elif NO.search(f):
             self._to(
                 t,
@@ -448,10 +513,40 @@ class Playbook:
                 "Posso agendar uma conversa de 20 minutos com um consultor? Qual dia e horário ficam melhores para você?"
             )
 
+    def _says_when(self, t: _Turn) -> bool:
+        """Whether a burst answering something else also says when to meet: a day and an
+        hour, or a day or an hour not turned down ("sou eu, mas hoje não dá" is no time),
+        and never just a part of the day ("boa tarde")."""
+        f = fold(t.text)
+        return self._meeting_at(t.text) is not None or bool(DAY_OR_HOUR.search(f) and not NO.search(f))
+
+    def _meeting_at(self, text: str) -> datetime | None:
+        return parse_meeting(text, self.clock(), self.hours) if self.hours else None
+
+    def _book(self, t: _Turn) -> None:
+        when = f" ({preference(t.text)})" if WHEN.search(fold(t.text)) else ""
+        meeting = self._meeting_at(t.text)
+        if meeting is not None and t.tools is not None:
+            try:  # book_meeting's rules: in business hours, an hour ahead at least, within 60 days
+                t.tools.meeting(meeting)
+            except Refused:  # a preference the consultant confirms, with no reminders for it
+                meeting = None
+        if meeting is not None:  # a day and an hour: reminders can be planned for it
+            t.updates["meeting_at"] = meeting
+        self._to(
+            t,
+            "booked",
+            f"Combinado{', ' + t.name if t.name else ''}! Anotei sua preferência{when}. Um "
+            f"consultor da {self.company} vai te chamar aqui no WhatsApp para confirmar o "
+            "horário. Obrigada! ☀️",
+        )
+
     def _after(self, t: _Turn) -> None:  # booked, nurture
         if t.answered:
             return
-        if t.lead.get("stage") == "nurture" and YES.search(fold(t.text)):
+        if t.lead.get("stage") == "nurture" and self._says_when(t):  # back with a day and an hour
+            self._book(t)
+        elif t.lead.get("stage") == "nurture" and YES.search(fold(t.text)):
             self._to(
                 t,
                 "offer_meeting",

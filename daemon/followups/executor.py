@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from daemon import unguarded
+from daemon.agents.tools import AGENT_FOLLOWUP
 from daemon.config import Config
 from daemon.errors import LeaseLapsed, SendFailed
 from daemon.followups.calendar import BusinessHours, Clock, utc_now
@@ -55,6 +56,7 @@ class FollowUpExecutor:
             "nurture": config.followups.nurture_template,
             "meeting_confirmation": config.followups.meeting_confirmation_template,
             "meeting_reminder": config.followups.meeting_reminder_template,
+            AGENT_FOLLOWUP: config.followups.agent_followup_template,
         }
         self.slots = asyncio.Semaphore(self.knobs.concurrency)
 
