@@ -209,7 +209,7 @@ class TurnRunner:
             # A turn that lost its lease meanwhile says so, whatever else stopped it.
             lapsed = fence is not None and lease.lapsed
             await self._discard(
-                phone, burst, clock, presence, children, "lapsed" if lapsed else "newer_message", started
+                phone, burst, clock, presence, children, "lapsed" if lapsed else "newer_message", started, tokens
             )
             if lapsed:
                 await self._fenced(phone, "lapsed")

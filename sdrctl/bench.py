@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from daemon.config import Config
 from daemon.errors import ConfigError
 from daemon.tasks import run_fast
 from daemon.tools.bench import CapacityStep, ProfileResult, capacity, compare, find_capacity, run_bench, run_intake
+from daemon.tools.bench_agent import LLM_TOKENS_PER_S, LLM_TTFT, LlmPace, agent_report, agent_rows, run_agent_bench
 from daemon.tools.bench_followups import run_followups
 from daemon.tools.bursts import percentile
 from daemon.tools.soak import Sample, SoakResult, run_soak, soak_seconds
@@ -46,8 +48,13 @@ def _num(value: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def results_table(results: list[ProfileResult]) -> Table:
-    table = Table(title="bench results", show_lines=False)
+class AgentKind(enum.StrEnum):
+    simulated = "simulated"
+    fake_llm = "fake-llm"
+
+
+def results_table(results: list[ProfileResult], title: str = "bench results") -> Table:
+    table = Table(title=title, show_lines=False)
     table.add_column("figure")
     for r in results:
         table.add_column(r.profile, justify="right")
@@ -157,12 +164,35 @@ def bench(
             help="run this long (90s, 30m, 2h) watching the daemon's RSS, tasks and fds; exit 1 if they grew",
         ),
     ] = None,
+    agent: Annotated[
+        AgentKind,
+        typer.Option(
+            help="simulated (a latency, no text); fake-llm: the openai backend against a fake model writing a "
+            "3-paragraph reply, the profile run twice side by side, replies sent whole and streamed (not with --vs)"
+        ),
+    ] = AgentKind.simulated,
+    llm_ttft: Annotated[
+        float,
+        typer.Option(
+            help="fake-llm: seconds to the first token (a typical published figure for hosted small models, "
+            "gpt-4o-mini class, not a measurement of ours; scaled by --time-scale)"
+        ),
+    ] = LLM_TTFT,
+    llm_tokens_per_s: Annotated[
+        float,
+        typer.Option(
+            help="fake-llm: tokens a second once writing (a typical published figure too; the fake writes a word "
+            "a token)"
+        ),
+    ] = LLM_TOKENS_PER_S,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
     """Simulated leads against real daemons (embedded Postgres and Redis, simulated agent,
     fake Evolution API over HTTP); prints what became of each burst (whole, split, lost,
-    unanswered), the response to its last message, and, with --vs, the ratios B/A."""
+    unanswered), the response to its last message, and, with --vs, the ratios B/A. With
+    --agent fake-llm: the time to the first WhatsApp message and to the whole reply, streamed
+    against whole, and tokens and cost per turn."""
     cfg = load(ctx, config, profile)
     overrides = given(
         leads=leads,
@@ -180,6 +210,16 @@ def bench(
         workload = Workload(**overrides).validated()
     profiles = [cfg.profile.source] + list(vs or [])
     config_path = str(config or ctx.find_root().params.get("config") or "") or None
+    if agent is AgentKind.fake_llm:
+        flags = {"--vs": vs, "--soak": soak, "--followups": followups, "--intake": intake}
+        flags |= {"--find-capacity": find_capacity, "--agent-latency": agent_latency}
+        if clash := [flag for flag, value in flags.items() if value]:
+            raise ConfigError(
+                f"--agent fake-llm runs one profile twice side by side (replies whole and streamed); "
+                f"drop {' and '.join(clash)}"
+            )
+        _fake_llm(cfg.profile.source, workload, LlmPace(llm_ttft, llm_tokens_per_s).validated(), config_path, json_file)
+        return
     if soak is not None:
         if vs or duration is not None:
             raise ConfigError("--soak runs one profile for its own duration; drop --vs and --duration")
@@ -228,6 +268,38 @@ def bench(
         out.print(f"[yellow]time-scale {workload.time_scale:g}: response times are scaled; overhead and CPU are not[/]")
     if json_file is not None:
         json_file.write_text(json.dumps(report, indent=2, default=str))
+        err.print(f"wrote {json_file}")
+
+
+def _fake_llm(profile: str, workload: Workload, pace: LlmPace, config_path: str | None, json_file: Path | None) -> None:
+    scale, name = workload.time_scale, Path(profile).stem
+    err.print(
+        f"bench --agent fake-llm: {workload.leads} leads x 2 daemons of profile {name} (replies sent whole / "
+        f"streamed), {workload.duration:g}s, {workload.typing} typing; fake LLM: first token after {pace.ttft:g}s, "
+        f"{pace.tokens_per_s:g} tokens/s" + (f", time-scale {scale:g} (the LLM's pace too)" if scale != 1 else "")
+    )
+    with Live(progress_table({}, 0), console=err, refresh_per_second=2, transient=True) as live:
+        results = run_fast(
+            run_agent_bench(
+                profile,
+                workload,
+                pace,
+                config_path=config_path,
+                progress=lambda t, e: live.update(progress_table(t, e)),
+            )
+        )
+    out.print(results_table([r.bench for r in results], f"bench results ({name}, fake LLM)"))
+    columns, rows = agent_rows(results)
+    table = Table(title="first WhatsApp message vs whole reply (the lead's last message -> arrival)")
+    for col in ["figure", *columns]:
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for label, values in rows:
+        table.add_row(label, *values)
+    out.print(table)
+    if scale != 1:
+        out.print(f"[yellow]time-scale {scale:g}: response times are scaled; overhead and CPU are not[/]")
+    if json_file is not None:
+        json_file.write_text(json.dumps(agent_report(results, workload, pace, name), indent=2, default=str))
         err.print(f"wrote {json_file}")
 
 

@@ -4,6 +4,7 @@ the turn, in /metrics and in `sdrctl report`. The fake OpenAI API answers over r
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -89,3 +90,33 @@ async def test_an_answer_without_usage_is_counted_from_its_text(clean: Endpoints
             [turn] = await wait_for(lambda: fetch(clean.database_url, DONE))
     assert llm.requests[0]["body"].get("stream", False) is stream and llm.usages == []
     assert turn["completion_tokens"] == -(-len(text) // 4) and turn["prompt_tokens"] > 100
+
+
+async def test_a_reply_overtaken_by_a_newer_message_keeps_what_it_cost(clean: Endpoints) -> None:
+    """Speculating, a finished reply the lead's next message overtook is thrown away; the
+    model billed it all the same, so its tokens and cost are recorded with it."""
+    async with run_fake_openai() as llm:
+        llm.then(Step(content="Olá! Como posso te chamar?", ttft=0.4))
+        cfg = make_config(
+            clean,
+            SDR_AGENT_BACKEND="openai",
+            SDR_AGENT_BASE_URL=llm.url,
+            SDR_AGENT_STREAM="false",
+            SDR_AGENT_PRICE_IN="0.15",
+            SDR_AGENT_PRICE_OUT="0.60",
+            OPENAI_API_KEY="sk-test",
+        )
+        async with run_daemon(cfg) as d, httpx.AsyncClient(base_url=d.url) as http:
+            assert (await http.post("/webhook/evolution", json=event(PHONE, "oi"))).status_code == 200
+            await wait_for(lambda: asyncio.sleep(0.01, bool(llm.requests) or None))
+            # The lead writes again while the model is still answering the first message.
+            assert (await http.post("/webhook/evolution", json=event(PHONE, "tudo bem?"))).status_code == 200
+            [thrown] = await wait_for(lambda: fetch(clean.database_url, "SELECT * FROM discarded_replies"))
+            await wait_for(lambda: fetch(clean.database_url, DONE))
+    first = llm.usages[0]
+    assert (thrown["reason"], thrown["prompt_tokens"], thrown["completion_tokens"]) == (
+        "newer_message",
+        first["prompt_tokens"],
+        first["completion_tokens"],
+    )
+    assert float(thrown["cost"]) > 0

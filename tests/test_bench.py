@@ -342,3 +342,94 @@ async def test_a_real_run_accounts_for_every_burst() -> None:
     for o in r.bursts.outcomes:
         if o.response is not None:  # the reply to the last message is never before the first one after it
             assert o.lead_wait is not None and o.response >= o.lead_wait
+
+
+# --- --agent fake-llm: replies whole vs streamed (daemon/tools/bench_agent.py) --------------
+
+
+async def test_bench_fake_llm_times_the_first_message_and_the_whole_reply_streamed_and_not(tmp_path: Path) -> None:
+    report = tmp_path / "llm.json"
+    code, out, err = await sdrctl(
+        "bench",
+        "--agent",
+        "fake-llm",
+        "--leads",
+        "4",
+        "--duration",
+        "30",
+        "--ramp",
+        "1",
+        "--time-scale",
+        "0.1",
+        "--seed",
+        "7",
+        "--json",
+        str(report),
+    )
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["agent"] == "fake-llm" and data["llm"]["ttft_s"] == 0.5 and data["llm"]["tokens_per_s"] == 70
+    whole, streamed = data["daemons"]
+    assert (whole["mode"], streamed["mode"]) == ("whole", "streamed")
+    for d in (whole, streamed):
+        outcomes = d["bursts_by_outcome"]
+        # Every burst answered: none lost, unanswered or refused, no lead left waiting.
+        assert d["bursts"] > 0 and outcomes["whole"] + outcomes["split"] == d["bursts"]
+        assert d["missing_replies"] == 0 and d["webhook_errors"] == 0 and d["fallbacks"] == 0
+        assert d["first_message_s"]["n"] == d["whole_reply_s"]["n"] == d["response_s"]["n"] == d["bursts"]
+        # The first message is the bench's usual response (the same reply, the same clock).
+        assert d["first_message_s"]["p50"] == pytest.approx(d["response_s"]["p50"])
+        assert d["llm_requests"] >= d["turns"] > 0
+        assert d["prompt_tokens_per_turn"] > 0 and d["completion_tokens_per_turn"] > 0 and d["cost_per_turn_usd"] > 0
+    # Sent whole: one message, so the first is the whole reply.
+    assert whole["parts_per_reply"] == 1 and set(whole["parts_hist"]) == {"1"}
+    assert whole["first_message_s"] == whole["whole_reply_s"]
+    # Streamed: the paragraphs go one by one, the first before the last.
+    assert streamed["parts_per_reply"] > 1
+    assert streamed["first_message_s"]["p50"] < streamed["whole_reply_s"]["p50"]
+    ratios = data["ratios_streamed_over_whole"]
+    assert ratios["parts_per_reply"] == pytest.approx(streamed["parts_per_reply"])
+    assert {"first_message_p50", "first_message_p95", "whole_reply_p50", "whole_reply_p95", "cost_per_turn"} <= set(
+        ratios
+    )
+    # The usual figures still printed, and the reply-timing table.
+    assert "bursts whole / split / lost / unanswered" in out and "response p95 (ms)" in out
+    assert "first message P50/P95 (s)" in out and "whole reply P50/P95 (s)" in out and "streamed/whole" in out
+
+
+async def test_bench_fake_llm_refuses_vs_and_a_bad_pace_with_exit_code_2() -> None:
+    code, _, err = await sdrctl("bench", "--agent", "fake-llm", "--vs", "legacy")
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "--agent fake-llm" in err and "drop --vs" in err
+    code, _, err = await sdrctl("bench", "--agent", "fake-llm", "--llm-tokens-per-s", "0")
+    assert code == 2 and "--llm-tokens-per-s" in err and "Traceback" not in err
+
+
+def test_the_fake_llms_reply_is_three_paragraphs_a_streamed_reply_sends_apart() -> None:
+    from daemon.agents.openai import SYSTEM_PROMPT, leaks
+    from daemon.agents.stream import Paragraphs
+    from daemon.testing.fake_openai import _CONTENT_PIECES
+    from daemon.tools.bench_agent import REPLY
+
+    assert 60 <= len(REPLY.split()) <= 90 and REPLY.count("\n\n") == 2
+    assert not leaks(REPLY, SYSTEM_PROMPT.format(persona="Sol", company="Sol Nascente Energia Solar"))
+    cutter = Paragraphs(40, 1000)  # the defaults: [agent] stream_min_part, [limits] max_message_length
+    parts = [part for piece in _CONTENT_PIECES.findall(REPLY) for part in cutter.feed(piece)] + cutter.flush()
+    assert parts == REPLY.split("\n\n")
+
+
+def test_reply_times_take_the_first_and_last_part_of_the_reply_holding_the_bursts_last_message() -> None:
+    from daemon.tools.bench import ProfileResult
+    from daemon.tools.bench_agent import reply_times
+
+    bursts = [
+        _burst("p1", ("a1", 10.0), ("a2", 11.0)),  # whole: T1, three parts
+        _burst("p2", ("b1", 20.0), ("b2", 25.0)),  # split: b2's turn (T3) is the one timed
+        _burst("p3", ("c1", 40.0)),  # unanswered: not timed
+    ]
+    stored = {"a1": 1, "a2": 1, "b1": 2, "b2": 3, "c1": None}
+    deliveries = {1: [12.0, 12.5, 13.0], 2: [22.0], 3: [27.0]}
+    tally = Tally(sent=bursts)
+    result = ProfileResult("streamed", 3, tally, 1.0, {}, account(bursts, stored, deliveries, turns=3))
+    times = reply_times(result, stored, deliveries)
+    assert times.first == [1.0, 2.0] and times.whole == [2.0, 2.0] and times.parts == [3, 1]

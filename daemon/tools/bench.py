@@ -1,9 +1,11 @@
 """`sdrctl bench`: simulated leads against the real pipeline, end to end over real HTTP.
 
 Each profile under test runs as a real `sdrctl serve` subprocess on its own throw-away
-embedded PostgreSQL and Redis, with the `simulated` agent, replying to a fake Evolution API
-that runs here and notes when each reply arrives. Leads type bursts at human speed (or the
-quick gaps of the `quick-typers` scenario), wait for a reply, think, and write again.
+embedded PostgreSQL and Redis, with the `simulated` agent (`--agent fake-llm`: the openai
+backend against a fake model, replies whole vs streamed: bench_agent.py), replying to a
+fake Evolution API that runs here and notes when each reply arrives. Leads type bursts at
+human speed (or the quick gaps of the `quick-typers` scenario), wait for a reply, think,
+and write again.
 Several profiles run at the same time on the same workload and seed, so their figures are
 comparable. After the run every burst is accounted for from the daemon's database and the
 fake's arrivals (whole, split, lost, unanswered: bursts.py). The leads are in

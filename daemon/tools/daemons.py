@@ -1,6 +1,7 @@
 """One daemon under test: a real `sdrctl serve` subprocess on its own throw-away embedded
-PostgreSQL and Redis, the simulated agent, and a profile whose waits are scaled with the
-workload's time scale."""
+PostgreSQL and Redis, the simulated agent (unless `extra_env` names another: `bench --agent
+fake-llm` gives the openai backend and a fake model's URL), and a profile whose waits are
+scaled with the workload's time scale."""
 
 from __future__ import annotations
 
