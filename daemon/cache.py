@@ -71,8 +71,7 @@ class TwoTierCache(Generic[T]):
         return len(self._local)
 
     def redis_key(self, key: str) -> str:
-        # The key as a hash tag: a lead's entries share its slot with its lock in Redis Cluster.
-        return f"sdr:cache:{self.name}:{{{key}}}"
+        return redis_key(self.name, key)
 
     # --- reads ----------------------------------------------------------------------
 
@@ -190,9 +189,7 @@ class TwoTierCache(Generic[T]):
         source changed as a whole, e.g. the knowledge base was edited)."""
         self.clear_local()
         try:
-            async for keys in _batches(self.redis.scan_iter(match=self.redis_key("*"), count=500), 500):
-                await self.redis.unlink(*keys)
-            await self.redis.publish(CHANNEL, f"{self.name}{SEP}{ALL}")
+            await drop_everywhere(self.redis, self.name)
             self._redis_ok()
         except REDIS_ERRORS as exc:
             self._redis_failed("invalidation", exc)
@@ -281,6 +278,21 @@ class TwoTierCache(Generic[T]):
         if self._redis_down:
             self._redis_down = False
             log.info("cache %s: Redis is back", self.name)
+
+
+def redis_key(cache: str, key: str) -> str:
+    """A cache entry's Redis key. The key is a hash tag: a lead's entries share its slot
+    with its lock in Redis Cluster."""
+    return f"sdr:cache:{cache}:{{{key}}}"
+
+
+async def drop_everywhere(redis: Redis, cache: str) -> None:
+    """Deletes a cache's Redis tier and tells every daemon to forget its local tier (what
+    `invalidate_all` does besides clearing its own; `sdrctl kb import` calls it with no
+    cache of its own). Redis errors are the caller's to handle."""
+    async for keys in _batches(redis.scan_iter(match=redis_key(cache, "*"), count=500), 500):
+        await redis.unlink(*keys)
+    await redis.publish(CHANNEL, f"{cache}{SEP}{ALL}")
 
 
 async def _batches(items: Any, size: int) -> Any:

@@ -340,6 +340,21 @@ class HandoverSettings:
     )
 
 
+@dataclass(frozen=True)
+class KnowledgeSettings:
+    """[knowledge] in sdr.toml: how the knowledge base is searched. Without an embeddings
+    endpoint, full-text (Portuguese) only; with one, full-text and vector similarity fused
+    by reciprocal rank."""
+
+    embeddings_url: str = knob("", "an OpenAI-compatible API base URL for /embeddings; empty = full-text search only")
+    embeddings_model: str = knob("text-embedding-3-small", "the embeddings model")
+    api_key_env: str = knob("OPENAI_API_KEY", "environment variable holding the embeddings API's key")
+    candidates: int = knob(20, "entries each signal ranks before they are fused", min=1, max=1000)
+    rrf_k: int = knob(
+        60, "reciprocal rank fusion's k: a larger k weighs the signals' lower ranks more", min=1, max=1000
+    )
+
+
 # --- profiles/NAME.toml: the tuning knobs ---------------------------------------------
 
 
@@ -379,6 +394,16 @@ class Timeouts:
     evolution_read: float = knob(15.0, "reads from the Evolution API", unit="s", min=0.05, max=300)
     evolution_send: float = knob(10.0, "one sendText call", unit="s", min=0.05, max=300)
     knowledge_base: float = knob(2.0, "knowledge-base search", unit="s", min=0.01, max=60)
+    embeddings: float = knob(
+        0.5,
+        "one embeddings call (a question's vector); past it the search is full-text only, within knowledge_base",
+        unit="s",
+        min=0.01,
+        max=60,
+    )
+    embeddings_import: float = knob(
+        120.0, "one embeddings request of up to 64 entries, at import", unit="s", min=0.1, max=3600
+    )
     personalization: float = knob(15.0, "loading the lead and history", unit="s", min=0.01, max=300)
     redis_lock_ttl: float = knob(10.0, "lead lock TTL", unit="s", min=0.1, max=600)
     database: float = knob(5.0, "one database operation on the hot path", unit="s", min=0.01, max=120)
@@ -562,6 +587,8 @@ class Cache:
     lead_size: int = knob(10000, "lead-by-phone: most entries in process", min=1, max=10**7)
     kb_ttl: float = knob(600.0, "knowledge-base search results", unit="s", min=1, max=86400)
     kb_size: int = knob(2000, "knowledge-base search results: most entries in process", min=1, max=10**7)
+    embedding_ttl: float = knob(86400.0, "a question's embedding (for vector search)", unit="s", min=1, max=10**7)
+    embedding_size: int = knob(5000, "questions' embeddings: most entries in process", min=1, max=10**7)
 
 
 @dataclass(frozen=True)
@@ -706,6 +733,7 @@ SETTINGS_SECTIONS: dict[str, type] = {
     "slo": SloSettings,
     "followups": FollowUpSettings,
     "handover": HandoverSettings,
+    "knowledge": KnowledgeSettings,
 }
 
 
@@ -737,11 +765,13 @@ class Config:
     slo: SloSettings = field(default_factory=SloSettings)
     followups: FollowUpSettings = field(default_factory=FollowUpSettings)
     handover: HandoverSettings = field(default_factory=HandoverSettings)
+    knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
     # Secrets are read from the variables the file names; never printed.
     webhook_token: str | None = field(default=None, repr=False)
     evolution_api_key: str | None = field(default=None, repr=False)
     evolution_instance_token: str | None = field(default=None, repr=False)
     agent_api_key: str | None = field(default=None, repr=False)
+    embeddings_api_key: str | None = field(default=None, repr=False)
 
     @property
     def data_dir(self) -> Path:
@@ -926,6 +956,7 @@ def load_config(
         evolution_api_key=env.get(key_env) or None,
         evolution_instance_token=env.get(settings["evolution"].instance_token_env) or None,
         agent_api_key=env.get(agent_key_env) or None,
+        embeddings_api_key=env.get(settings["knowledge"].api_key_env) or None,
         **settings,
     )
 
@@ -940,7 +971,12 @@ def _check_settings(settings: Mapping[str, Any], where: str) -> None:
 
 
 def _refuse_unknown_env(env: Mapping[str, str], settings: Mapping[str, Any]) -> None:
-    secrets = {settings["webhook"].token_env, settings["evolution"].api_key_env, settings["agent"].api_key_env}
+    secrets = {
+        settings["webhook"].token_env,
+        settings["evolution"].api_key_env,
+        settings["agent"].api_key_env,
+        settings["knowledge"].api_key_env,
+    }
     known = {
         f"{ENV_PREFIX}{sec.upper()}_{f.name.upper()}"
         for sections in (SETTINGS_SECTIONS, PROFILE_SECTIONS)

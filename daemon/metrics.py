@@ -54,6 +54,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.kb_degraded = Counter(
+            "sdr_knowledge_fulltext_only_total",
+            "Knowledge searches that wanted the question's embedding and answered on full-text alone"
+            " (the embeddings endpoint timed out or failed)",
+            registry=r,
+        )
         self.agent_tools = Counter(
             "sdr_agent_tool_calls_total",
             "Tool calls of the agent's model, by tool and outcome (accepted, refused: outside its rules)",

@@ -61,6 +61,7 @@ class KbEntry:
     title: str
     content: str
     rank: float
+    key: str = ""  # the stable key `sdrctl kb` imports by
 
 
 @dataclass(frozen=True)

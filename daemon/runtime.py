@@ -32,6 +32,9 @@ from daemon.followups.store import FollowUpStore
 from daemon.handover import Notifier
 from daemon.identity import Identities
 from daemon.intake import IngestBatcher
+from daemon.knowledge.embeddings import ensure_embeddings, make_embedder
+from daemon.knowledge.search import KnowledgeSearch
+from daemon.knowledge.sync import import_shipped
 from daemon.locks import LeadLocks
 from daemon.media.processor import MediaProcessor
 from daemon.metrics import Metrics
@@ -120,6 +123,8 @@ class Runtime:
         stack.push_async_callback(self.redis.aclose)
         await _step("Redis is unreachable", self.redis.ping())
         await _step("PostgreSQL failed while checking the schema", self._check_schema())
+        # The shipped knowledge base, on a new database's first start (the files in knowledge/).
+        await _step("cannot import the shipped knowledge base", import_shipped(self.pool, self.redis))
 
         self.store = Store(self.pool, p)
         b, c = p.buffer, p.cache
@@ -141,6 +146,19 @@ class Runtime:
         stack.push_async_callback(self.locks.close, p.timeouts.redis)
         self.leads = self._cache("lead", dict[str, Any], c.lead_ttl, c.lead_size)
         self.knowledge = self._cache("knowledge", list[KbEntry], c.kb_ttl, c.kb_size)
+        self.embedder = make_embedder(cfg)
+        if self.embedder is not None:
+            stack.push_async_callback(self.embedder.close)
+        self.kb_search = KnowledgeSearch(
+            self.pool,
+            embedder=self.embedder,
+            vectors=self._cache("embeddings", list[float], c.embedding_ttl, c.embedding_size),
+            candidates=cfg.knowledge.candidates,
+            rrf_k=cfg.knowledge.rrf_k,
+            embeddings_timeout=min(p.timeouts.embeddings, p.timeouts.knowledge_base),
+            timeout=p.timeouts.database,
+            on_degraded=lambda why: self.metrics.kb_degraded.inc(),
+        )
         intake_store = Store(self.intake_pool, p)
         self.identities = Identities(intake_store, c.lead_size, self.leads)
         self.intake = IngestBatcher(intake_store, self.buffer, p, self.leads, self.identities)
@@ -176,6 +194,7 @@ class Runtime:
             prices=(cfg.agent.price_in, cfg.agent.price_out),
             tools=ToolRules.from_settings(cfg.followups),
             stream_rows=StreamRows(self.pool, p.timeouts.database),
+            kb_search=self.kb_search,
         )
         stack.push_async_callback(self.runner.close)
         self.followups = FollowUpExecutor(
@@ -191,9 +210,24 @@ class Runtime:
         await _step("cannot re-queue unanswered messages", self._requeue_unanswered())
         invalidations = CacheInvalidations(self.redis, [self.leads, self.knowledge], retry_delay=p.timeouts.redis)
         self._own(stack, invalidations.run(), "cache-invalidations")
+        if self.embedder is not None:  # in the background: full-text answers meanwhile
+            self._own(stack, self._embed_at_start(), "kb-embeddings")
         self._flusher = self._own(stack, self._flush_loop(), "buffer-flush")
         self.jobs.start()
         stack.push_async_callback(self.jobs.stop)
+
+    async def _embed_entries(self) -> int:
+        """Vectors for entries that have none for the model (none without an endpoint): at
+        start and whenever the knowledge base changed (the refresh job)."""
+        if self.embedder is None:
+            return 0
+        return await ensure_embeddings(self.pool, self.embedder)
+
+    async def _embed_at_start(self) -> None:
+        try:
+            await self._embed_entries()
+        except Exception as exc:  # the refresh job tries again; search stays full-text meanwhile
+            log.warning("could not embed the knowledge base: %s: %s", type(exc).__name__, exc)
 
     async def _requeue_unanswered(self) -> None:
         """Re-arms every unanswered message (at start, and when Redis is back after an
@@ -317,7 +351,9 @@ class Runtime:
         if cfg.followups.enabled:
             jobs.every("followups", f.poll_interval, self.followups.run_due)
         jobs.every(
-            "knowledge-refresh", f.kb_refresh_interval, KnowledgeRefresh(self.pool, self.knowledge.invalidate_all)
+            "knowledge-refresh",
+            f.kb_refresh_interval,
+            KnowledgeRefresh(self.pool, self.knowledge.invalidate_all, self._embed_entries),
         )
         jobs.every("unanswered-sweep", p.buffer.sweep_interval, self._sweep)
         if not self.outbox.local:

@@ -27,6 +27,7 @@ from daemon.followups.calendar import Clock, utc_now
 from daemon.followups.planner import Planned, Planner
 from daemon.followups.store import FollowUpStore
 from daemon.handover import Intent, Intents, Notifier
+from daemon.knowledge.search import Degraded, KnowledgeSearch
 from daemon.locks import LeadLocks, Lease
 from daemon.media.processor import MediaProcessor
 from daemon.media.result import MediaResult
@@ -66,6 +67,7 @@ class TurnRunner:
         prices: tuple[float, float] = (0.0, 0.0),
         tools: ToolRules | None = None,
         stream_rows: StreamRows | None = None,
+        kb_search: KnowledgeSearch | None = None,
     ) -> None:
         self.store = store
         # With [buffer] speculate, where a finished reply learns whether the lead wrote again
@@ -93,6 +95,7 @@ class TurnRunner:
         self.prices = prices  # [agent] price_in, price_out: per million tokens
         self.tools = tools  # the agent's tools and their rules (None: an agent without tools)
         self.stream_rows = stream_rows  # None: replies are never streamed
+        self.kb_search = kb_search  # full-text and, with an embeddings endpoint, by meaning
 
     async def run(self, phone: str, only: int | None) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
@@ -579,18 +582,30 @@ class TurnRunner:
     async def _search(self, text: str, clock: StageClock) -> list[KbEntry]:
         limit = self.profile.limits.kb_results
         loaded = False
+        search = self.kb_search
 
         async def load() -> list[KbEntry]:
             nonlocal loaded
             loaded = True
-            return await self.store.search_knowledge(text, limit)
+            if search is None:
+                return await self.store.search_knowledge(text, limit)
+            return [r.entry for r in await search.search(text, limit)]
 
-        # Keyed by the normalised query, so "Quanto custa?" and "quanto custa" share an entry.
-        key = f"{limit}:{tsquery_any(text)}"
+        # Keyed by the normalised query, so "Quanto custa?" and "quanto custa" share an
+        # entry; by meaning, the whole question counts (word order, short words).
+        if search is None or search.embedder is None:
+            key = f"{limit}:{tsquery_any(text)}"
+        else:
+            key = f"{limit}:h:{' '.join(text.lower().split())}"
         try:
             entries = await clock.run(
-                "knowledge", self.knowledge.get_or_load(key, load), self.profile.timeouts.knowledge_base
+                "knowledge",
+                self.knowledge.get_or_load(key, load),
+                self.profile.timeouts.knowledge_base,
+                passthrough=(Degraded,),
             )
+        except Degraded as d:  # the question's embedding failed: full-text, and not cached
+            entries = [r.entry for r in d.results]
         except StageFailed:  # recorded; the agent answers without the knowledge base
             return []
         clock.cache_use(not loaded)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sdrctl import bench, chat, export, followups, leads, migrate, profile, replay, report, serve, tune
+from sdrctl import bench, chat, export, followups, kb, leads, migrate, profile, replay, report, serve, tune
 from sdrctl.common import ConfigOpt, ProfileOpt
 
 app = typer.Typer(
@@ -33,3 +33,4 @@ app.command("report")(report.report)
 app.add_typer(tune.app, name="tune")
 app.add_typer(followups.app, name="followups")
 app.add_typer(leads.app, name="leads")
+app.add_typer(kb.app, name="kb")

@@ -19,7 +19,7 @@ from daemon.config import Config
 from daemon.embedded import EmbeddedPostgres, EmbeddedRedis, Endpoints
 from tests.helpers import is_shell_setting, make_config
 
-TABLES = "leads, conversations, messages, turns, outbox, follow_ups, crm_sync"
+TABLES = "leads, conversations, messages, turns, outbox, follow_ups, crm_sync, kb_embeddings"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -195,16 +195,20 @@ async def test_a_reclaimed_follow_up_whose_send_had_started_is_never_sent_twice(
     assert len(fake.sent) == 1
 
 
-# Whatever day the suite runs on: the lead books a meeting 9 days ahead on a Friday, on a
-# Saturday evening (closed) and on a Sunday (closed all day, no holiday near), and gets the
-# confirmation and reminders that business hours (Mon-Sat, 08-20) allow.
+# Whatever day the suite runs on: the lead books a meeting (8 or 9 days ahead) on a Friday,
+# on a Saturday evening (closed) and on a Sunday (closed all day, no holiday near), and gets
+# the confirmation and reminders that business hours (Mon-Sat, 08-20) allow. A meeting
+# itself is booked only when business hours are open (book_meeting's rules, which the
+# playbook shares): a Sunday one is a preference the consultant confirms, with no reminders.
 BOOKINGS = [
     pytest.param(
         datetime(2026, 12, 4, 10, 0, tzinfo=SP),
-        {  # a Sunday meeting: its 2 h reminder, moved out of a closed Sunday, would come after it
+        {  # a Saturday meeting: its 24 h reminder on Friday, its 2 h one that morning
             ("meeting_confirmation", 1): datetime(2026, 12, 4, 10, 2, tzinfo=SP),
-            ("meeting_reminder", 1): datetime(2026, 12, 12, 15, 0, tzinfo=SP),
+            ("meeting_reminder", 1): datetime(2026, 12, 11, 15, 0, tzinfo=SP),
+            ("meeting_reminder", 2): datetime(2026, 12, 12, 13, 0, tzinfo=SP),
         },
+        8,
         id="friday",
     ),
     pytest.param(
@@ -214,6 +218,7 @@ BOOKINGS = [
             ("meeting_reminder", 1): datetime(2026, 12, 14, 8, 0, tzinfo=SP),
             ("meeting_reminder", 2): datetime(2026, 12, 14, 13, 0, tzinfo=SP),
         },
+        9,
         id="saturday-evening",
     ),
     pytest.param(
@@ -223,14 +228,15 @@ BOOKINGS = [
             ("meeting_reminder", 1): datetime(2026, 12, 14, 15, 0, tzinfo=SP),
             ("meeting_reminder", 2): datetime(2026, 12, 15, 13, 0, tzinfo=SP),
         },
+        9,
         id="sunday",
     ),
 ]
 
 
-@pytest.mark.parametrize(("now", "expected"), BOOKINGS)
+@pytest.mark.parametrize(("now", "expected", "days"), BOOKINGS)
 async def test_booking_a_meeting_plans_its_confirmation_and_reminders_within_business_hours(
-    clean: Endpoints, now: datetime, expected: dict[tuple[str, int], datetime]
+    clean: Endpoints, now: datetime, expected: dict[tuple[str, int], datetime], days: int
 ) -> None:
     async with run_fake_evolution() as fake:
         cfg = make_config(clean, SDR_EVOLUTION_BASE_URL=fake.url, SDR_FOLLOWUPS_ENABLED="false")
@@ -241,7 +247,7 @@ async def test_booking_a_meeting_plans_its_confirmation_and_reminders_within_bus
             await fetch(clean.database_url, "UPDATE leads SET stage = 'offer_meeting', name = 'Rita', bill_value = 480")
             d.runtime.leads.clear_local()
             await d.runtime.leads.invalidate(PHONE)
-            meeting_day = (now + timedelta(days=9)).date()
+            meeting_day = (now + timedelta(days=days)).date()
             await post(d.url, event(PHONE, f"Pode ser dia {meeting_day:%d/%m} às 15h"))
             await wait_for(lambda: asyncio.sleep(0, len(fake.sent) >= 2), timeout=20)
             [lead] = await fetch(clean.database_url, "SELECT * FROM leads")

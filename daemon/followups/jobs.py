@@ -83,18 +83,27 @@ class KnowledgeRefresh:
     """Drops the knowledge-base cache everywhere when the table changed (count or latest
     update), so an edited answer reaches leads within one interval, not one TTL."""
 
-    def __init__(self, pool: asyncpg.Pool, invalidate_all: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        invalidate_all: Callable[[], Awaitable[None]],
+        embed: Callable[[], Awaitable[int]] | None = None,
+    ) -> None:
         self.pool = pool
         self.invalidate_all = invalidate_all
+        self.embed = embed  # vectors for new or edited entries (with an embeddings endpoint)
         self.seen: tuple[int, datetime | None] | None = None
 
     async def __call__(self) -> None:
         row = await self.pool.fetchrow("SELECT count(*) AS n, max(updated_at) AS at FROM knowledge_base")
         assert row is not None
         version = (row["n"], row["at"])
-        if self.seen is not None and version != self.seen:
-            log.info("knowledge base changed: dropping its cache")
-            await self.invalidate_all()
+        if self.seen is None or version != self.seen:
+            if self.embed is not None:  # first: the search by meaning finds the new entries too
+                await self.embed()
+            if self.seen is not None:
+                log.info("knowledge base changed: dropping its cache")
+                await self.invalidate_all()
         self.seen = version
 
 
