@@ -161,3 +161,8 @@ def test_the_wheel_ships_profiles_and_migrations(tmp_path: Path) -> None:
         "daemon/_data/sql/0001_schema.sql",
         "sdrctl/main.py",
     } <= names
+    shipped = {
+        f"daemon/_data/knowledge/{p.relative_to(REPO / 'knowledge').as_posix()}"
+        for p in (REPO / "knowledge").rglob("*.md")
+    }
+    assert len(shipped) == 61 and shipped <= names  # the knowledge base a new database imports

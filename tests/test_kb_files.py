@@ -6,10 +6,7 @@ a database of their own, the first start's import, and the word to the daemons' 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
-import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,7 +23,7 @@ from daemon.errors import ConfigError, SdrError
 from daemon.knowledge import sync
 from daemon.knowledge.entry import Entry, slug
 from daemon.knowledge.files import MAX_CONTENT, parse_csv, parse_markdown, read_source, to_markdown, write_markdown
-from tests.helpers import REPO, child_env
+from tests.helpers import REPO
 
 SHIPPED = REPO / "knowledge"
 
@@ -388,28 +385,3 @@ async def test_announce_drops_the_knowledge_cache_in_redis_and_tells_every_daemo
     finally:
         await listener.aclose()  # type: ignore[no-untyped-call]
         await redis.aclose()
-
-
-def test_the_wheel_ships_the_knowledge_folder(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-        env=child_env(),
-    )
-    [wheel] = tmp_path.glob("sdrctl-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"daemon/_data/knowledge/{p.relative_to(SHIPPED).as_posix()}" for p in SHIPPED.rglob("*.md")}
-    assert len(shipped) == 61 and shipped <= names

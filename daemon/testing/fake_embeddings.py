@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon.testing.fake_openai import _wait_or_disconnect
+from daemon.testing.fake_openai import _wait_or_disconnect, openai_error
 from daemon.testing.servers import background_server, quiet_server
 
 if TYPE_CHECKING:
@@ -141,9 +141,9 @@ class FakeEmbeddings:
             try:
                 body = json.loads(await request.body())
             except ValueError:
-                return _error(400, "We could not parse the JSON body of your request.")
+                return openai_error(400, "We could not parse the JSON body of your request.")
             if not isinstance(body, dict):
-                return _error(400, "The request body must be a JSON object.")
+                return openai_error(400, "The request body must be a JSON object.")
             texts = _texts(body.get("input"))
             self.requests.append(
                 {
@@ -160,7 +160,7 @@ class FakeEmbeddings:
             if self.delay and await _wait_or_disconnect(request, self.delay):
                 return Response(status_code=499)  # nobody reads it
             if self.status >= 400:
-                return _error(self.status, "fake failure")
+                return openai_error(self.status, "fake failure")
             vectors = await asyncio.to_thread(self.encoder.embed, texts)
             tokens = await asyncio.to_thread(self.encoder.tokens, texts)
             as_base64 = body.get("encoding_format") == "base64"
@@ -177,15 +177,17 @@ class FakeEmbeddings:
         """The 400 OpenAI answers to this request, if any."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return _error(400, "you must provide a model parameter")
+            return openai_error(400, "you must provide a model parameter")
         if isinstance(texts, str):
-            return _error(400, texts, param="input")
+            return openai_error(400, texts, param="input")
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
-            return _error(400, f"Invalid value for 'encoding_format': {fmt!r} (float or base64)", "encoding_format")
+            return openai_error(
+                400, f"Invalid value for 'encoding_format': {fmt!r} (float or base64)", param="encoding_format"
+            )
         dimensions = body.get("dimensions")
         if dimensions is not None and dimensions != self.encoder.dimensions:
-            return _error(400, "This model does not support specifying dimensions.", "dimensions")
+            return openai_error(400, "This model does not support specifying dimensions.", param="dimensions")
         return None
 
 
@@ -212,19 +214,6 @@ def _texts(value: Any) -> list[str] | str:
 def _base64(vector: Sequence[float]) -> str:
     """OpenAI's encoding_format=base64: the float32 values, little-endian, base64-encoded."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-
-def _error(status: int, message: str, param: str | None = None) -> Response:
-    """OpenAI's error body (type as OpenAI sends it for that status)."""
-    if status == 429:
-        kind, code = "requests", "rate_limit_exceeded"
-    elif status == 401:
-        kind, code = "invalid_request_error", "invalid_api_key"
-    elif status < 500:
-        kind, code = "invalid_request_error", None
-    else:
-        kind, code = "server_error", None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 @contextlib.asynccontextmanager

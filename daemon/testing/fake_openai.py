@@ -141,7 +141,7 @@ class FakeOpenAI:
                     self.event("disconnect")
                     return Response(status_code=499)
                 self.event("error")
-                return _error(step.status, step.content or "fake failure", step.retry_after)
+                return openai_error(step.status, step.content or "fake failure", step.retry_after)
             calls = _calls(step)
             if body.get("stream") is True:
                 return self.stream(body, step, calls)
@@ -175,7 +175,7 @@ class FakeOpenAI:
     def canned(self) -> Response | None:
         """The error or malformed answer the knobs ask for, if any."""
         if self.status >= 400:
-            return _error(self.status, "fake failure", None)
+            return openai_error(self.status, "fake failure")
         if self.raw is not None:
             return Response(self.raw, media_type="application/json")
         return None
@@ -318,7 +318,7 @@ def _event(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
-def _error(status: int, message: str, retry_after: float | None) -> Response:
+def openai_error(status: int, message: str, retry_after: float | None = None, *, param: str | None = None) -> Response:
     """OpenAI's error body (type and code as OpenAI sends them for that status)."""
     if status == 429:
         kind, code = "requests", "rate_limit_exceeded"
@@ -328,7 +328,7 @@ def _error(status: int, message: str, retry_after: float | None) -> Response:
         kind, code = "invalid_request_error", None
     else:
         kind, code = "server_error", None
-    error = {"message": message, "type": kind, "param": None, "code": code}
+    error = {"message": message, "type": kind, "param": param, "code": code}
     headers = {} if retry_after is None else {"retry-after": f"{retry_after:g}"}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
