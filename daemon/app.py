@@ -12,12 +12,14 @@ import hmac
 import logging
 import time
 
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from daemon import telemetry
 from daemon.connections import OUTAGE
 from daemon.errors import BadPayload, TooLarge
 from daemon.evolution import Edit, Ignored, Typing, parse_envelope, parse_event
@@ -97,7 +99,13 @@ def create_app(rt: Runtime) -> Starlette:
             return error(503, f"{most_in_flight} webhooks already in flight, the limit; retry")
         in_flight += 1
         try:
-            return await handle(request)
+            # Traced, each webhook is a trace of its own; the message it stores keeps its
+            # span for the turn that answers it to link to (daemon.telemetry).
+            with telemetry.span("webhook", kind=SpanKind.SERVER) as span:
+                response = await handle(request)
+                if span is not None:
+                    span.set_attribute("http.response.status_code", response.status_code)
+                return response
         finally:
             in_flight -= 1
 

@@ -59,6 +59,11 @@ class DaemonSettings:
     profile: str = knob("recommended", "tuning profile: a name in profiles/ or a .toml path")
     log_level: str = knob("info", "log verbosity", choices=("debug", "info", "warning", "error"))
     log_phones: bool = knob(False, "show leads' phone numbers in logs (debugging only; masked otherwise)")
+    log_format: str = knob(
+        "text",
+        "log lines on stderr: text (for a person) or json (one object a line, for a log shipper)",
+        choices=("text", "json"),
+    )
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,24 @@ class KnowledgeSettings:
     candidates: int = knob(20, "entries each signal ranks before they are fused", min=1, max=1000)
     rrf_k: int = knob(
         60, "reciprocal rank fusion's k: a larger k weighs the signals' lower ranks more", min=1, max=1000
+    )
+
+
+def _otlp_url(value: str) -> None:
+    if value and not (value.startswith(("http://", "https://")) and len(value.split("://", 1)[1]) > 0):
+        raise ValueError
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """[telemetry] in sdr.toml: traces of each turn (OpenTelemetry), sent over OTLP/HTTP."""
+
+    otlp_endpoint: str = knob(
+        "",
+        "an OpenTelemetry collector's OTLP/HTTP address for the traces of each turn, e.g. "
+        "http://127.0.0.1:4318 (/v1/traces is added to a URL without a path); empty = no tracing, at no cost",
+        check=_otlp_url,
+        describe="an http:// or https:// URL, or empty",
     )
 
 
@@ -734,6 +757,7 @@ SETTINGS_SECTIONS: dict[str, type] = {
     "followups": FollowUpSettings,
     "handover": HandoverSettings,
     "knowledge": KnowledgeSettings,
+    "telemetry": TelemetrySettings,
 }
 
 
@@ -766,6 +790,7 @@ class Config:
     followups: FollowUpSettings = field(default_factory=FollowUpSettings)
     handover: HandoverSettings = field(default_factory=HandoverSettings)
     knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     # Secrets are read from the variables the file names; never printed.
     webhook_token: str | None = field(default=None, repr=False)
     evolution_api_key: str | None = field(default=None, repr=False)

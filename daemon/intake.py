@@ -9,10 +9,12 @@ buffer is armed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from daemon import telemetry
 from daemon.buffer import MessageBuffer, member, window_for
 from daemon.cache import TwoTierCache
 from daemon.config import Profile
@@ -51,7 +53,10 @@ class IngestBatcher:
         self._flushers: set[asyncio.Task[None]] = set()
 
     async def ingest(self, msg: Inbound) -> str:
-        """Stores the message and arms its buffer; returns 'stored' or 'duplicate'."""
+        """Stores the message and arms its buffer; returns 'stored' or 'duplicate'. Traced,
+        the message keeps the caller's span (its webhook's), for the turn to link to."""
+        if (span := telemetry.traceparent()) is not None:
+            msg = dataclasses.replace(msg, trace=span)
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(msg, done))
         if len(self._flushers) < self.max_flushes:

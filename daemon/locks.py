@@ -25,7 +25,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from daemon import unguarded
+from daemon import telemetry, unguarded
 from daemon.buffer import MessageBuffer
 from daemon.connections import Redis
 from daemon.tasks import cancel_and_wait
@@ -132,7 +132,10 @@ class LeadLocks:
             fence = await self._next_fence(keys=[lock_key(phone), fence_key(phone)], args=[0, 0, self.ttl_ms])
             yield Lease("unguarded", int(fence), float("inf"))
             return
-        lease = await self.acquire_or_flag(phone)
+        with telemetry.span("lock") as span:  # traced: the acquisition, not the hold
+            lease = await self.acquire_or_flag(phone)
+            if span is not None:
+                span.set_attribute("sdr.lock.taken", lease is not None)
         if lease is None:
             yield None
             return

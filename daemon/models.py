@@ -26,6 +26,7 @@ class Inbound:
     media: dict[str, Any] | None
     provider_ts: datetime
     lid: str | None = None  # the lead's LID jid, when the event gave it
+    trace: str | None = None  # the webhook's span (W3C traceparent) with tracing on (daemon.telemetry)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class PendingMessage:
     provider_ts: datetime
     received_at: datetime
     media: dict[str, Any] | None = None  # image/audio: mimetype, seconds, key, base64 when sent
+    trace: str | None = None  # the span of the webhook that stored it (W3C traceparent), if traced
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from daemon import migrations
+from daemon import logs, migrations, telemetry
 from daemon.agents import Agent, make_agent
 from daemon.agents.tools import ToolRules
 from daemon.buffer import MessageBuffer, member, parse_member, window_for
@@ -112,6 +112,9 @@ class Runtime:
     async def _open(self, stack: AsyncExitStack) -> None:
         cfg, p = self.config, self.config.profile
         ep = self.endpoints
+        # Traces ([telemetry] otlp_endpoint): closed last, once every turn's spans ended.
+        if (traces := telemetry.setup(cfg)) is not None:
+            stack.push_async_callback(traces.shutdown)
         self.pool = await _step("PostgreSQL is unreachable", connect(ep.database_url, p, pooled=ep.pooled))
         stack.push_async_callback(self.pool.close)
         size = p.pools.ingest_flushes
@@ -394,9 +397,15 @@ class Runtime:
             log.warning("re-queued %d message(s) left unanswered past %.0fs", len(stale), age)
 
     async def _answer(self, value: str) -> None:
+        """One turn, claimed from the buffer: traced, the root of a trace of its own, and
+        every line it logs carries the lead (and the turn's id once it is stored)."""
         phone, only = parse_member(value)
-        start = time.perf_counter()
+        lead = {"sdr.lead": logs.mask(phone)} if telemetry.enabled() else None  # masked in traces too
+        with telemetry.root("turn", attributes=lead), logs.fields(lead=phone):
+            await self._turn(value, phone, only)
 
+    async def _turn(self, value: str, phone: str, only: int | None) -> None:
+        start = time.perf_counter()
         try:
             done = await self.runner.run(phone, only)
         except Exception as exc:
@@ -408,11 +417,13 @@ class Runtime:
                 exc,
                 exc_info=not isinstance(exc, (*OUTAGE, StageFailed)),
             )
+            telemetry.failed(telemetry.current(), f"{exc.__class__.__name__}: {exc}")
             try:
                 await self.buffer.add(value)
             except OUTAGE:  # Redis is down too: the next start re-queues it from Postgres
                 log.warning("could not re-queue a failed turn; it is answered on next start")
             return
+        telemetry.annotate(**{"sdr.turn.result": "answered" if done else "lead busy" if done is False else "no reply"})
         if done is False:
             # The holder hands the lead back when it is done; this only covers a holder
             # that dies first (its lock expires within the TTL).

@@ -1,5 +1,6 @@
 """A turn's stages, timed: each runs under its timeout from the profile; one that times out
-or fails is recorded on the turn, counted, and raised as StageFailed."""
+or fails is recorded on the turn, counted, and raised as StageFailed. Traced, each stage is
+a span of the turn's trace, named after it (daemon.telemetry)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from daemon import telemetry
 from daemon.errors import StageFailed
 from daemon.metrics import Metrics
 
@@ -34,25 +36,28 @@ class StageClock:
         """`passthrough`: exceptions that are not the stage's failure (a streamed reply
         stopped by its turn), raised as they are."""
         start = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout or None):
-                return await work
-        except passthrough:
-            raise
-        except TimeoutError:
-            self.timeouts.append(stage)
-            self.metrics.timeouts.labels(stage).inc()
-            log.warning("stage %s timed out after %.2fs", stage, timeout)
-            raise StageFailed(stage) from None
-        except Exception as exc:
-            self.failures.append(stage)
-            self.metrics.failures.labels(stage).inc()
-            log.warning("stage %s failed: %s: %s", stage, exc.__class__.__name__, exc)
-            raise StageFailed(stage) from exc
-        finally:
-            elapsed = time.perf_counter() - start
-            self.times[stage] = round(elapsed * 1000, 3)
-            self.metrics.stage_time.labels(stage).observe(elapsed)
+        with telemetry.span(stage, errors=False) as span:
+            try:
+                async with asyncio.timeout(timeout or None):
+                    return await work
+            except passthrough:
+                raise
+            except TimeoutError:
+                self.timeouts.append(stage)
+                self.metrics.timeouts.labels(stage).inc()
+                telemetry.failed(span, f"timed out after {timeout}s")
+                log.warning("stage %s timed out after %.2fs", stage, timeout, extra={"stage": stage})
+                raise StageFailed(stage) from None
+            except Exception as exc:
+                self.failures.append(stage)
+                self.metrics.failures.labels(stage).inc()
+                telemetry.failed(span, f"{exc.__class__.__name__}: {exc}")
+                log.warning("stage %s failed: %s: %s", stage, exc.__class__.__name__, exc, extra={"stage": stage})
+                raise StageFailed(stage) from exc
+            finally:
+                elapsed = time.perf_counter() - start
+                self.times[stage] = round(elapsed * 1000, 3)
+                self.metrics.stage_time.labels(stage).observe(elapsed)
 
     def cache_use(self, hit: bool) -> None:
         if hit:

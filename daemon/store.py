@@ -38,7 +38,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 # The hot path's read queries, named so `sdrctl migrate verify` explains exactly these.
 PENDING_MESSAGES = """
-SELECT m.id, m.lead_id, m.conversation_id, m.kind, m.body, m.media, m.provider_ts, m.received_at
+SELECT m.id, m.lead_id, m.conversation_id, m.kind, m.body, m.media, m.provider_ts, m.received_at,
+       m.trace_context AS trace
   FROM messages m JOIN leads l ON l.id = m.lead_id
  WHERE l.phone_number = $1 AND m.direction = 'in' AND m.turn_id IS NULL
    AND ($2::bigint IS NULL OR m.id = $2)
@@ -218,6 +219,7 @@ class Store:
                 "body": m.body,
                 "media": m.media,
                 "provider_ts": m.provider_ts.isoformat(),
+                "trace": m.trace,  # the webhook's span, linked from the turn (sql/0016)
             }
             for m in msgs
         ]

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from daemon import unguarded
+from daemon import logs, telemetry, unguarded
 from daemon.agents import Agent, AgentReply, TurnInput, Usage
 from daemon.agents.tools import Effects, ToolBox, ToolRules
 from daemon.buffer import MessageBuffer, window_for
@@ -125,6 +125,10 @@ class TurnRunner:
             return None
         if not self.profile.buffer.coalesce:
             burst = burst[:1]
+        if telemetry.enabled():  # the webhooks that fed the turn, and how long it waited for it
+            telemetry.link_to([m.trace for m in burst])
+            telemetry.waited("buffer wait", max(m.received_at for m in burst))
+            telemetry.annotate(**{"sdr.turn.messages": len(burst)})
         if phone in self.ignored:
             silenced = "ignored"
         if silenced is not None:  # a person has the lead, or the bot never answers it
@@ -261,6 +265,7 @@ class TurnRunner:
         if done == "newer_message":  # stored after the last look: it is answered with the rest
             await self._discard(phone, burst, clock, presence, children, done, started, tokens)
             return None
+        _note(turn=done.turn_id)
         await self._after(phone, done.lead, first.lead_id, finished, updates, event, texts, outcome, followup)
         if presence is not None:  # never "typing..." after the reply
             await children.stop(presence)
@@ -303,6 +308,7 @@ class TurnRunner:
         if updates:  # write through, and drop stale copies in other daemons
             await self.leads.replace(phone, lead)
         self.metrics.turns.labels(outcome).inc()
+        _note(outcome=outcome)
 
     def _effects(
         self, effects: Effects, updates: dict[str, Any], now: datetime
@@ -355,6 +361,7 @@ class TurnRunner:
             done = await self.store.finish_turn(record, fence, unless_newer=speculative)
             if isinstance(done, str):
                 raise StreamStopped(done)
+            _note(turn=done.turn_id)
             return done
 
         return StreamedReply(
@@ -478,6 +485,7 @@ class TurnRunner:
             return None
         self.metrics.handover.labels("suppressed").inc()
         self.metrics.turns.labels(why).inc()
+        _note(outcome=why)
         log.info("a burst of ...%s not answered: the lead is %s", phone[-4:], why)
         return True
 
@@ -526,6 +534,7 @@ class TurnRunner:
         if presence is not None:
             await children.stop(presence)
         self.metrics.discarded.labels(reason).inc()
+        _note(outcome=f"discarded: {reason}")
         await self.store.discard_reply(
             burst[0].lead_id, [m.id for m in burst], reason, clock.times.get("agent"), started, tokens
         )
@@ -637,6 +646,12 @@ class TurnRunner:
         """Shutdown: cancels the turns' children that did not end with their turn."""
         for task in list(self._stragglers):
             await cancel_and_wait(task, self.profile.timeouts.evolution_send)
+
+
+def _note(**fields: str | int) -> None:
+    """What the turn came to, on its log lines from here on and on its span."""
+    logs.annotate(**fields)
+    telemetry.annotate(**{f"sdr.turn.{'id' if key == 'turn' else key}": value for key, value in fields.items()})
 
 
 def _texts(burst: list[PendingMessage], media: list[MediaResult]) -> list[str]:

@@ -34,11 +34,11 @@ def load(ctx: typer.Context, config: Path | None, profile: str | None) -> Config
     return load_config(config or top.get("config"), profile or top.get("profile"))
 
 
-def setup_logging(level: str, *, log_phones: bool = False) -> None:
-    """Logs to stderr; leads' phone numbers masked unless `log_phones`."""
+def setup_logging(level: str, *, log_phones: bool = False, log_format: str = "text") -> None:
+    """Logs to stderr (text or json lines); leads' phone numbers masked unless `log_phones`."""
     from daemon.logs import setup_logging as setup
 
-    setup(level, log_phones=log_phones)
+    setup(level, log_phones=log_phones, log_format=log_format)
 
 
 def fail(message: str) -> None:

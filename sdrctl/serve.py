@@ -19,7 +19,7 @@ def serve(ctx: typer.Context, config: ConfigOpt = None, profile: ProfileOpt = No
     With no database/redis URL configured, starts the embedded PostgreSQL and Redis under
     [daemon] data_dir, migrates and seeds them."""
     cfg = load(ctx, config, profile)
-    setup_logging(cfg.daemon.log_level, log_phones=cfg.daemon.log_phones)
+    setup_logging(cfg.daemon.log_level, log_phones=cfg.daemon.log_phones, log_format=cfg.daemon.log_format)
     if off := unguarded.switched_off():
         if unknown := off - set(unguarded.GUARDS):
             allowed = ", ".join(unguarded.GUARDS)

@@ -14,7 +14,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import httpx
+from opentelemetry.trace import SpanKind
 
+from daemon import telemetry
 from daemon.agents import AgentReply, PartSink, TurnInput, Usage
 from daemon.agents.playbook import extract_money, extract_name
 from daemon.agents.stream import Answer, Paragraphs, answer_of, read_stream
@@ -120,12 +122,23 @@ class OpenAIAgent:
             }
             if turn.tools is not None and round_ < self.max_tool_rounds:
                 body["tools"] = TOOLS
-            if cutter is not None:
-                assert turn.parts is not None
-                answer = await self._streamed(body, cutter, turn.parts)
-            else:
-                answer = answer_of(await self._post(body))
-            spent = spent + usage_of(answer.usage, body, answer.content + _calls_text(answer))
+            # Traced: a span per model request (the tool calls it asked for are spans of their own).
+            with telemetry.span(f"chat {body['model']}", kind=SpanKind.CLIENT, attributes=_request(body)) as span:
+                if cutter is not None:
+                    assert turn.parts is not None
+                    answer = await self._streamed(body, cutter, turn.parts)
+                else:
+                    answer = answer_of(await self._post(body))
+                used = usage_of(answer.usage, body, answer.content + _calls_text(answer))
+                if span is not None:
+                    span.set_attributes(
+                        {
+                            "gen_ai.usage.input_tokens": used.prompt,
+                            "gen_ai.usage.output_tokens": used.completion,
+                            "gen_ai.response.finish_reasons": [answer.finish_reason or ""],
+                        }
+                    )
+            spent = spent + used
             if answer.finish_reason == "length":
                 log.warning("openai reply cut short by max_tokens = %d", self.max_tokens)
             if answer.content.strip():
@@ -239,6 +252,16 @@ class OpenAIAgent:
 
     def _one_line(self, what: object) -> str:
         return one_line(what, self._key)
+
+
+def _request(body: dict[str, Any]) -> dict[str, str | int | float | bool]:
+    """A model request's span attributes (OpenTelemetry's gen_ai conventions)."""
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": body["model"],
+        "gen_ai.request.max_tokens": body["max_tokens"],
+        "sdr.agent.tools_offered": "tools" in body,
+    }
 
 
 def usage_of(usage: Any, body: dict[str, Any], text: str) -> Usage:

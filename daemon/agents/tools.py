@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from daemon import telemetry
 from daemon.config import FollowUpSettings, parse_durations
 from daemon.followups.calendar import BusinessHours
 from daemon.followups.planner import Planned
@@ -174,17 +175,19 @@ class ToolBox:
         self.effects = Effects()
 
     async def call(self, name: str, arguments: str) -> str:
-        try:
-            args = _arguments(arguments)
-            if name not in NAMES:
-                raise Refused(f"unknown tool {name!r}: the tools are {', '.join(sorted(NAMES))}")
-            result = await getattr(self, name)(**args) if _fits(name, args) else None
-        except Refused as exc:
-            self.effects.calls.append((name, False))
-            log.info("tool %s refused: %s", name, exc)
-            return json.dumps({"error": str(exc)}, ensure_ascii=False)
-        self.effects.calls.append((name, True))
-        return json.dumps(result, ensure_ascii=False, default=str)
+        with telemetry.span(f"tool {name}", attributes={"gen_ai.tool.name": name}) as span:  # traced: a span each
+            try:
+                args = _arguments(arguments)
+                if name not in NAMES:
+                    raise Refused(f"unknown tool {name!r}: the tools are {', '.join(sorted(NAMES))}")
+                result = await getattr(self, name)(**args) if _fits(name, args) else None
+            except Refused as exc:
+                self.effects.calls.append((name, False))
+                telemetry.failed(span, f"refused: {exc}")
+                log.info("tool %s refused: %s", name, exc)
+                return json.dumps({"error": str(exc)}, ensure_ascii=False)
+            self.effects.calls.append((name, True))
+            return json.dumps(result, ensure_ascii=False, default=str)
 
     async def search_knowledge(self, query: str) -> dict[str, Any]:
         query = _text(query, "query", 2, 200)
