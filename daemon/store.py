@@ -15,7 +15,7 @@ import msgspec
 
 from daemon.config import Profile
 from daemon.connections import pg_boundary, pg_options
-from daemon.models import FinishedTurn, Inbound, KbEntry, PendingMessage, Refused, Takeover, TurnRecord
+from daemon.models import FinishedTurn, Inbound, PendingMessage, Refused, Takeover, TurnRecord
 from daemon.outbox import Status
 
 _encoder = msgspec.json.Encoder(enc_hook=str)  # Decimal and the like as PostgreSQL reads them
@@ -50,11 +50,6 @@ SELECT coalesce(jsonb_agg(h ORDER BY h.id), '[]'::jsonb) FROM (
     SELECT id, direction, kind, body, received_at FROM messages
      WHERE conversation_id = $1 AND (direction = 'out' OR turn_id IS NOT NULL)
      ORDER BY id DESC LIMIT $2) h"""
-
-KNOWLEDGE_SEARCH = """
-SELECT id, category, title, content, ts_rank(tsv, q) AS rank
-  FROM knowledge_base, to_tsquery('portuguese', $1) q
- WHERE tsv @@ q ORDER BY rank DESC, id LIMIT $2"""
 
 
 async def connect(url: str, profile: Profile, size: int | None = None, *, pooled: bool = False) -> asyncpg.Pool:
@@ -397,18 +392,6 @@ class Store:
             timeout=self.timeout,
         )
         return list(value)
-
-    async def search_knowledge(self, text: str, limit: int) -> list[KbEntry]:
-        query = tsquery_any(text)
-        if not query:
-            return []
-        rows = await self.pool.fetch(
-            KNOWLEDGE_SEARCH,
-            query,
-            limit,
-            timeout=self.timeout,
-        )
-        return [KbEntry(**dict(r)) for r in rows]
 
     async def finish_turn(
         self, t: TurnRecord, fence: int | None, *, unless_newer: bool = False, event: tuple[str, str] | None = None

@@ -67,7 +67,7 @@ class TurnRunner:
         prices: tuple[float, float] = (0.0, 0.0),
         tools: ToolRules | None = None,
         stream_rows: StreamRows | None = None,
-        kb_search: KnowledgeSearch | None = None,
+        kb_search: KnowledgeSearch,
     ) -> None:
         self.store = store
         # With [buffer] speculate, where a finished reply learns whether the lead wrote again
@@ -95,7 +95,7 @@ class TurnRunner:
         self.prices = prices  # [agent] price_in, price_out: per million tokens
         self.tools = tools  # the agent's tools and their rules (None: an agent without tools)
         self.stream_rows = stream_rows  # None: replies are never streamed
-        self.kb_search = kb_search  # full-text and, with an embeddings endpoint, by meaning
+        self.kb_search = kb_search  # full-text and, with an embeddings endpoint, by meaning (one query for both)
 
     async def run(self, phone: str, only: int | None) -> bool | None:
         """Answers the lead's unanswered messages (or just message `only`). Returns False
@@ -596,13 +596,11 @@ class TurnRunner:
         async def load() -> list[KbEntry]:
             nonlocal loaded
             loaded = True
-            if search is None:
-                return await self.store.search_knowledge(text, limit)
             return [r.entry for r in await search.search(text, limit)]
 
         # Keyed by the normalised query, so "Quanto custa?" and "quanto custa" share an
         # entry; by meaning, the whole question counts (word order, short words).
-        if search is None or search.embedder is None:
+        if search.embedder is None:
             key = f"{limit}:{tsquery_any(text)}"
         else:
             key = f"{limit}:h:{' '.join(text.lower().split())}"

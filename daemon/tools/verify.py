@@ -19,7 +19,8 @@ from typing import Any
 import asyncpg
 
 from daemon import migrations
-from daemon.store import HISTORY, KNOWLEDGE_SEARCH, PENDING_MESSAGES
+from daemon.knowledge.search import FULL_TEXT
+from daemon.store import HISTORY, PENDING_MESSAGES
 
 DUE_FOLLOW_UPS = """
 SELECT id FROM follow_ups
@@ -41,9 +42,7 @@ HOT_QUERIES = [
     HotQuery("lead by phone", LEAD_BY_PHONE, lambda s: (s["phone"],)),
     HotQuery("a lead's unanswered messages", PENDING_MESSAGES, lambda s: (s["phone"], None)),
     HotQuery("last N messages of a conversation", HISTORY, lambda s: (s["conversation_id"], s["history_limit"])),
-    HotQuery(
-        "knowledge-base full-text search", KNOWLEDGE_SEARCH, lambda s: ("placa | solar | economia", s["kb_results"])
-    ),
+    HotQuery("knowledge-base full-text search", FULL_TEXT, lambda s: ("placa | solar | economia", s["kb_results"])),
     HotQuery("due follow-ups", DUE_FOLLOW_UPS, lambda s: (s["claim_batch"],)),
 ]
 
