@@ -4,9 +4,8 @@ process and each /metrics shows only its own."""
 from __future__ import annotations
 
 import asyncio
-import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60)
@@ -108,26 +107,35 @@ class Metrics:
         )
         self.jobs = Counter("sdr_jobs_total", "Scheduled job runs, by job and outcome", ["job", "outcome"], registry=r)
         self.media = Counter("sdr_media_total", "Photos and voice notes, by outcome", ["kind", "outcome"], registry=r)
-        # Read at scrape time, for leak hunting (`sdrctl bench --soak`): what the process
-        # holds now, not a peak. NaN where it cannot be read (not Linux; no running loop).
-        Gauge("sdr_process_rss_bytes", "Resident memory of the daemon process", registry=r).set_function(rss_bytes)
+        # Set by the readiness check (/readyz, and every scrape of /metrics): an alert reads
+        # the same answer a load balancer gets.
+        self.dependency_up = Gauge(
+            "sdr_dependency_up",
+            "1 when /readyz's check of a dependency (database, redis, buffer) passed at the last probe, else 0",
+            ["dependency"],
+            registry=r,
+        )
+        # Set by each re-delivery pass (the outbox is a PostgreSQL table every daemon sees:
+        # each reports the same backlog).
+        self.outbox_backlog = Gauge(
+            "sdr_outbox_backlog",
+            "Replies waiting for re-delivery (undelivered, uncertain, or left sending by a daemon that"
+            " died), at the last re-delivery pass",
+            registry=r,
+        )
+        self.outbox_oldest = Gauge(
+            "sdr_outbox_backlog_oldest_seconds",
+            "Age of the oldest reply waiting for re-delivery at the last pass (0: none waits)",
+            registry=r,
+        )
+        # process_start_time_seconds (restarts), process_resident_memory_bytes and
+        # process_open_fds (leak hunting, `sdrctl bench --soak`), read at scrape time.
+        ProcessCollector(registry=r)
+        # NaN where it cannot be read (no running loop).
         Gauge("sdr_asyncio_tasks", "asyncio tasks alive in the daemon's loop", registry=r).set_function(tasks_alive)
-        Gauge("sdr_open_fds", "File descriptors open in the daemon process", registry=r).set_function(open_fds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes() -> float:
-    """Current resident set size (ru_maxrss would be the peak, which hides a plateau)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return float(int(f.read().split()[1]) * _PAGE)
-    except (OSError, IndexError, ValueError):
-        return float("nan")
 
 
 def tasks_alive() -> float:
@@ -135,11 +143,4 @@ def tasks_alive() -> float:
     try:
         return float(len(asyncio.all_tasks()))
     except RuntimeError:  # rendered outside a loop (a unit test)
-        return float("nan")
-
-
-def open_fds() -> float:
-    try:
-        return float(len(os.listdir("/proc/self/fd")) - 1)  # less the one listdir holds open
-    except OSError:
         return float("nan")

@@ -53,6 +53,13 @@ RETRIED = (Status.UNDELIVERED, Status.SENDING, Status.UNCERTAIN)  # what re-deli
 # first (its lock lapsed before it began): NULL no such lead, false fenced out.
 TAKE_FENCE = "UPDATE leads SET fence = greatest(fence, $2) WHERE phone_number = $1 RETURNING fence = $2"
 
+# Statuses as literals, so the planner can use the partial index of sql/0008 (a parameter
+# would not prove its predicate in a generic plan): a count of the few open rows, not a scan.
+BACKLOG = f"""SELECT count(*) AS n, extract(epoch FROM clock_timestamp() - min(created_at)) AS age
+                FROM outbox
+               WHERE status IN ('{Status.UNDELIVERED}', '{Status.UNCERTAIN}')
+                  OR (status = '{Status.SENDING}' AND created_at < clock_timestamp() - make_interval(secs => $1))"""
+
 
 @pg_boundary
 class OutboxStore:
@@ -211,6 +218,14 @@ class OutboxStore:
                 timeout=self.timeout,
             )
         return [(r["id"], r["phone_number"], r["body"], Status(r["status"]), r["created_at"], r["lid"]) for r in rows]
+
+    async def backlog(self, stale_after: float) -> tuple[int, float]:
+        """(rows waiting for re-delivery, seconds the oldest has waited): what `undelivered`
+        would pick up, attempts and back-off aside."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(BACKLOG, stale_after, timeout=self.timeout)
+        assert row is not None
+        return row["n"], float(row["age"] or 0.0)
 
     async def claim_redelivery(self, outbox_id: int, status: Status) -> bool:
         """Takes one row for a re-send if it is still in `status` (another daemon's job
@@ -398,6 +413,9 @@ class Outbox:
                 for outbox_id, body, status, created, lid in replies:
                     if not await self._resend(outbox_id, phone, body, status, created, lid, lease):
                         break  # keep the lead's replies in order
+        waiting, oldest = await self.rows.backlog(stale)  # what is left for the next passes
+        self.metrics.outbox_backlog.set(waiting)
+        self.metrics.outbox_oldest.set(oldest)
 
     async def _resend(
         self, outbox_id: int, phone: str, body: str, status: Status, created: datetime, lid: str | None, lease: Lease

@@ -140,7 +140,7 @@ def test_the_dashboard_has_the_kpis_against_the_slos() -> None:
         "sdr_active_leads",
         "sdr_cache_hits_total",
         "sdr_turns_in_flight",
-        'status="redelivered"',
+        "sdr_outbox_backlog_oldest_seconds",
         "sdr_agent_tokens_total",
         "sdr_agent_cost_total",
         "sdr_agent_tool_calls_total",
@@ -148,7 +148,9 @@ def test_the_dashboard_has_the_kpis_against_the_slos() -> None:
         "sdr_followups_total",
         "sdr_handover_total",
         "by (le, instance)",
-        "sdr_process_rss_bytes",
+        "process_start_time_seconds",
+        "sdr_dependency_up",
+        "sdr_outbox_backlog",
     ]
     assert not [w for w in wanted if w not in queries]
     assert any("{{instance}}" in t["legendFormat"] for p in panels() for t in p.get("targets", []))

@@ -157,16 +157,29 @@ async def test_a_redis_outage_gives_503_and_readiness_names_it(clean: Endpoints,
     cfg = make_config(clean, SDR_REDIS_URL=own.start())
     try:
         async with run_daemon(cfg) as d, httpx.AsyncClient(base_url=d.url) as http:
+            before = (await http.get("/metrics")).text
             own.stop()
             ready = await http.get("/readyz")
+            during = (await http.get("/metrics")).text
             refused = await post(d.url, event(PHONE, "Olá", message_id="OUT1"))
             own.start()
             recovered = await http.get("/readyz")
+            after = (await http.get("/metrics")).text
             retried = await post(d.url, event(PHONE, "Olá", message_id="OUT1"))
     finally:
         own.stop()
     assert ready.status_code == 503
     assert ready.json()["redis"].startswith("down") and ready.json()["database"] == "ok"
+    # The alerts read the same answer from /metrics (SdrStorageDown): 1 up, 0 down.
+    up = [
+        {dep: metric(text, "sdr_dependency_up", dependency=dep) for dep in ("database", "redis", "buffer")}
+        for text in (before, during, after)
+    ]
+    assert up == [
+        {"database": 1, "redis": 1, "buffer": 1},
+        {"database": 1, "redis": 0, "buffer": 0},
+        {"database": 1, "redis": 1, "buffer": 1},
+    ]
     # Not armed in the buffer, so not accepted: Evolution must retry, and the retry works.
     assert refused.status_code == 503 and "retry" in refused.json()["error"]
     assert recovered.status_code == 200

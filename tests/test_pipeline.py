@@ -15,7 +15,7 @@ from daemon.metrics import Metrics
 from daemon.models import Inbound
 from daemon.store import Store, connect
 from daemon.turn import StageClock
-from tests.helpers import event, fetch, make_config, run_daemon, run_fake_evolution, wait_for
+from tests.helpers import event, fetch, make_config, metric, run_daemon, run_fake_evolution, wait_for
 
 PHONE = "5511912345678"
 
@@ -150,6 +150,36 @@ async def test_unreachable_evolution_api_is_re_sent_then_recorded_as_failed(clea
         await send_burst(d.url, ["Olá!"])
         [row] = await wait_for(lambda: fetch(clean.database_url, "SELECT * FROM outbox WHERE status = 'failed'"))
     assert "connect" in row["last_error"] and "(gave up)" in row["last_error"] and row["attempts"] == 5
+
+
+async def test_the_outbox_backlog_is_exported_while_replies_wait_for_re_delivery(clean: Endpoints) -> None:
+    """sdr_outbox_backlog and its oldest age (SdrOutboxBacklogGrowing reads them): a reply
+    Evolution refused with 503s waits for re-delivery, counted; delivered, it is 0 again."""
+    async with run_fake_evolution() as evo:
+        evo.answers.extend([503] * 100)  # every try fails until the queue is cleared
+        cfg = make_config(
+            clean, SDR_EVOLUTION_BASE_URL=evo.url, SDR_LIMITS_REDELIVER_INTERVAL="0.1", SDR_LIMITS_REDELIVER_BACKOFF="0"
+        )
+        async with run_daemon(cfg) as d, httpx.AsyncClient(base_url=d.url) as http:
+
+            async def backlog() -> tuple[float, float]:
+                text = (await http.get("/metrics")).text
+                return metric(text, "sdr_outbox_backlog"), metric(text, "sdr_outbox_backlog_oldest_seconds")
+
+            async def waiting() -> float:
+                count, oldest = await backlog()
+                return oldest if count == 1 else 0.0
+
+            async def emptied() -> bool:
+                return await backlog() == (0, 0) and bool(await outbox(clean))
+
+            assert await backlog() == (0, 0)
+            await send_burst(d.url, ["Olá!"])
+            assert await wait_for(waiting) > 0  # counted, and how long it has waited
+            evo.answers.clear()
+            await wait_for(emptied)
+            [row] = await outbox(clean)
+    assert row["status"] == "sent" and len(evo.sent) == 1
 
 
 async def test_a_question_is_answered_from_the_knowledge_base(clean: Endpoints) -> None:

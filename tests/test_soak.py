@@ -111,6 +111,6 @@ def test_flatness_criterion_on_made_up_series() -> None:
 
 async def test_metrics_show_rss_tasks_and_fds_read_at_scrape_time() -> None:
     text = Metrics().render().decode()
-    assert metric(text, "sdr_process_rss_bytes") > 10 * MB
+    assert metric(text, "process_resident_memory_bytes") > 10 * MB
     assert metric(text, "sdr_asyncio_tasks") >= 1  # this test's own task at least
-    assert metric(text, "sdr_open_fds") >= 3
+    assert metric(text, "process_open_fds") >= 3

@@ -47,7 +47,7 @@ from daemon.tools.bench import ProfileResult, drive
 from daemon.tools.daemons import start_daemon
 from daemon.tools.workload import Tally, Workload
 
-SERIES = {"rss_bytes": "sdr_process_rss_bytes", "tasks": "sdr_asyncio_tasks", "fds": "sdr_open_fds"}
+SERIES = {"rss_bytes": "process_resident_memory_bytes", "tasks": "sdr_asyncio_tasks", "fds": "process_open_fds"}
 NOISE_SIGMAS = 4.0  # standard deviations of the warm-to-end difference a series may move by
 BLOCKS = 8
 # RSS moves in allocator steps, not noise (its sigma is 0 within a quarter): the 2-minute
