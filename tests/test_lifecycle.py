@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
 from typing import Any
 
@@ -18,11 +19,13 @@ from daemon.agents import AgentReply, TurnInput
 from daemon.config import Config
 from daemon.embedded import Endpoints
 from daemon.errors import DatabaseError, UnavailableError
+from daemon.followups.jobs import Jobs
+from daemon.metrics import Metrics
 from daemon.runtime import Runtime
 from daemon.store import Store
 from daemon.tasks import cancel_and_wait
 from daemon.testing.fake_evolution import run_fake_evolution
-from tests.helpers import event, fetch, make_config, run_daemon, sdrctl, wait_for
+from tests.helpers import event, fetch, make_config, metric, run_daemon, sdrctl, wait_for
 
 PHONE = "5511987650101"
 
@@ -223,3 +226,26 @@ async def test_serve_on_a_port_in_use_says_so_in_one_line(clean: Endpoints) -> N
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use; stop what holds the port, or set [daemon] port"
     ]
     assert "applied migration" not in out + err and "serving on" not in out + err
+
+
+async def test_stopping_cancels_a_running_job_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A job mid-run at shutdown is cancelled and ends quietly: APScheduler logs any
+    exception a job raises, CancelledError included, as "raised an exception" with a
+    traceback (the fault suite fails a daemon whose log has one)."""
+    started, ran = asyncio.Event(), []
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(60)
+        ran.append("finished")
+
+    jobs = Jobs(Metrics())
+    jobs.every("slow", 0.01, slow)
+    jobs.start()
+    await asyncio.wait_for(started.wait(), 10)
+    assert len(jobs.running) == 1
+    await jobs.stop()
+    await asyncio.sleep(0.05)  # APScheduler's wrapper sees the job's end on the next pass
+    assert not jobs.running and ran == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert metric(jobs.metrics.render().decode(), "sdr_jobs_total", job="slow", outcome="failed") == 0

@@ -71,6 +71,8 @@ class Jobs:
             await job()
             self.metrics.jobs.labels(name, "ok").inc()
         except asyncio.CancelledError:
+            if self._stopped:  # our own stop: ended quietly (APScheduler logs a traceback
+                return  # for any exception a job raises, CancelledError included)
             raise
         except Exception as exc:
             self.metrics.jobs.labels(name, "failed").inc()
