@@ -9,6 +9,8 @@ each lead is due, and a restart re-arms every lead with unanswered messages."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 from dataclasses import dataclass
 
 from daemon.config import Buffer
@@ -66,6 +68,7 @@ _TOUCH_MANY = (
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local cap = tonumber(ARGV[1])
+local soonest = math.huge
 for i = 2, #ARGV - 2, 2 do
   local first = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]))
   if not first then
@@ -73,9 +76,11 @@ for i = 2, #ARGV - 2, 2 do
     redis.call('ZADD', KEYS[2], now, ARGV[i])
   end
   local wait = window(ARGV[i], tonumber(ARGV[i + 1]), now)
-  redis.call('ZADD', KEYS[1], math.min(now + wait, first + cap), ARGV[i])
+  local deadline = math.min(now + wait, first + cap)
+  redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+  soonest = math.min(soonest, deadline)
 end
-return (#ARGV - 3) / 2
+return tostring(soonest - now)
 """
 )
 
@@ -101,7 +106,8 @@ for _, member in ipairs(due) do
     claimed[#claimed + 1] = member
   end
 end
-return claimed
+local soonest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {claimed, soonest[2] and tostring(tonumber(soonest[2]) - now) or false}
 """
 
 # ARGV: member, 'composing' | 'paused', typing ttl, presence window. "paused" brings a
@@ -182,6 +188,13 @@ class MessageBuffer:
         self.poll = poll
         self._asking: dict[str, list[asyncio.Future[LeadState]]] = {}
         self._poller: asyncio.Task[None] | None = None
+        # The claim loop sleeps until the soonest deadline in Redis (`next_due`, as of its
+        # last claim), or until this daemon arms one sooner: not a claim every poll.
+        self.next_due: float | None = None  # seconds from the last claim; None: none pending
+        self._armed = math.inf  # loop time of the soonest deadline armed here since that claim
+        self._sleeping_until = -math.inf
+        self._wake = asyncio.Event()
+        self._stopped = False
 
     def _presence_args(self) -> list[float]:
         return [self.presence_window, self.presence_memory]
@@ -190,8 +203,9 @@ class MessageBuffer:
         """A message arrived: the member is due `window` seconds from now (never later
         than its first message plus the cap). Returns the seconds left."""
         wait = self.quiet_window if window is None else window
-        left = await self._touch(keys=KEYS, args=[member, wait, self.cap, 0])
-        return float(left)
+        left = float(await self._touch(keys=KEYS, args=[member, wait, self.cap, 0]))
+        self._arm(left)
+        return left
 
     async def add_many(self, items: list[tuple[str, float]]) -> None:
         """New messages, several members in one round trip (the intake's group commit):
@@ -200,12 +214,14 @@ class MessageBuffer:
             args: list[str | float] = [self.cap]
             for value, window in items:
                 args += [value, window]
-            await self._touch_many(keys=KEYS, args=[*args, *self._presence_args()])
+            self._arm(float(await self._touch_many(keys=KEYS, args=[*args, *self._presence_args()])))
 
     async def add_if_absent(self, member: str, window: float) -> bool:
         """Arms a member only if it is not pending already (a safety net that must never
         push back a deadline someone else set)."""
         left = await self._touch(keys=KEYS, args=[member, window, self.cap, 2])
+        if left is not None:
+            self._arm(float(left))
         return left is not None
 
     async def extend(self, member: str, window: float) -> float | None:
@@ -218,7 +234,10 @@ class MessageBuffer:
         """The lead's "composing" (held for typing_ttl) or "paused"; returns the seconds
         left of its pending burst, or None when nothing is pending."""
         left = await self._presence(keys=KEYS, args=[member, state, self.typing_ttl, self.presence_window])
-        return None if left is None else float(left)
+        if left is None:
+            return None
+        self._arm(float(left))  # "paused" can bring a held burst's deadline closer
+        return float(left)
 
     async def state(self, member: str) -> LeadState:
         """The lead's state as of the next poll (at most `poll` from now)."""
@@ -261,9 +280,44 @@ class MessageBuffer:
 
     async def claim_due(self) -> list[str]:
         """Takes the members whose window has closed (and who are not typing); each is
-        returned to one caller only."""
-        due = await self._claim(keys=KEYS, args=[self.claim_batch, self.typing_hold, self.presence_memory])
+        returned to one caller only. Sets `next_due`."""
+        self._armed = math.inf  # what is armed from now on, this claim may not have seen
+        due, soonest = await self._claim(keys=KEYS, args=[self.claim_batch, self.typing_hold, self.presence_memory])
+        self.next_due = None if soonest is None else max(0.0, float(soonest))
         return [p.decode() if isinstance(p, bytes) else p for p in due]
+
+    async def sleep_until_due(self, least: float, most: float) -> None:
+        """The claim loop's wait: until the soonest deadline (`next_due`) or one this daemon
+        armed since, at least `least` and at most `most` seconds (other daemons' bursts are
+        claimed by them; `most` bounds how late a dead daemon's are picked up here)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        floor = now + least
+        until = now + (most if self.next_due is None else min(most, max(least, self.next_due)))
+        try:
+            while (until := min(until, max(floor, self._armed))) > loop.time():
+                self._sleeping_until = until
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(until):
+                        await self._wake.wait()
+                if self._stopped:
+                    return
+        finally:
+            self._sleeping_until = -math.inf
+
+    def wake(self) -> None:
+        """Ends the claim loop's wait now, for good (shutdown)."""
+        self._stopped = True
+        self._wake.set()
+
+    def _arm(self, seconds: float) -> None:
+        """A member armed by this daemon is due in `seconds`: a sleeping claim loop that
+        would wake later wakes then."""
+        at = asyncio.get_running_loop().time() + seconds
+        self._armed = min(self._armed, at)
+        if at < self._sleeping_until:
+            self._wake.set()
 
     async def pending(self) -> int:
         return int(await self.redis.zcard(DUE))

@@ -451,7 +451,20 @@ class Buffer:
     long_message_chars: int = knob(
         120, "a complete message at least this long closes the window sooner", unit="chars", min=1, max=10000
     )
-    poll_interval: float = knob(0.01, "how often due bursts are looked for", unit="s", min=0.005, max=5)
+    poll_interval: float = knob(
+        0.01,
+        "least wait between two claims of due bursts (a claim runs when the soonest window closes)",
+        unit="s",
+        min=0.005,
+        max=5,
+    )
+    claim_idle: float = knob(
+        0.5,
+        "longest wait between two claims: how late a burst armed by a daemon that died is claimed by another",
+        unit="s",
+        min=0.01,
+        max=30,
+    )
     claim_batch: int = knob(64, "due leads claimed per poll", min=1, max=10000)
     sweep_interval: float = knob(
         30.0,

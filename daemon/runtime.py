@@ -291,6 +291,7 @@ class Runtime:
         self.accepting = False
         self._stopping = True
         if self._flusher is not None:
+            self.buffer.wake()
             done, _ = await asyncio.wait({self._flusher}, timeout=p.buffer.poll_interval + p.timeouts.redis)
             if not done:
                 await cancel_and_wait(self._flusher, p.timeouts.redis, "shutdown")
@@ -345,7 +346,7 @@ class Runtime:
             for value in due:
                 self._spawn(self._answer(value), name=f"turn:{value[-4:]}")
             if len(due) < self.buffer.claim_batch:
-                await asyncio.sleep(interval)
+                await self.buffer.sleep_until_due(interval, p.buffer.claim_idle)
 
     def _schedule(self, stack: AsyncExitStack) -> Jobs:
         cfg, p = self.config, self.config.profile

@@ -13,13 +13,14 @@ import redis.asyncio as aioredis
 
 from daemon.agents import Agent, AgentReply, TurnInput
 from daemon.buffer import DUE, MessageBuffer
-from daemon.config import load_config
+from daemon.config import Config, load_config
 from daemon.embedded import Endpoints
 from daemon.evolution import presence_event
 from daemon.models import Inbound
 from tests.helpers import event, fetch, make_config, metric, run_daemon, wait_for
 
 PHONE = "5511955554444"
+OTHER = "5511955554445"
 
 
 async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -192,3 +193,48 @@ async def test_a_copy_of_the_bursts_own_message_does_not_throw_the_reply_away(cl
         sent = await replies(clean)
         thrown = await discarded(clean)
     assert len(sent) == 1 and thrown == []
+
+
+async def test_the_claim_loop_sleeps_until_the_soonest_window_closes(endpoints: Endpoints) -> None:
+    """No claim every poll_interval while nothing is due: a claim reports when the soonest
+    window closes (`next_due`), and a burst armed here sooner wakes the sleeping loop."""
+    r = aioredis.Redis.from_url(endpoints.redis_url)
+    await r.flushdb()
+    try:
+        buffer = MessageBuffer(r, 1.0, cap=60, claim_batch=10)
+        assert await buffer.claim_due() == [] and buffer.next_due is None  # nothing pending
+        await buffer.add_many([(PHONE, 20.0)])
+        assert await buffer.claim_due() == [] and buffer.next_due is not None and 19 < buffer.next_due <= 20
+        # Asleep until then (at most 60 s): a burst armed here due in 0.05 s wakes it, and
+        # the next claim takes that one.
+        sleeping = asyncio.create_task(buffer.sleep_until_due(0.01, 60))
+        await asyncio.sleep(0.05)
+        assert not sleeping.done()
+        await buffer.add(OTHER, 0.05)
+        await asyncio.wait_for(sleeping, 10)
+        assert await buffer.claim_due() == [OTHER]
+        # Shutdown ends the sleep at once.
+        sleeping = asyncio.create_task(buffer.sleep_until_due(0.01, 60))
+        await asyncio.sleep(0.05)
+        buffer.wake()
+        await asyncio.wait_for(sleeping, 10)
+    finally:
+        await r.aclose()
+
+
+async def test_an_idle_daemon_does_not_poll_redis(config: Config) -> None:
+    """Idle, the claim loop runs about once per [buffer] claim_idle, not per poll_interval."""
+    async with run_daemon(config) as d:
+        buffer = d.runtime.buffer
+        claims = 0
+        claim = buffer._claim
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal claims
+            claims += 1
+            return await claim(*args, **kwargs)
+
+        buffer._claim = counted  # type: ignore[method-assign]
+        b = d.runtime.config.profile.buffer
+        await asyncio.sleep(20 * b.poll_interval + b.claim_idle)
+    assert 1 <= claims <= 3, claims
