@@ -74,10 +74,13 @@ def is_shell_setting(name: str) -> bool:
     daemon's settings and secrets (the README has operators export SDRCTL_WEBHOOK_TOKEN,
     which turns every unauthenticated webhook into a 401), Python's switches
     (PYTHONWARNINGS, PYTHONOPTIMIZE...), libpq's defaults (asyncpg reads PGPORT,
-    PGSSLMODE...) and proxies (httpx would send requests for 127.0.0.1 to them)."""
+    PGSSLMODE...), OpenTelemetry's (OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES
+    change what a traced daemon sends) and proxies (httpx would send requests for
+    127.0.0.1 to them)."""
     if name in ("PYTHONPATH", "PYTHONHOME"):
         return False
-    return name.startswith(("SDR_", "SDRCTL_", "PYTHON", "PG")) or name in SECRETS or name.lower() in PROXIES
+    prefixes = ("SDR_", "SDRCTL_", "PYTHON", "PG", "OTEL_")
+    return name.startswith(prefixes) or name in SECRETS or name.lower() in PROXIES
 
 
 def child_env(**env: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gzip
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -32,7 +33,7 @@ from daemon.embedded import Endpoints
 from daemon.errors import ConfigError
 from daemon.testing.fake_openai import Step, run_fake_openai
 from daemon.testing.servers import background_server, quiet_server
-from tests.helpers import event, fetch, make_config, run_daemon, run_fake_evolution, wait_for
+from tests.helpers import event, fetch, is_shell_setting, make_config, run_daemon, run_fake_evolution, wait_for
 
 PHONE = "5511977776666"
 TREE = {"buffer wait", "lock", "context", "knowledge", "agent", "store", "send"}
@@ -253,3 +254,11 @@ if __name__ == "__main__":  # the receiver alone, for the bench (BENCHMARKS.md, 
         uvicorn.run(collector.app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
     finally:
         print(f"received {len(collector.spans())} spans in {len(collector.requests)} requests")
+
+
+def test_the_shells_opentelemetry_settings_do_not_reach_the_tests() -> None:
+    """An operator's exported OTEL_* (headers, resource attributes, an SDK switch) would
+    change what a traced daemon under test sends: scrubbed like SDR_* and PG*."""
+    assert is_shell_setting("OTEL_EXPORTER_OTLP_HEADERS") and is_shell_setting("OTEL_SDK_DISABLED")
+    assert is_shell_setting("SDR_DATABASE_URL") and not is_shell_setting("PATH")
+    assert not [n for n in os.environ if n.startswith("OTEL_")]  # the session fixture removed them

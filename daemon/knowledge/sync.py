@@ -202,6 +202,9 @@ async def _write(conn: asyncpg.Connection, diff: Diff, source: str) -> int:
     return imported
 
 
+IMPORTED = "SELECT EXISTS (SELECT 1 FROM kb_imports)"
+
+
 async def import_shipped(pool: asyncpg.Pool, redis: Redis | None = None, folder: Path | None = None) -> Diff | None:
     """On a database's first start (no kb_imports row) imports the shipped knowledge/
     folder and records it; None when an import was recorded already.
@@ -212,11 +215,14 @@ async def import_shipped(pool: asyncpg.Pool, redis: Redis | None = None, folder:
     (listed in the returned diff's `kept`; `sdrctl kb import` shows and applies the rest).
     `redis`: when given and something was added, the daemons' knowledge cache is dropped."""
     folder = folder or shipped_path(SHIPPED)
+    async with pool.acquire() as conn:
+        await require_schema(conn)
+        if await conn.fetchval(IMPORTED):  # every start after the first: no lock, no files read
+            return None
     entries = read_source(folder)
     async with pool.acquire() as conn, conn.transaction():
-        await require_schema(conn)
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
-        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM kb_imports)"):
+        if await conn.fetchval(IMPORTED):  # another daemon imported while this one read
             return None
         full = compare(await export_entries(conn), entries, prune=False)
         diff = Diff(
