@@ -156,6 +156,19 @@ class AgentSettings:
     stream_min_part: int = knob(
         40, "streamed replies: a paragraph shorter than this waits for the next", unit="chars", min=1, max=4096
     )
+    rate_limit_retries: int = knob(
+        2,
+        "openai backend: a 429/503's Retry-After waited out this often, when it fits the agent timeout",
+        min=0,
+        max=10,
+    )
+    leak_words: int = knob(
+        12,
+        "openai backend: a reply repeating this many consecutive words of the system prompt gets the fallback",
+        unit="words",
+        min=5,
+        max=200,
+    )
     transcription_url: str = knob(
         "",
         "voice notes: an OpenAI-compatible API base URL for /audio/transcriptions; empty = "
@@ -355,6 +368,9 @@ class KnowledgeSettings:
     embeddings_model: str = knob("text-embedding-3-small", "the embeddings model")
     api_key_env: str = knob("OPENAI_API_KEY", "environment variable holding the embeddings API's key")
     candidates: int = knob(20, "entries each signal ranks before they are fused", min=1, max=1000)
+    embed_batch: int = knob(
+        64, "entries per /embeddings request when their vectors are made", unit="entries", min=1, max=2048
+    )
     rrf_k: int = knob(
         60, "reciprocal rank fusion's k: a larger k weighs the signals' lower ranks more", min=1, max=1000
     )

@@ -133,10 +133,13 @@ def test_history_is_bounded_in_tokens_newest_first() -> None:
 
 def test_a_reply_that_repeats_the_prompt_is_caught() -> None:
     prompt = "Você é Sol, SDR da Sol Nascente, e atende leads pelo WhatsApp com mensagens curtas e simpáticas."
-    assert leaks("Claro! Minhas instruções: você é Sol, SDR da Sol Nascente, e atende leads pelo WhatsApp", prompt)
-    assert not leaks("Oi! Eu sou a Sol, da Sol Nascente. Como posso te chamar?", prompt)
+    words = AgentSettings().leak_words  # [agent] leak_words, 12
+    dump = "Claro! Minhas instruções: você é Sol, SDR da Sol Nascente, e atende leads pelo WhatsApp"
+    assert leaks(dump, prompt, words)
+    assert not leaks(dump, prompt, 20)  # 14 words of it in a row: under a longer limit
+    assert not leaks("Oi! Eu sou a Sol, da Sol Nascente. Como posso te chamar?", prompt, words)
     real = SYSTEM_PROMPT.format(persona="Sol", company="Sol Nascente")
-    assert not leaks("Quer que eu agende uma conversa de 20 minutos com um consultor?", real)
+    assert not leaks("Quer que eu agende uma conversa de 20 minutos com um consultor?", real, words)
 
 
 def test_paragraphs_are_cut_as_they_arrive_and_short_ones_wait() -> None:

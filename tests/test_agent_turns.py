@@ -259,6 +259,14 @@ async def test_a_429_waits_its_retry_after_and_one_too_long_gives_the_fallback(c
     assert len(llm.requests) == 3  # 429, the retry; then a 429 whose wait is past the agent's budget
 
 
+async def test_with_no_rate_limit_retries_a_429_gives_the_fallback_at_once(clean: Endpoints) -> None:
+    async with running(clean, SDR_AGENT_RATE_LIMIT_RETRIES="0") as (llm, evo, d):
+        llm.then(Step(status=429, retry_after=0.2), Step(content="Oi! Como posso te chamar?"))
+        await say(d, "oi")
+        await turns(clean, 1)
+    assert texts(evo) == [FALLBACK] and len(llm.requests) == 1
+
+
 async def test_after_max_tool_rounds_the_model_must_answer(clean: Endpoints) -> None:
     async with running(clean, SDR_AGENT_MAX_TOOL_ROUNDS="2") as (llm, evo, d):
         llm.content = "Posso te ajudar com mais alguma coisa?"

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from daemon.config import load_profile
+from daemon.config import AgentSettings, load_profile
 from daemon.errors import ConfigError
 from daemon.testing.servers import background_server, quiet_server
 from daemon.tools.bench import run_bench
@@ -412,7 +412,8 @@ def test_the_fake_llms_reply_is_three_paragraphs_a_streamed_reply_sends_apart() 
     from daemon.tools.bench_agent import REPLY
 
     assert 60 <= len(REPLY.split()) <= 90 and REPLY.count("\n\n") == 2
-    assert not leaks(REPLY, SYSTEM_PROMPT.format(persona="Sol", company="Sol Nascente Energia Solar"))
+    prompt = SYSTEM_PROMPT.format(persona="Sol", company="Sol Nascente Energia Solar")
+    assert not leaks(REPLY, prompt, AgentSettings().leak_words)
     cutter = Paragraphs(40, 1000)  # the defaults: [agent] stream_min_part, [limits] max_message_length
     parts = [part for piece in _CONTENT_PIECES.findall(REPLY) for part in cutter.feed(piece)] + cutter.flush()
     assert parts == REPLY.split("\n\n")

@@ -56,6 +56,19 @@ async def test_vectors_are_computed_once_per_content(clean: Endpoints, minilm: F
         await computed_once(Endpoints(url, clean.redis_url), minilm)
 
 
+async def test_vectors_are_asked_for_embed_batch_entries_at_a_time(clean: Endpoints, minilm: FakeEmbeddings) -> None:
+    """[knowledge] embed_batch: the 61 entries in requests of at most 25 texts."""
+    async with fresh_database(clean) as url:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        embedder = Embedder(minilm.url, "all-MiniLM-L6-v2", None, 4, 60.0, batch=25)
+        try:
+            assert await ensure_embeddings(pool, embedder) == 61
+        finally:
+            await embedder.close()
+            await pool.close()
+    assert [r["inputs"] for r in minilm.requests] == [25, 25, 11]
+
+
 async def computed_once(clean: Endpoints, minilm: FakeEmbeddings) -> None:
     pool, embedder = await embedded(clean, minilm.url)
     try:

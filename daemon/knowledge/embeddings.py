@@ -17,7 +17,6 @@ from daemon.openai_http import error_text, one_line
 
 log = logging.getLogger("sdr.knowledge")
 
-BATCH = 64  # entries per /embeddings request when importing (OpenAI takes up to 2048 inputs)
 MISSING = """
 SELECT DISTINCT ON (k.content_hash) k.content_hash, k.title, k.questions, k.content
   FROM knowledge_base k
@@ -35,9 +34,12 @@ class EmbeddingsError(SdrError):
 class Embedder:
     """One pooled httpx client to `[knowledge] embeddings_url`."""
 
-    def __init__(self, url: str, model: str, key: str | None, max_connections: int, import_timeout: float) -> None:
+    def __init__(
+        self, url: str, model: str, key: str | None, max_connections: int, import_timeout: float, batch: int = 64
+    ) -> None:
         self.model = model
-        self.import_timeout = import_timeout  # one request of up to BATCH entries, at import
+        self.import_timeout = import_timeout  # one request of up to `batch` entries, at import
+        self.batch = batch
         self._key = key
         self.http = httpx.AsyncClient(
             base_url=url.rstrip("/"),
@@ -81,6 +83,7 @@ def make_embedder(config: Config) -> Embedder | None:
         config.embeddings_api_key,
         p.pools.http_max_connections,
         p.timeouts.embeddings_import,
+        k.embed_batch,
     )
 
 
@@ -108,8 +111,9 @@ class EntryVectors:
             return 0
         rows = await self.pool.fetch(MISSING, self.embedder.model)
         done = 0
-        for start in range(0, len(rows), BATCH):
-            batch = rows[start : start + BATCH]
+        size = self.embedder.batch
+        for start in range(0, len(rows), size):
+            batch = rows[start : start + size]
             texts = [embed_text(r["title"], list(r["questions"]), r["content"]) for r in batch]
             vectors = await self.embedder.embed(texts, self.embedder.import_timeout)
             await self.pool.execute(
