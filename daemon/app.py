@@ -7,7 +7,6 @@ at once; it never waits for the agent. GET /openapi.json describes every route a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -207,11 +206,9 @@ def create_app(rt: Runtime) -> Starlette:
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
-        # Read at scrape time: the readiness probes (sdr_dependency_up) and the buffer's
-        # size, a few calls per scrape, not one per buffer poll.
+        # Read at scrape time: the readiness probes (sdr_dependency_up, and the buffer's
+        # size with its probe), three calls per scrape, not one per buffer poll.
         await rt.readiness()
-        with contextlib.suppress(*OUTAGE):
-            rt.metrics.active_leads.set(await rt.buffer.pending())
         return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
 
     async def openapi_json(request: Request) -> Response:

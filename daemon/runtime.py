@@ -484,6 +484,10 @@ class Runtime:
             await self.buffer.add(member(phone, message_id, b.coalesce), window_for("text", event.text, b))
         return outcome
 
+    async def _buffer_size(self) -> None:
+        """The buffer's probe: its size is read at scrape time as sdr_active_leads."""
+        self.metrics.active_leads.set(await self.buffer.pending())
+
     async def readiness(self) -> dict[str, str]:
         """/readyz's checks, each "ok" or why not; run side by side, so an outage costs one
         timeout, not three. Also sets sdr_dependency_up, which the alerts read."""
@@ -493,7 +497,7 @@ class Runtime:
         probes: dict[str, Callable[[], Awaitable[object]]] = {
             "database": self.store.ping,
             "redis": self.redis.ping,
-            "buffer": self.buffer.pending,
+            "buffer": self._buffer_size,
         }
 
         async def check(name: str, probe: Callable[[], Awaitable[object]]) -> str:

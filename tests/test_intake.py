@@ -152,6 +152,18 @@ async def test_health_and_readiness(config: Config) -> None:
     assert ready.json() == {"ready": True, "database": "ok", "redis": "ok", "buffer": "ok", "intake": "ok"}
 
 
+async def test_metrics_read_the_buffers_size_with_its_readiness_probe(clean: Endpoints) -> None:
+    cfg = make_config(
+        clean, SDR_BUFFER_QUIET_WINDOW="30", SDR_TIMEOUTS_MESSAGE_BUFFER="30", SDR_BUFFER_EXTENDED_WINDOW="30"
+    )  # the burst stays pending
+    async with run_daemon(cfg) as d, httpx.AsyncClient(base_url=d.url) as http:
+        idle = (await http.get("/metrics")).text
+        await post(d.url, event(PHONE, "Olá", message_id="WAIT1"))
+        waiting = (await http.get("/metrics")).text
+    assert metric(idle, "sdr_active_leads") == 0 and metric(waiting, "sdr_active_leads") == 1
+    assert metric(waiting, "sdr_dependency_up", dependency="buffer") == 1
+
+
 async def test_a_redis_outage_gives_503_and_readiness_names_it(clean: Endpoints, tmp_path: Path) -> None:
     own = EmbeddedRedis(tmp_path / "redis", start_timeout=15)
     cfg = make_config(clean, SDR_REDIS_URL=own.start())
